@@ -1,0 +1,63 @@
+"""Command line: ``python run_recbole_mm.py --model=TSSR --dataset=ml-100k [--key=value ...]``.
+
+RecBole's ``run_recbole.py`` conventions: ``--model``, ``--dataset``, ``--config_files``
+(space separated), and any other ``--key=value`` becomes a config override (read by
+RecBole's ``Config`` from the command line, so it beats every YAML file).
+"""
+
+import argparse
+import sys
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="run_recbole_mm.py",
+        description="Run a recbole_mm or RecBole model. Any other --key=value is a config override.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--model", "-m", default="TSSR", help="model name (default: TSSR)")
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default: ml-100k)")
+    parser.add_argument("--config_files", default=None, help="space-separated YAML files")
+    parser.add_argument("--list-models", action="store_true", help="list available models and exit")
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, _unknown = build_parser().parse_known_args(argv)
+
+    import recbole_mm  # noqa: F401 - applies the compatibility layer
+    from recbole_mm.registry import UnknownModelError, available_models, get_model
+
+    if args.list_models:
+        plugin, seq = available_models()
+        print("recbole_mm models: " + ", ".join(plugin))
+        print("RecBole sequential models: " + ", ".join(seq))
+        return 0
+    try:
+        get_model(args.model)
+    except UnknownModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from recbole_mm.quick_start import run_recbole_mm
+
+    config_file_list = args.config_files.strip().split(" ") if args.config_files else None
+    # RecBole's Config reads --key=value overrides from sys.argv itself.
+    saved_argv = sys.argv
+    sys.argv = [sys.argv[0]] + argv
+    try:
+        result = run_recbole_mm(
+            model=args.model, dataset=args.dataset, config_file_list=config_file_list
+        )
+    finally:
+        sys.argv = saved_argv
+    print(f"best valid: {dict(result['best_valid_result'])}")
+    print(f"test result: {dict(result['test_result'])}")
+    if result.get("record_path"):
+        print(f"record: {result['record_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Run a model end to end: ``run_recbole_mm`` and ``objective_function``.
+
+Mirrors RecBole's ``recbole.quick_start.run_recbole`` without importing that module (it
+imports ray at import time, which breaks on numpy 2 / setuptools >= 81) and without
+``get_flops`` (it deep-copies the model). Every run writes a JSON record next to its log.
+"""
+
+import datetime
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from logging import getLogger
+
+import torch
+from recbole.data import create_dataset as recbole_create_dataset
+from recbole.data import data_preparation
+from recbole.utils import init_logger, init_seed, set_color
+
+from recbole_mm.config import MMConfig
+from recbole_mm.registry import get_dataset_class, get_model, get_trainer
+
+
+def _reset_root_logger():
+    # RecBole's init_logger uses logging.basicConfig, which is a no-op once the root logger has
+    # handlers: a second run in the same process would keep logging into the first run's file.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _log_file():
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return os.path.abspath(handler.baseFilename)
+    return None
+
+
+def create_dataset(config):
+    """The model's own dataset class (e.g. multimodal), else RecBole's choice."""
+    dataset_class = get_dataset_class(config)
+    if dataset_class is None:
+        return recbole_create_dataset(config)
+    return dataset_class(config)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return str(value)
+
+
+def library_versions():
+    versions = {"python": platform.python_version()}
+    for name in ("recbole", "torch", "numpy", "pandas", "transformers", "recbole_mm"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "unknown")
+        except Exception:  # noqa: BLE001 - a missing optional library is just reported
+            versions[name] = None
+    return versions
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if out.returncode == 0:
+            dirty = subprocess.run(
+                ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True, text=True, timeout=5,
+            ).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def write_json_atomic(path, payload):
+    """Write JSON to ``path`` through a temporary file and a rename: never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def build_record(config, result, timings, trainer=None, log_file=None, status="finished", error=None):
+    record = {
+        "status": status,
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "seed": config["seed"],
+        "valid_metric": config["valid_metric"],
+        "best_valid_score": result.get("best_valid_score"),
+        "best_valid_result": result.get("best_valid_result"),
+        "test_result": result.get("test_result"),
+        "timings_s": timings,
+        "history": getattr(trainer, "history", None),
+        "checkpoint": getattr(trainer, "saved_model_file", None) if result.get("saved") else None,
+        "test_checkpoint": getattr(trainer, "loaded_checkpoint", None),
+        "log_file": log_file,
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "device": str(config["device"]),
+        "command": sys.argv,
+        "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "config": {k: config.final_config_dict[k] for k in sorted(config.final_config_dict)},
+    }
+    if error is not None:
+        record["error"] = error
+    return _jsonable(record)
+
+
+def record_path_for(config, log_file):
+    if config["record_path"]:
+        return config["record_path"]
+    if log_file:
+        return os.path.splitext(log_file)[0] + ".json"
+    return None
+
+
+def run_recbole_mm(
+    model=None,
+    dataset=None,
+    config_file_list=None,
+    config_dict=None,
+    saved=True,
+    queue=None,
+):
+    """Train, validate and test one model; returns RecBole's ``run_recbole`` result dict.
+
+    Keys: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
+    ``test_result``, plus ``record_path`` (the JSON record) and ``timings_s``.
+    """
+    t_start = time.perf_counter()
+    config = MMConfig(
+        model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict
+    )
+    init_seed(config["seed"], config["reproducibility"])
+    _reset_root_logger()
+    init_logger(config)
+    logger = getLogger()
+    log_file = _log_file()
+    logger.info(sys.argv)
+    logger.info(config)
+    timings = {}
+    trainer = None
+    result = {"saved": saved}
+    record_file = record_path_for(config, log_file) if config["record_runs"] is not False else None
+    try:
+        t0 = time.perf_counter()
+        dataset_obj = create_dataset(config)
+        logger.info(dataset_obj)
+        train_data, valid_data, test_data = data_preparation(config, dataset_obj)
+        timings["data"] = time.perf_counter() - t0
+
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        t0 = time.perf_counter()
+        model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        logger.info(model_obj)
+        timings["model_init"] = time.perf_counter() - t0
+
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
+        t0 = time.perf_counter()
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        )
+        timings["train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        test_result = trainer.evaluate(
+            test_data, load_best_model=saved, show_progress=config["show_progress"]
+        )
+        timings["test"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+
+        logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+        logger.info(set_color("test result", "yellow") + f": {test_result}")
+        result.update(
+            best_valid_score=best_valid_score,
+            valid_score_bigger=config["valid_metric_bigger"],
+            best_valid_result=best_valid_result,
+            test_result=test_result,
+        )
+    except BaseException as exc:
+        if record_file and config["local_rank"] == 0:
+            timings["total"] = time.perf_counter() - t_start
+            failed = os.path.splitext(record_file)[0] + ".failed.json"
+            write_json_atomic(
+                failed,
+                build_record(config, result, timings, trainer, log_file, status="failed",
+                             error=f"{type(exc).__name__}: {exc}"),
+            )
+        raise
+    if record_file and config["local_rank"] == 0:
+        write_json_atomic(record_file, build_record(config, result, timings, trainer, log_file))
+        logger.info(set_color("run record", "blue") + f": {record_file}")
+    result.pop("saved", None)
+    result["record_path"] = record_file
+    result["timings_s"] = timings
+    result["model"] = config["model"]
+    if not config["single_spec"]:
+        torch.distributed.destroy_process_group()
+        if config["local_rank"] == 0 and queue is not None:
+            queue.put(result)
+    return result
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=False):
+    """RecBole ``HyperTuning`` objective: selects on the validation score only.
+
+    Returns ``model``, ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``
+    and ``test_result`` (reported, never used for selection). With ``saved=True`` the
+    checkpoint goes to a temporary directory unless ``checkpoint_dir`` is given.
+    """
+    config_dict = dict(config_dict or {})
+    tmpdir = None
+    if saved and "checkpoint_dir" not in config_dict:
+        tmpdir = tempfile.TemporaryDirectory(prefix="recbole_mm_tune_")
+        config_dict["checkpoint_dir"] = tmpdir.name
+    try:
+        result = run_recbole_mm(
+            config_file_list=config_file_list, config_dict=config_dict, saved=saved
+        )
+    finally:
+        if tmpdir is not None:
+            tmpdir.cleanup()
+    return {
+        "model": result["model"],
+        "best_valid_score": result["best_valid_score"],
+        "valid_score_bigger": result["valid_score_bigger"],
+        "best_valid_result": result["best_valid_result"],
+        "test_result": result["test_result"],
+    }
