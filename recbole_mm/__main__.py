@@ -43,17 +43,25 @@ def main(argv=None):
     from recbole_mm.quick_start import run_recbole_mm
 
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
-    # RecBole's Config reads --key=value overrides from sys.argv itself.
+    # RecBole's Config reads --key=value overrides from sys.argv itself and refuses a key given
+    # twice; here the last value wins, as in most command lines.
+    overrides = {}
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            overrides[arg.split("=", 1)[0]] = arg
     saved_argv = sys.argv
-    sys.argv = [sys.argv[0]] + argv
+    sys.argv = [sys.argv[0]] + list(overrides.values())
     try:
         result = run_recbole_mm(
             model=args.model, dataset=args.dataset, config_file_list=config_file_list
         )
     finally:
         sys.argv = saved_argv
-    print(f"best valid: {dict(result['best_valid_result'])}")
-    print(f"test result: {dict(result['test_result'])}")
+    def fmt(metrics):
+        return "  ".join(f"{k}: {float(v):.4f}" for k, v in metrics.items())
+
+    print(f"best valid: {fmt(result['best_valid_result'])}")
+    print(f"test result: {fmt(result['test_result'])}")
     if result.get("record_path"):
         print(f"record: {result['record_path']}")
     return 0

@@ -14,7 +14,20 @@ from recbole_mm.compat import torch_load
 
 
 class SafeLoadingMixin:
-    """Checkpoint loading that works on torch >= 2.6, and a per-epoch history."""
+    """Checkpoint loading that works on torch >= 2.6, and a per-epoch history.
+
+    A model may define ``optimizer_param_groups()`` (e.g. a smaller learning rate for an
+    end-to-end content encoder); frozen parameters never reach the optimizer.
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        if hasattr(model, "optimizer_param_groups"):
+            self.optimizer = self._build_optimizer(params=model.optimizer_param_groups())
+        else:
+            self.optimizer = self._build_optimizer(
+                params=[p for p in model.parameters() if p.requires_grad]
+            )
 
     def _history(self):
         if not hasattr(self, "history"):

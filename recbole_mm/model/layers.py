@@ -1,0 +1,202 @@
+"""Building blocks shared by the plugin's models.
+
+Attention goes through ``torch.nn.functional.scaled_dot_product_attention`` with a boolean
+mask (True = may attend). Sequences are right-padded (RecBole's layout), so with
+``causal_padding_mask`` every query row sees at least position 0 and no row is fully masked.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+}
+
+
+def causal_padding_mask(item_seq):
+    """(B, 1, L, L) boolean mask: query t may attend key j iff j <= t and item j is not padding.
+
+    With right padding, a padded query row (t >= length) still sees the valid prefix, so its
+    output is finite and never depends on positions after it.
+    """
+    length = item_seq.size(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=item_seq.device).tril()
+    key_valid = (item_seq > 0)[:, None, None, :]
+    return causal[None, None] & key_valid
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention over SDPA; queries and keys/values may come from different streams."""
+
+    def __init__(self, hidden_size, n_heads, attn_dropout_prob):
+        super().__init__()
+        if hidden_size % n_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of n_heads ({n_heads})"
+            )
+        self.n_heads = n_heads
+        self.head_dim = hidden_size // n_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.k = nn.Linear(hidden_size, hidden_size)
+        self.v = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.attn_dropout_prob = attn_dropout_prob
+
+    def _split(self, x):
+        b, n, _ = x.shape
+        return x.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query, key_value, mask):
+        q, k, v = self._split(self.q(query)), self._split(self.k(key_value)), self._split(self.v(key_value))
+        h = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout_prob if self.training else 0.0
+        )
+        b, _, n, _ = h.shape
+        return self.out(h.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden_size, inner_size, hidden_act="gelu"):
+        super().__init__()
+        if hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {hidden_act!r}")
+        self.net = nn.Sequential(
+            nn.Linear(hidden_size, inner_size), ACTIVATIONS[hidden_act](), nn.Linear(inner_size, hidden_size)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ReZeroScale(nn.Module):
+    """Learnable scalar on a residual branch (ReZero); identity when disabled."""
+
+    def __init__(self, enabled, init_value):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(float(init_value))) if enabled else None
+
+    def forward(self, x):
+        return x if self.alpha is None else self.alpha * x
+
+
+class AttentionBlock(nn.Module):
+    """Post-LN Transformer block; self-attention when ``key_value is None``, else cross-attention.
+
+    ``h <- LN(h + Drop(a1 * MHA(h, kv, kv; mask)))``, ``h <- LN(h + Drop(a2 * FFN(h)))``.
+    """
+
+    def __init__(self, hidden_size, n_heads, inner_size, hidden_dropout_prob, attn_dropout_prob,
+                 hidden_act="gelu", layer_norm_eps=1e-12, rezero=False, rezero_init=1e-8):
+        super().__init__()
+        self.attn = MultiHeadAttention(hidden_size, n_heads, attn_dropout_prob)
+        self.ffn = FeedForward(hidden_size, inner_size, hidden_act)
+        self.scale_attn = ReZeroScale(rezero, rezero_init)
+        self.scale_ffn = ReZeroScale(rezero, rezero_init)
+        self.ln1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.ln2 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.drop1 = nn.Dropout(hidden_dropout_prob)
+        self.drop2 = nn.Dropout(hidden_dropout_prob)
+
+    def forward(self, h, mask, key_value=None):
+        kv = h if key_value is None else key_value
+        h = self.ln1(h + self.drop1(self.scale_attn(self.attn(h, kv, mask))))
+        return self.ln2(h + self.drop2(self.scale_ffn(self.ffn(h))))
+
+
+class AttentionStack(nn.Module):
+    """``n_layers`` :class:`AttentionBlock` s; in cross mode every layer reads the same keys/values."""
+
+    def __init__(self, n_layers, **block_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(AttentionBlock(**block_kwargs) for _ in range(n_layers))
+
+    def forward(self, h, mask, key_value=None):
+        for layer in self.layers:
+            h = layer(h, mask, key_value)
+        return h
+
+
+class ElementwiseGate(nn.Module):
+    """``g = sigmoid(W [x; y] + b)``, output ``g * x + (1 - g) * y`` (per position, per channel)."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.proj = nn.Linear(2 * hidden_size, hidden_size)
+
+    def forward(self, x, y):
+        g = torch.sigmoid(self.proj(torch.cat([x, y], dim=-1)))
+        return g * x + (1.0 - g) * y
+
+
+class ContentProjector(nn.Module):
+    """Projects one or more item-feature matrices (text, image) to ``hidden_size`` and sums them.
+
+    The frozen feature tables are held as frozen ``nn.Embedding`` s (parameters with
+    ``requires_grad=False``), never as buffers: DDP would re-broadcast buffers every step.
+    """
+
+    def __init__(self, tables, hidden_size, dropout_prob=0.0):
+        super().__init__()
+        self.names = list(tables)
+        self.tables = nn.ModuleDict(
+            {n: nn.Embedding.from_pretrained(t.float(), freeze=True, padding_idx=0) for n, t in tables.items()}
+        )
+        self.proj = nn.ModuleDict({n: nn.Linear(t.shape[1], hidden_size) for n, t in tables.items()})
+        self.dropout = nn.Dropout(dropout_prob)
+
+    def raw_dims(self):
+        return {n: self.tables[n].embedding_dim for n in self.names}
+
+    def project(self, features):
+        """``features``: name -> (..., dim) raw features; returns (..., hidden_size)."""
+        out = None
+        for n in self.names:
+            z = self.proj[n](self.dropout(features[n]))
+            out = z if out is None else out + z
+        return out
+
+    def forward(self, item_ids):
+        return self.project({n: self.tables[n](item_ids) for n in self.names})
+
+
+def gather_positions(output, index):
+    """``output`` (B, L, d) at ``index`` (B,) -> (B, d)."""
+    return output[torch.arange(output.size(0), device=output.device), index]
+
+
+def all_gather_with_grad(x):
+    """Concatenate ``x`` over DDP ranks keeping the local slice differentiable; identity otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.size(0)], device=x.device))
+    max_n = int(max(s.item() for s in sizes))
+    pad = torch.zeros((max_n - x.size(0),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded = torch.cat([x, pad], 0)
+    gathered = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded.detach())
+    gathered[dist.get_rank()] = padded
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)], 0)
+
+
+def xavier_init(module, bias_value=0.0, embedding_bound=None):
+    """TSSR-style init: xavier-normal Linear weights with constant bias, uniform embeddings."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, bias_value)
+    elif isinstance(module, nn.Embedding) and module.weight.requires_grad:
+        bound = embedding_bound or math.sqrt(1.0 / module.num_embeddings)
+        nn.init.uniform_(module.weight, -bound, bound)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,290 @@
+"""TSSR: two-stream sequential recommendation from collaborative signals and semantic relatedness.
+
+Reference: M. Cheng, H. Zhang, Q. Liu, F. Yuan, Z. Li, Z. Huang, E. Chen, J. Zhou, L. Li.
+"Empowering Sequential Recommender Systems from Mixture of Collaborative Signals and Semantic
+Relatedness", DASFAA 2024 (arXiv 2403.07623).
+
+An ID stream and a content stream (item text and/or image features), each a Transformer,
+fused by causal cross-attention in both directions and an element-wise gate; trained with
+next-item cross-entropy plus a user-level (L_u) and an item-level (L_i) contrastive loss.
+Deviations from the released code are named switches in ``properties/model/TSSR.yaml``; the
+defaults are the corrected behaviour (see ``docs/TSSR.md``).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+
+from recbole_mm.model.layers import (
+    AttentionStack,
+    ContentProjector,
+    ElementwiseGate,
+    all_gather_with_grad,
+    causal_padding_mask,
+    gather_positions,
+    xavier_init,
+)
+
+_CHOICES = {
+    "content_modality": ("text", "image", "both"),
+    "content_mode": ("frozen", "finetune"),
+    "ce_positions": ("all", "last"),
+    "lu_pooling": ("masked", "all"),
+    "li_similarity": ("dot", "cos"),
+    "contrast_negatives": ("global", "local"),
+}
+
+
+class TSSR(SequentialRecommender):
+    r"""TSSR as a RecBole sequential recommender (frozen features or end-to-end text encoder)."""
+
+    dataset_class = "recbole_mm.data.dataset:MultiModalSequentialDataset"
+
+    @staticmethod
+    def required_features(config):
+        modality = config["content_modality"] or "text"
+        names = {"text": [config["text_feature"]], "image": [config["image_feature"]]}
+        names["both"] = names["text"] + names["image"]
+        if modality not in names:
+            raise ValueError(f"content_modality must be one of {_CHOICES['content_modality']}, got {modality!r}")
+        if config["content_mode"] == "finetune" and modality != "text":
+            raise ValueError("content_mode: finetune supports content_modality: text only (use frozen image features)")
+        return names[modality]
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        missing = [k for k in ("hidden_size", "n_heads", "inner_size", "n_layers", "n_cross_layers",
+                               "lambda_u", "lambda_i", "tau_u", "tau_i") if config[k] is None]
+        if missing:
+            raise ValueError(f"TSSR: missing config keys {missing} (defaults live in properties/model/TSSR.yaml)")
+        for key, allowed in _CHOICES.items():
+            if config[key] not in allowed:
+                raise ValueError(f"TSSR: {key} must be one of {allowed}, got {config[key]!r}")
+
+        # hyper-parameters
+        self.hidden_size = config["hidden_size"]
+        self.n_heads = config["n_heads"]
+        self.inner_size = config["inner_size"]
+        self.n_layers = config["n_layers"]
+        self.n_cross_layers = config["n_cross_layers"]
+        self.hidden_dropout_prob = config["hidden_dropout_prob"]
+        self.attn_dropout_prob = config["attn_dropout_prob"]
+        self.input_dropout_prob = config["input_dropout_prob"]
+        self.hidden_act = config["hidden_act"]
+        self.layer_norm_eps = config["layer_norm_eps"]
+        self.rezero = config["rezero"]
+        self.rezero_init = config["rezero_init"]
+        self.lambda_u = config["lambda_u"]
+        self.lambda_i = config["lambda_i"]
+        self.tau_u = config["tau_u"]
+        self.tau_i = config["tau_i"]
+        self.ce_positions = config["ce_positions"]
+        self.lu_pooling = config["lu_pooling"]
+        self.li_mask_duplicates = config["li_mask_duplicates"]
+        self.li_similarity = config["li_similarity"]
+        self.contrast_negatives = config["contrast_negatives"]
+        self.share_position_embedding = config["share_position_embedding"]
+        self.content_mode = config["content_mode"]
+        self.init_bias = config["init_bias"]
+        self.encoder_learning_rate = config["encoder_learning_rate"] or config["learning_rate"]
+        self.USER_ID = config["USER_ID_FIELD"]
+        self.feature_names = self.required_features(config)
+
+        # layers
+        d = self.hidden_size
+        self.item_embedding = nn.Embedding(self.n_items, d, padding_idx=0)
+        self.position_embedding = nn.Embedding(self.max_seq_length, d)
+        self.content_position_embedding = (
+            self.position_embedding if self.share_position_embedding else nn.Embedding(self.max_seq_length, d)
+        )
+        self.input_dropout = nn.Dropout(self.input_dropout_prob)
+        if self.content_mode == "frozen":
+            self.content = ContentProjector({n: dataset.mm_features[n] for n in self.feature_names}, d)
+        else:
+            self.content = self._build_finetune_content(config, dataset)
+        block = dict(
+            hidden_size=d, n_heads=self.n_heads, inner_size=self.inner_size,
+            hidden_dropout_prob=self.hidden_dropout_prob, attn_dropout_prob=self.attn_dropout_prob,
+            hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
+            rezero=self.rezero, rezero_init=self.rezero_init,
+        )
+        self.id_encoder = AttentionStack(self.n_layers, **block)
+        self.content_encoder = AttentionStack(self.n_layers, **block)
+        self.cross_id = AttentionStack(self.n_cross_layers, **block)
+        self.cross_content = AttentionStack(self.n_cross_layers, **block)
+        self.gate = ElementwiseGate(d)
+        self.classifier = nn.Linear(d, self.n_items)
+
+        self._init_weights()
+
+    def _build_finetune_content(self, config, dataset):
+        from recbole_mm.model.encoders import FinetuneTextEncoder, load_text_encoder
+
+        name = self.feature_names[0]
+        spec = dataset.feature_spec(name)
+        encoder_name = config["content_encoder"] or spec.get("encoder") or "default"
+        encoder, tokenizer = load_text_encoder(encoder_name)
+        ids, mask = dataset.text_inputs(name, tokenizer, config["encoder_max_length"])
+        text = FinetuneTextEncoder(
+            encoder, ids, mask,
+            trainable_layers=config["encoder_trainable_layers"],
+            pooling=config["encoder_pooling"] or spec.get("pooling", "mean"),
+            unique_items=config["encoder_unique_items"],
+            cache_lower=config["encoder_cache_lower"],
+        )
+        return _FinetuneContent(text, self.hidden_size)
+
+    def _init_weights(self):
+        # TSSR's init (xavier-normal Linear, constant bias, uniform ID embeddings); a pretrained
+        # encoder in finetune mode and the frozen feature tables keep their weights.
+        skip = {id(m) for m in self.content.encoder_modules()} if self.content_mode == "finetune" else set()
+        for module in self.modules():
+            if id(module) not in skip:
+                xavier_init(module, bias_value=self.init_bias)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def optimizer_param_groups(self):
+        """Trainable parameters; a finetuned encoder gets ``encoder_learning_rate``."""
+        if self.content_mode != "finetune":
+            return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        enc = {id(p) for p in self.content.text.encoder.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in enc]
+        enc_params = [p for p in self.content.text.encoder.parameters() if p.requires_grad]
+        groups = [{"params": rest}]
+        if enc_params:
+            groups.append({"params": enc_params, "lr": self.encoder_learning_rate})
+        return groups
+
+    # ------------------------------------------------------------------ forward
+    def item_content(self, item_ids):
+        """Projected content vectors C[x] (before positions), shape (*item_ids.shape, d)."""
+        return self.content(item_ids)
+
+    def forward(self, item_seq, item_seq_len):
+        """Returns a dict with the fused sequence output ``e`` and the intermediates the losses use."""
+        positions = torch.arange(item_seq.size(1), device=item_seq.device)
+        e_id = self.item_embedding(item_seq)
+        c = self.item_content(item_seq)
+        z_id = self.input_dropout(e_id + self.position_embedding(positions)[None])
+        z_c = self.input_dropout(c + self.content_position_embedding(positions)[None])
+        mask = causal_padding_mask(item_seq)
+        h_id = self.id_encoder(z_id, mask)
+        h_c = self.content_encoder(z_c, mask)
+        x = self.cross_id(h_id, mask, key_value=h_c)
+        y = self.cross_content(h_c, mask, key_value=h_id)
+        return {"e": self.gate(x, y), "h_id": h_id, "h_c": h_c}
+
+    # ------------------------------------------------------------------ losses
+    @staticmethod
+    def position_labels(item_seq, item_seq_len, target):
+        """Next-item label at every position: item_seq[t+1] for t < len-1, ``target`` at len-1, else 0."""
+        length = item_seq.size(1)
+        labels = torch.zeros_like(item_seq)
+        labels[:, :-1] = item_seq[:, 1:]
+        pos = torch.arange(length, device=item_seq.device)[None]
+        labels = torch.where(pos < (item_seq_len - 1)[:, None], labels, torch.zeros_like(labels))
+        labels[torch.arange(item_seq.size(0), device=item_seq.device), item_seq_len - 1] = target
+        return labels
+
+    def _ce_loss(self, e, labels, item_seq_len):
+        if self.ce_positions == "last":
+            last = item_seq_len - 1
+            logits = self.classifier(gather_positions(e, last))
+            return F.cross_entropy(logits, gather_positions(labels.unsqueeze(-1), last).squeeze(-1))
+        valid = labels > 0
+        return F.cross_entropy(self.classifier(e[valid]), labels[valid])
+
+    def _gather(self, x):
+        return all_gather_with_grad(x) if self.contrast_negatives == "global" else x
+
+    def _user_loss(self, h_id, h_c, item_seq, users):
+        """L_u: symmetric InfoNCE between pooled content and pooled ID sequence outputs."""
+        if self.lu_pooling == "masked":
+            m = (item_seq > 0).unsqueeze(-1).to(h_id.dtype)
+            p_id = (h_id * m).sum(1) / m.sum(1).clamp_min(1.0)
+            p_c = (h_c * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            p_id, p_c = h_id.mean(1), h_c.mean(1)
+        p_id, p_c = self._gather(p_id), self._gather(p_c)
+        users = self._gather(users)
+        if p_id.size(0) < 2:
+            return p_id.sum() * 0.0
+        sim = F.normalize(p_c, dim=-1) @ F.normalize(p_id, dim=-1).t() / self.tau_u
+        # several windows of one user in a batch are not negatives of each other
+        same_user = users[:, None] == users[None, :]
+        same_user.fill_diagonal_(False)
+        sim = sim.masked_fill(same_user, float("-inf"))
+        target = torch.arange(sim.size(0), device=sim.device)
+        return F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)
+
+    def _item_direction(self, anchors, candidates, labels):
+        """One L_i direction: anchors (B, L, d) vs the next items' vectors (B, L, d), per position."""
+        if self.li_similarity == "cos":
+            anchors, candidates = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
+        a = anchors.transpose(0, 1)  # (L, B, d)
+        c = candidates.transpose(0, 1)
+        logits = torch.bmm(a, c.transpose(1, 2)) / self.tau_i  # (L, B, B)
+        lab = labels.t()  # (L, B)
+        invalid_col = (lab == 0)[:, None, :].expand_as(logits)
+        if self.li_mask_duplicates:
+            dup = lab[:, :, None] == lab[:, None, :]
+            eye = torch.eye(lab.size(1), dtype=torch.bool, device=lab.device)[None]
+            invalid_col = invalid_col | (dup & ~eye)
+        logits = logits.masked_fill(invalid_col, float("-inf"))
+        rows = lab > 0
+        if not rows.any():
+            return logits.sum() * 0.0
+        target = torch.arange(lab.size(1), device=lab.device)[None].expand_as(lab)
+        return F.cross_entropy(logits[rows], target[rows])
+
+    def _item_loss(self, h_id, h_c, labels):
+        """L_i: content state -> next item's ID embedding, ID state -> next item's content vector."""
+        h_id, h_c, labels = self._gather(h_id), self._gather(h_c), self._gather(labels)
+        next_id = self.item_embedding(labels)
+        next_c = self.item_content(labels)
+        return self._item_direction(h_c, next_id, labels) + self._item_direction(h_id, next_c, labels)
+
+    def calculate_loss(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        target = interaction[self.POS_ITEM_ID]
+        out = self.forward(item_seq, item_seq_len)
+        labels = self.position_labels(item_seq, item_seq_len, target)
+        losses = [self._ce_loss(out["e"], labels, item_seq_len)]
+        if self.lambda_u > 0:
+            users = interaction[self.USER_ID] if self.USER_ID in interaction else torch.arange(
+                item_seq.size(0), device=item_seq.device)
+            losses.append(self.lambda_u * self._user_loss(out["h_id"], out["h_c"], item_seq, users))
+        if self.lambda_i > 0:
+            losses.append(self.lambda_i * self._item_loss(out["h_id"], out["h_c"], labels))
+        return tuple(losses)
+
+    # ------------------------------------------------------------------ scoring
+    def _last_state(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        return gather_positions(self.forward(item_seq, item_seq_len)["e"], item_seq_len - 1)
+
+    def predict(self, interaction):
+        scores = self.classifier(self._last_state(interaction))
+        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
+
+    def full_sort_predict(self, interaction):
+        return self.classifier(self._last_state(interaction))
+
+
+class _FinetuneContent(nn.Module):
+    """Text encoder (partly trainable) + projection to ``hidden_size``: C[x] for any id tensor."""
+
+    def __init__(self, text_encoder, hidden_size):
+        super().__init__()
+        self.text = text_encoder
+        self.proj = nn.Linear(text_encoder.out_dim, hidden_size)
+
+    def encoder_modules(self):
+        return list(self.text.encoder.modules())
+
+    def forward(self, item_ids):
+        return self.proj(self.text(item_ids))

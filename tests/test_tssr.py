@@ -1,0 +1,252 @@
+"""Issue 4: TSSR correctness: causality, padding invariance, per-loss gradients, overfitting,
+finetune mode, and end-to-end runs through the Python API and the CLI."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from recbole.data import data_preparation
+from recbole.data.interaction import Interaction
+
+from recbole_mm.config import MMConfig
+from recbole_mm.quick_start import create_dataset
+from recbole_mm.model.tssr import TSSR
+
+from conftest import FAST, REPO, write_tiny_dataset
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Config, dataset and train loader for TSSR on a tiny dataset (text features extracted once)."""
+    root = tmp_path_factory.mktemp("tssr")
+    old = os.getcwd()
+    os.chdir(root)
+    argv = sys.argv
+    sys.argv = ["pytest"]
+    try:
+        write_tiny_dataset(root / "data", n_users=40, n_items=30)
+        cfg = dict(FAST, data_path=str(root / "data"), checkpoint_dir=str(root / "saved"),
+                   hidden_dropout_prob=0.0, attn_dropout_prob=0.0, input_dropout_prob=0.0)
+        config = MMConfig(model="TSSR", dataset="tiny", config_dict=cfg)
+        dataset = create_dataset(config)
+        train, valid, test = data_preparation(config, dataset)
+    finally:
+        os.chdir(old)
+        sys.argv = argv
+    return config, dataset, train
+
+
+def make_model(built, **overrides):
+    config, dataset, train = built
+    config = copy.deepcopy(config)
+    for k, v in overrides.items():
+        config[k] = v
+    torch.manual_seed(0)
+    model = TSSR(config, train._dataset)
+    model.eval()
+    return model
+
+
+def batch(built):
+    _, _, train = built
+    return next(iter(train))
+
+
+def test_dataset_keeps_catalog_and_sliding_windows(built):
+    config, dataset, train = built
+    # features never enlarge the candidate set: 30 items + PAD, as a plain SASRec dataset
+    assert dataset.item_num == 31
+    assert dataset.mm_features["text"].shape == (31, 384)
+    assert bool(dataset.mm_missing["text"][0]) and not dataset.mm_missing["text"][1:].any()
+    assert float(dataset.mm_features["text"][0].abs().sum()) == 0.0
+    # sliding windows: targets MAX_ITEM_LIST_LENGTH apart, ending at the last training item
+    inter = train._dataset.inter_feat
+    assert len(inter) < sum(1 for _ in range(len(inter))) + 1
+    uids = inter["user_id"].numpy()
+    assert len(set(uids)) == 40  # every user keeps its last window
+
+
+def test_no_future_leakage(built):
+    model = make_model(built)
+    inter = batch(built)
+    seq, length = inter["item_id_list"].clone(), inter["item_length"].clone()
+    # take sequences with at least 4 items and change everything after position t=2
+    keep = length >= 4
+    seq, length = seq[keep][:8], length[keep][:8]
+    t = 2
+    changed = seq.clone()
+    for b in range(changed.size(0)):
+        n = int(length[b])
+        changed[b, t + 1:n] = (changed[b, t + 1:n] % 30) + 1  # other real items
+    with torch.no_grad():
+        a = model(seq, length)
+        c = model(changed, length)
+    assert not torch.allclose(a["e"][:, t + 1:], c["e"][:, t + 1:])  # the change is visible later
+    for key in ("e", "h_id", "h_c"):
+        torch.testing.assert_close(a[key][:, : t + 1], c[key][:, : t + 1], rtol=0, atol=1e-6)
+
+
+def test_padding_never_changes_scores(built):
+    model = make_model(built)
+    inter = batch(built)
+    seq, length = inter["item_id_list"], inter["item_length"]
+    short = length < seq.size(1) - 2
+    seq, length = seq[short][:8], length[short][:8]
+    data = Interaction({"item_id_list": seq, "item_length": length})
+    with torch.no_grad():
+        base = model.full_sort_predict(data)
+        # 1. garbage ids in the padding slots after the sequence end
+        junk = seq.clone()
+        for b in range(junk.size(0)):
+            junk[b, int(length[b]):] = 7
+        s1 = model.full_sort_predict(Interaction({"item_id_list": junk, "item_length": length}))
+        # 2. less padding (a narrower batch)
+        width = int(length.max())
+        m2 = make_model(built)
+        s2 = m2.full_sort_predict(Interaction({"item_id_list": seq[:, :width], "item_length": length}))
+        # 3. a different content row for the PAD item
+        model.content.tables["text"].weight[0] = torch.randn(384)
+        s3 = model.full_sort_predict(data)
+    for other in (s1, s2, s3):
+        torch.testing.assert_close(base, other, rtol=0, atol=1e-5)
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: (p.grad is not None and float(p.grad.abs().sum()) > 0) for n, p in model.named_parameters()}
+
+
+def _group(grads, prefix):
+    return [v for n, v in grads.items() if n.startswith(prefix)]
+
+
+def test_each_loss_sends_gradients_where_it_should(built):
+    model = make_model(built, lambda_u=1.0, lambda_i=1.0)
+    model.train()
+    inter = batch(built)
+    torch.manual_seed(0)
+    l_ce, l_u, l_i = model.calculate_loss(inter)
+
+    g = _grads(model, l_ce)
+    assert all(_group(g, "classifier")) and any(_group(g, "gate")) and any(_group(g, "cross_id"))
+    assert any(_group(g, "cross_content")) and any(_group(g, "item_embedding"))
+    assert any(_group(g, "content.proj")) and not any(_group(g, "content.tables"))
+
+    l_ce, l_u, l_i = model.calculate_loss(inter)
+    g = _grads(model, l_u)
+    assert any(_group(g, "id_encoder")) and any(_group(g, "content_encoder")) and any(_group(g, "content.proj"))
+    for none in ("classifier", "gate", "cross_id", "cross_content", "content.tables"):
+        assert not any(_group(g, none)), none
+
+    l_ce, l_u, l_i = model.calculate_loss(inter)
+    g = _grads(model, l_i)
+    assert any(_group(g, "item_embedding")) and any(_group(g, "content.proj"))
+    assert any(_group(g, "id_encoder")) and any(_group(g, "content_encoder"))
+    for none in ("classifier", "gate", "cross_id", "cross_content", "content.tables"):
+        assert not any(_group(g, none)), none
+    # the frozen feature table is never a trainable parameter
+    assert not model.content.tables["text"].weight.requires_grad
+
+
+def test_item_loss_masks_duplicate_next_items(built):
+    model = make_model(built)
+    anchors = torch.randn(3, 2, 16)
+    cands = torch.randn(3, 2, 16)
+    labels = torch.tensor([[5, 0], [5, 3], [6, 3]])
+    masked = model._item_direction(anchors, cands, labels)
+    model.li_mask_duplicates = False
+    faithful = model._item_direction(anchors, cands, labels)
+    # with masking, rows whose only negatives are duplicates have zero loss
+    a, c = anchors.transpose(0, 1), cands.transpose(0, 1)
+    logits = torch.bmm(a, c.transpose(1, 2))
+    # position 0: labels 5,5,6 -> rows 0 and 1 exclude each other; position 1: labels 0,3,3
+    row_losses = []
+    for t, valid_cols in ((0, [[0, 2], [1, 2], [0, 1, 2]]), (1, [[], [1], [2]])):
+        for i in range(3):
+            if int(labels[i, t]) == 0:
+                continue
+            cols = valid_cols[i]
+            row = logits[t, i, cols]
+            row_losses.append(-(row[cols.index(i)] - torch.logsumexp(row, 0)))
+    torch.testing.assert_close(masked, torch.stack(row_losses).mean())
+    assert not torch.isclose(masked, faithful)
+
+
+def test_position_labels():
+    seq = torch.tensor([[3, 4, 5, 0], [7, 0, 0, 0]])
+    labels = TSSR.position_labels(seq, torch.tensor([3, 1]), torch.tensor([9, 8]))
+    assert labels.tolist() == [[4, 5, 9, 0], [8, 0, 0, 0]]
+
+
+def test_tiny_model_overfits_tiny_data(built):
+    model = make_model(built, lambda_u=0.1, lambda_i=0.1)
+    model.train()
+    inter = batch(built)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = sum(model.calculate_loss(inter))
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(inter["item_id_list"], inter["item_length"])
+        labels = TSSR.position_labels(inter["item_id_list"], inter["item_length"], inter["item_id"])
+        valid = labels > 0
+        pred = model.classifier(out["e"][valid]).argmax(-1)
+    acc = (pred == labels[valid]).float().mean().item()
+    assert acc > 0.95, acc
+
+
+def test_finetune_updates_only_top_layers(built):
+    model = make_model(built, content_mode="finetune", encoder_trainable_layers=1, encoder_max_length=16,
+                       encoder_learning_rate=1e-3)
+    enc = model.content.text.encoder
+    n = len(enc.encoder.layer)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    trainable = {k for k, p in enc.named_parameters() if p.requires_grad}
+    assert trainable and all(k.startswith(f"encoder.layer.{n - 1}.") for k in trainable)
+    groups = model.optimizer_param_groups()
+    assert groups[1]["lr"] == 1e-3 and len(groups[1]["params"]) == len(trainable)
+
+    # the cached lower layers + top layer reproduce the plain encoder forward
+    text = model.content.text
+    rows = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        split = text._encode_rows(rows)
+        ids, mask = text.input_ids[rows], text.attention_mask[rows]
+        full = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        ref = (full * m).sum(1) / m.sum(1)
+    torch.testing.assert_close(split, ref, rtol=1e-4, atol=1e-4)
+
+    model.train()
+    opt = torch.optim.Adam(groups, lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        sum(model.calculate_loss(batch(built))).backward()
+        opt.step()
+    after = enc.state_dict()
+    for k, v in before.items():
+        if k in trainable:
+            continue
+        assert torch.equal(v, after[k]), f"frozen encoder tensor changed: {k}"
+    assert any(not torch.equal(before[k], after[k]) for k in trainable)
+
+
+def test_tssr_cli_end_to_end(workdir):
+    write_tiny_dataset(workdir / "data")
+    args = [f"--{k}={v}" for k, v in dict(FAST, epochs=2).items()] + [
+        f"--data_path={workdir / 'data'}", "--model=TSSR", "--dataset=tiny",
+    ]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "run_recbole_mm.py")] + args,
+                          capture_output=True, text=True, timeout=300, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test result:" in proc.stdout and "ndcg@10" in proc.stdout
+    assert os.path.isfile(workdir / "data" / "tiny" / "tiny.text.npy")
