@@ -116,9 +116,17 @@ def get_trainer(model_type, model_name):
     from recbole_mm import trainer as mm_trainer
 
     model_name = model_name if isinstance(model_name, str) else model_name.__name__
-    own = getattr(mm_trainer, f"{model_name}Trainer", None)
+    try:
+        model_class = get_model(model_name)
+    except UnknownModelError:
+        model_class = None
+    own = getattr(model_class, "trainer_class", None)
+    if isinstance(own, str):
+        module_name, attr = own.split(":")
+        own = getattr(importlib.import_module(module_name), attr)
+    own = own or getattr(mm_trainer, f"{model_name}Trainer", None)
     if own is not None:
-        return own
+        return mm_trainer.with_safe_loading(own)
     from recbole.utils import get_trainer as recbole_get_trainer
 
     base = recbole_get_trainer(model_type, model_name)
