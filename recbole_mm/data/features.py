@@ -1,0 +1,480 @@
+"""Feature store: per-item feature matrices keyed by RAW item tokens.
+
+A feature called ``<name>`` of dataset ``<dataset>`` lives next to the dataset as
+
+* ``<dataset_dir>/<dataset>.<name>.npy``  -- the (n_items, dim) matrix, float32 or float16
+* ``<dataset_dir>/<dataset>.<name>.json`` -- the manifest: encoder, type, fields/template or
+  image source, pooling, dim, dtype, n_items, the item tokens (row order), the sha256 of the
+  inputs, the tokens that had no usable content (``missing``; their rows are zeros), the format
+  version and the creation time.
+
+Rows are keyed by the raw item token (the string in the dataset's ``.item``/``.inter`` files),
+never by RecBole's remapped integer ids, so a feature file stays valid whatever filtering RecBole
+applies.  :func:`align_to_dataset` turns a :class:`FeatureMatrix` into a table indexed by
+RecBole's internal item ids.
+
+Writes are atomic: the old manifest is removed first, the matrix is written to a temporary file
+and renamed into place, and the manifest is renamed into place LAST, so an interrupted write never
+leaves a matrix that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ALLOWED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+_FINITE_CHECK_ROWS = 65536  # rows checked per block when scanning for NaN/inf
+
+
+@dataclass
+class FeatureMatrix:
+    """A feature matrix with its row keys.
+
+    ``matrix[i]`` is the feature of raw item token ``tokens[i]``; ``missing[i]`` is True where the
+    item had no usable content (its row is all zeros).  ``matrix`` is a read-only memory map when
+    loaded with ``FeatureStore.load(..., mmap=True)``.
+    """
+
+    name: str
+    tokens: list
+    matrix: np.ndarray
+    missing: np.ndarray
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+
+def _as_token_list(tokens: Iterable) -> list:
+    return [str(t) for t in tokens]
+
+
+def _check_unique(tokens: Sequence[str], where: str) -> None:
+    index = pd.Index(tokens)
+    if not index.is_unique:
+        dups = index[index.duplicated()].unique()[:5].tolist()
+        raise ValueError(
+            f"{where}: duplicate item tokens {dups} -- every item must have exactly one row."
+        )
+
+
+def _first_nonfinite_rows(matrix: np.ndarray, limit: int = 5) -> np.ndarray:
+    """Indices of (up to ``limit``) rows holding NaN or inf; scanned in blocks (mmap friendly)."""
+    bad: list = []
+    for start in range(0, matrix.shape[0], _FINITE_CHECK_ROWS):
+        block = np.asarray(matrix[start:start + _FINITE_CHECK_ROWS])
+        rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if rows.size:
+            bad.extend((rows + start).tolist())
+            if len(bad) >= limit:
+                break
+    return np.asarray(bad[:limit], dtype=np.int64)
+
+
+def _count_nonfinite_rows(matrix: np.ndarray) -> int:
+    n = 0
+    for start in range(0, matrix.shape[0], _FINITE_CHECK_ROWS):
+        block = np.asarray(matrix[start:start + _FINITE_CHECK_ROWS])
+        n += int((~np.isfinite(block).all(axis=1)).sum())
+    return n
+
+
+def _check_finite(matrix: np.ndarray, tokens: Sequence[str], where: str) -> None:
+    bad = _first_nonfinite_rows(matrix)
+    if bad.size:
+        n_bad = _count_nonfinite_rows(matrix)
+        names = [tokens[i] for i in bad] if len(tokens) == matrix.shape[0] else bad.tolist()
+        raise ValueError(
+            f"{where}: {n_bad} row(s) contain NaN or inf values; first bad item tokens: {names}. "
+            "Re-extract the features (e.g. without fp16 if the encoder overflows) or fix the file."
+        )
+
+
+def _check_matrix(matrix, where: str) -> np.ndarray:
+    if not isinstance(matrix, np.ndarray):
+        matrix = np.asarray(matrix)
+    if matrix.ndim != 2:
+        raise ValueError(f"{where}: the feature matrix must be 2-D (n_items, dim), got shape {matrix.shape}")
+    if matrix.dtype not in ALLOWED_DTYPES:
+        if np.issubdtype(matrix.dtype, np.floating) or np.issubdtype(matrix.dtype, np.integer):
+            matrix = matrix.astype(np.float32)
+        else:
+            raise ValueError(f"{where}: the feature matrix must be float32 or float16, got {matrix.dtype}")
+    return matrix
+
+
+def _atomic_write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` (.npy) through a temporary file + ``os.replace``."""
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_npy_header(path: str):
+    """(shape, dtype) of a .npy file without reading its data."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    return tuple(arr.shape), arr.dtype
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class FeatureStore:
+    """Feature files ``<dataset_dir>/<dataset_name>.<name>.{npy,json}``."""
+
+    def __init__(self, dataset_dir, dataset_name: str):
+        self.dataset_dir = os.fspath(dataset_dir)
+        self.dataset_name = str(dataset_name)
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.dataset_dir!r}, {self.dataset_name!r})"
+
+    # -- paths ----------------------------------------------------------------
+    def paths(self, name: str):
+        """``(npy_path, manifest_path)`` of feature ``name``."""
+        if not name or os.sep in name or (os.altsep and os.altsep in name):
+            raise ValueError(f"invalid feature name {name!r}")
+        base = os.path.join(self.dataset_dir, f"{self.dataset_name}.{name}")
+        return base + ".npy", base + ".json"
+
+    def chunk_dir(self, name: str) -> str:
+        """Folder holding the resumable chunks of an extraction in progress."""
+        return os.path.join(self.dataset_dir, f".{self.dataset_name}.{name}.chunks")
+
+    def exists(self, name: str) -> bool:
+        npy, man = self.paths(name)
+        return os.path.isfile(npy) and os.path.isfile(man)
+
+    def read_manifest(self, name: str):
+        """The manifest dict, or None when absent/unreadable."""
+        _, man = self.paths(name)
+        try:
+            with open(man, "r", encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    # -- freshness ------------------------------------------------------------
+    def is_fresh(self, name: str, manifest_key: dict) -> bool:
+        """True when the cached feature exists and its manifest matches every field of ``manifest_key``.
+
+        ``manifest_key`` holds what determines the features (encoder, fields, template, pooling,
+        the input checksum, ...); any difference, an unreadable manifest, a missing matrix or a
+        matrix whose shape/dtype disagrees with the manifest means "not fresh".
+        """
+        npy, _ = self.paths(name)
+        manifest = self.read_manifest(name)
+        if manifest is None or not os.path.isfile(npy):
+            return False
+        if manifest.get("format_version") != FORMAT_VERSION:
+            return False
+        for key, value in manifest_key.items():
+            if _jsonable(manifest.get(key)) != _jsonable(value):
+                logger.info("feature %r is stale: %r changed", name, key)
+                return False
+        try:
+            shape, dtype = _read_npy_header(npy)
+        except (OSError, ValueError):
+            return False
+        return shape == (manifest.get("n_items"), manifest.get("dim")) and str(dtype) == manifest.get("dtype")
+
+    # -- write ----------------------------------------------------------------
+    def save(self, name: str, tokens, matrix, missing=None, manifest: dict | None = None) -> FeatureMatrix:
+        """Validate and atomically write a feature; returns it loaded back (memory-mapped).
+
+        ``missing`` is a bool array (or None = no item missing).  ``manifest`` holds the
+        descriptive/key fields (encoder, type, fields, template, pooling, input_checksum, ...);
+        dim, dtype, n_items, tokens, missing, format_version and created are filled in here.
+        """
+        npy, man = self.paths(name)
+        tokens = _as_token_list(tokens)
+        matrix = _check_matrix(matrix, npy)
+        if matrix.shape[0] != len(tokens):
+            raise ValueError(
+                f"{npy}: matrix has {matrix.shape[0]} rows but {len(tokens)} item tokens were given"
+            )
+        _check_unique(tokens, npy)
+        _check_finite(matrix, tokens, npy)
+        if missing is None:
+            missing = np.zeros(len(tokens), dtype=bool)
+        missing = np.asarray(missing, dtype=bool)
+        if missing.shape != (len(tokens),):
+            raise ValueError(f"{npy}: missing mask has shape {missing.shape}, expected ({len(tokens)},)")
+
+        full = dict(_jsonable(manifest or {}))
+        full.pop("path", None)
+        full.update(
+            format_version=FORMAT_VERSION,
+            name=name,
+            dataset=self.dataset_name,
+            dim=int(matrix.shape[1]),
+            dtype=str(matrix.dtype),
+            n_items=len(tokens),
+            n_missing=int(missing.sum()),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            missing=[tokens[i] for i in np.flatnonzero(missing)],
+            tokens=tokens,
+        )
+        os.makedirs(self.dataset_dir, exist_ok=True)
+        # the old manifest goes first: a crash from here on leaves no valid-looking feature
+        if os.path.exists(man):
+            os.remove(man)
+        atomic_save_npy(npy, np.ascontiguousarray(matrix))
+        _atomic_write_json(man, full)  # LAST
+        logger.info("saved feature %r: %d items x %d (%s), %d missing -> %s",
+                    name, len(tokens), matrix.shape[1], matrix.dtype, int(missing.sum()), npy)
+        return self.load(name, mmap=True, check_finite=False)
+
+    def import_matrix(self, name: str, tokens, matrix, source: str = "user", missing=None,
+                      manifest: dict | None = None) -> FeatureMatrix:
+        """Store a matrix produced elsewhere (any encoder) under feature ``name``.
+
+        ``missing`` defaults to the all-zero rows.  ``source`` is recorded in the manifest.
+        """
+        matrix = _check_matrix(matrix, f"imported feature {name!r}")
+        if missing is None:
+            missing = ~np.asarray(matrix != 0).any(axis=1)
+        info = {"type": "user", "encoder": "user", "source": str(source)}
+        info.update(manifest or {})
+        return self.save(name, tokens, matrix, missing, info)
+
+    def delete(self, name: str) -> None:
+        npy, man = self.paths(name)
+        for p in (man, npy):  # manifest first
+            if os.path.exists(p):
+                os.remove(p)
+
+    # -- read -----------------------------------------------------------------
+    def load(self, name: str, mmap: bool = True, check_finite: bool = True) -> FeatureMatrix:
+        """Load feature ``name`` (memory-mapped by default) with full validation."""
+        npy, man = self.paths(name)
+        if not os.path.isfile(man) or not os.path.isfile(npy):
+            absent = man if not os.path.isfile(man) else npy
+            raise FileNotFoundError(
+                f"feature {name!r} of dataset {self.dataset_name!r} not found ({absent} is missing). "
+                f"Extract it first, e.g.\n  python -m recbole_mm.data.extract --dataset_dir "
+                f"{self.dataset_dir} --dataset {self.dataset_name} --name {name} --type text "
+                "[--fields ...] [--template ...]\n"
+                "or import your own matrix with FeatureStore.import_matrix / load_user_features."
+            )
+        try:
+            with open(man, "r", encoding="utf-8") as f:
+                manifest = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{man}: unreadable manifest ({e}); delete it and re-extract") from None
+        try:
+            matrix = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{npy}: unreadable feature matrix ({e}); delete it and re-extract") from None
+        tokens = manifest.get("tokens")
+        if tokens is None:
+            raise ValueError(f"{man}: manifest has no 'tokens' list")
+        tokens = _as_token_list(tokens)
+        if matrix.ndim != 2:
+            raise ValueError(f"{npy}: expected a 2-D matrix, got shape {matrix.shape}")
+        if matrix.dtype not in ALLOWED_DTYPES:
+            raise ValueError(f"{npy}: dtype {matrix.dtype} is not float32/float16")
+        expected = (manifest.get("n_items", len(tokens)), manifest.get("dim", matrix.shape[1]))
+        if matrix.shape[0] != len(tokens) or tuple(matrix.shape) != tuple(expected):
+            raise ValueError(
+                f"{npy}: matrix shape {tuple(matrix.shape)} does not match its manifest {man} "
+                f"({len(tokens)} tokens, n_items={manifest.get('n_items')}, dim={manifest.get('dim')}); "
+                "the files are out of sync -- delete both and re-extract."
+            )
+        _check_unique(tokens, man)
+        if check_finite:
+            _check_finite(matrix, tokens, npy)
+        missing = pd.Index(tokens).isin(manifest.get("missing", []))
+        manifest["path"] = npy  # in memory only: lets error messages name the file
+        return FeatureMatrix(name=name, tokens=tokens, matrix=matrix,
+                             missing=np.asarray(missing, dtype=bool), manifest=manifest)
+
+
+# ----------------------------------------------------------------------------- user files
+
+
+def read_tokens_file(tokens_path) -> list:
+    """Item tokens from a text file (one per line) or a JSON list."""
+    tokens_path = os.fspath(tokens_path)
+    if not os.path.isfile(tokens_path):
+        raise FileNotFoundError(f"tokens file {tokens_path} not found")
+    with open(tokens_path, "r", encoding="utf-8") as f:
+        text = f.read()
+    if tokens_path.endswith(".json"):
+        tokens = json.loads(text)
+        if isinstance(tokens, dict) and "tokens" in tokens:
+            tokens = tokens["tokens"]
+        if not isinstance(tokens, list):
+            raise ValueError(f"{tokens_path}: expected a JSON list of item tokens")
+        return _as_token_list(tokens)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    return [line.rstrip("\r") for line in lines]
+
+
+def load_user_features(npy_path, tokens_path, name: str | None = None, mmap: bool = True) -> FeatureMatrix:
+    """Load a user-supplied ``.npy`` matrix whose rows are keyed by the tokens in ``tokens_path``.
+
+    The tokens file holds one raw item token per line (or a JSON list).  All-zero rows are
+    treated as missing.  The same checks as :meth:`FeatureStore.load` apply.
+    """
+    npy_path = os.fspath(npy_path)
+    if not os.path.isfile(npy_path):
+        raise FileNotFoundError(f"feature matrix {npy_path} not found")
+    tokens = read_tokens_file(tokens_path)
+    matrix = np.load(npy_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if matrix.ndim != 2:
+        raise ValueError(f"{npy_path}: expected a 2-D (n_items, dim) matrix, got shape {matrix.shape}")
+    if matrix.dtype not in ALLOWED_DTYPES:
+        matrix = _check_matrix(np.asarray(matrix), npy_path)
+    if matrix.shape[0] != len(tokens):
+        raise ValueError(
+            f"{npy_path} has {matrix.shape[0]} rows but {tokens_path} lists {len(tokens)} tokens"
+        )
+    _check_unique(tokens, os.fspath(tokens_path))
+    _check_finite(matrix, tokens, npy_path)
+    missing = np.zeros(len(tokens), dtype=bool)
+    for start in range(0, matrix.shape[0], _FINITE_CHECK_ROWS):
+        block = np.asarray(matrix[start:start + _FINITE_CHECK_ROWS])
+        missing[start:start + block.shape[0]] = ~(block != 0).any(axis=1)
+    if name is None:
+        name = os.path.splitext(os.path.basename(npy_path))[0]
+    manifest = {"type": "user", "encoder": "user", "source": npy_path, "tokens_file": os.fspath(tokens_path),
+                "dim": int(matrix.shape[1]), "dtype": str(matrix.dtype), "n_items": len(tokens)}
+    return FeatureMatrix(name=name, tokens=tokens, matrix=matrix, missing=missing, manifest=manifest)
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+def _feature_label(fm: FeatureMatrix) -> str:
+    return fm.manifest.get("path") or fm.manifest.get("source") or f"feature {fm.name!r}"
+
+
+def align_to_dataset(fm: FeatureMatrix, id2token, expected_dim: int | None = None):
+    """Reorder a feature matrix into RecBole's internal item-id order.
+
+    ``id2token`` is ``dataset.field2id_token[item_field]``: index 0 is the padding item.
+    Returns ``(table, missing, stats)``:
+
+    * ``table`` float32 ``(len(id2token), dim)``; row 0 (padding) and rows of items without a
+      feature (absent from the file or flagged missing) are zeros;
+    * ``missing`` bool ``(len(id2token),)``, True for padding and for items without a feature;
+    * ``stats``: ``n_items`` (excluding padding), ``covered``, ``missing_in_features`` (dataset
+      items with no usable row), of which ``absent_from_file`` and ``no_content``,
+      ``extra_tokens_in_features`` (rows for tokens the dataset does not know: ignored), ``dim``,
+      ``coverage``.
+    """
+    label = _feature_label(fm)
+    dim = int(fm.matrix.shape[1])
+    if expected_dim is not None and int(expected_dim) != dim:
+        raise ValueError(
+            f"{label} has feature dim {dim} but the model expects {int(expected_dim)}. Fix: set the "
+            f"model's feature dim to {dim} (or leave it unset to infer it), or re-extract the "
+            f"feature with an encoder whose output dim is {int(expected_dim)}."
+        )
+    id2token = np.asarray(id2token).astype(str)
+    n_rows = len(id2token)
+    dataset_tokens = pd.Index(id2token[1:])
+    feature_index = pd.Index(fm.tokens)
+    if not feature_index.is_unique:
+        _check_unique(fm.tokens, label)
+
+    pos = feature_index.get_indexer(dataset_tokens)  # -1 where the dataset item has no row
+    found = pos >= 0
+    has_row = np.zeros(n_rows, dtype=bool)
+    has_row[1:] = found
+    feat_missing = np.asarray(fm.missing, dtype=bool)
+    usable = has_row.copy()
+    usable[1:][found] &= ~feat_missing[pos[found]]
+
+    table = np.zeros((n_rows, dim), dtype=np.float32)
+    rows = np.flatnonzero(usable)
+    if rows.size:
+        src = pos[rows - 1]
+        order = np.argsort(src, kind="stable")  # monotone reads are kind to memory maps
+        table[rows[order]] = np.asarray(fm.matrix[src[order]], dtype=np.float32)
+    missing = ~usable
+    missing[0] = True
+
+    extra = int((pd.Index(id2token).get_indexer(feature_index) < 0).sum())
+    n_items = n_rows - 1
+    covered = int(usable[1:].sum())
+    stats = {
+        "name": fm.name,
+        "n_items": int(n_items),
+        "covered": covered,
+        "missing_in_features": int(n_items - covered),
+        "absent_from_file": int((~found).sum()),
+        "no_content": int(found.sum() - covered),
+        "extra_tokens_in_features": extra,
+        "dim": dim,
+        "coverage": float(covered / n_items) if n_items else 0.0,
+    }
+    logger.info(
+        "feature %r aligned: %d/%d items covered (%.1f%%), %d absent from the file, %d without content, "
+        "%d extra tokens in the file ignored",
+        fm.name, covered, n_items, 100 * stats["coverage"], stats["absent_from_file"],
+        stats["no_content"], extra,
+    )
+    if stats["absent_from_file"]:
+        examples = dataset_tokens[~found][:5].tolist()
+        logger.warning("feature %r: %d dataset items have no row in %s (e.g. %s); they get zero features",
+                       fm.name, stats["absent_from_file"], label, examples)
+    return table, missing, stats
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FeatureMatrix",
+    "FeatureStore",
+    "align_to_dataset",
+    "atomic_save_npy",
+    "load_user_features",
+    "read_tokens_file",
+]

@@ -1,0 +1,407 @@
+"""Feature extraction: ml-100k texts with the bundled MiniLM (offline), cache reuse/invalidation,
+resumable chunks, images with a tiny random ViT (real, truncated, corrupt and absent files), CLI."""
+
+import glob
+import logging
+import os
+import shutil
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import recbole  # noqa: E402
+
+from recbole_mm.data import extract  # noqa: E402
+from recbole_mm.data.extract import (  # noqa: E402
+    default_text_encoder,
+    encode_images,
+    encode_texts,
+    extract_features,
+    find_item_images,
+    read_item_texts,
+)
+from recbole_mm.data.features import FeatureStore, align_to_dataset  # noqa: E402
+
+ML100K_DIR = os.path.join(os.path.dirname(recbole.__file__), "dataset_example", "ml-100k")
+ML100K_ITEM = os.path.join(ML100K_DIR, "ml-100k.item")
+TEMPLATE = "{movie_title} ({release_year}). Genres: {class}"
+SPEC = {"type": "text", "template": TEMPLATE}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The test machine's 2 cores are shared with other jobs: one intra-op thread avoids the
+    OpenMP spin-wait slowdown of 2 threads on a busy machine (2-3x faster here)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _ml100k_subset(root, n=None, name="ml-100k", edit=None):
+    """Copy ml-100k.item (first ``n`` items) into ``root``; ``edit(lines)`` may change rows."""
+    os.makedirs(root, exist_ok=True)
+    with open(ML100K_ITEM, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    lines = lines if n is None else lines[: n + 1]
+    if edit is not None:
+        lines = edit(lines)
+    with open(os.path.join(root, f"{name}.item"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(root)
+
+
+def _tiny_bert(folder):
+    """A random 1-layer BERT (dim 32) sharing MiniLM's tokenizer: 'another encoder', offline."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(default_text_encoder())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+# ----------------------------------------------------------------------------- reading texts
+
+
+def test_default_text_encoder_is_local():
+    path = default_text_encoder()
+    assert os.path.isfile(os.path.join(path, "config.json"))
+
+
+def test_read_item_texts(tmp_path):
+    tokens, texts = read_item_texts(ML100K_ITEM)
+    assert len(tokens) == len(texts) == 1682 and tokens[0] == "1"
+    assert texts[0] == "Toy Story. 1995. Animation Children's Comedy"  # all token/token_seq fields
+    tokens, texts = read_item_texts(ML100K_ITEM, fields=["movie_title", "class"])
+    assert texts[1] == "GoldenEye. Action Adventure Thriller"
+    _, texts = read_item_texts(ML100K_ITEM, template=TEMPLATE)
+    assert texts[0] == "Toy Story (1995). Genres: Animation Children's Comedy"
+
+    with pytest.raises(FileNotFoundError, match="nope.item"):
+        read_item_texts(tmp_path / "nope.item")
+    with pytest.raises(ValueError, match=r"ml-100k\.item.*unknown column.*'genre'.*available.*movie_title"):
+        read_item_texts(ML100K_ITEM, fields=["movie_title", "genre"])
+    with pytest.raises(ValueError, match=r"unknown column.*'title'"):
+        read_item_texts(ML100K_ITEM, template="{title}")
+
+    d = _ml100k_subset(tmp_path / "dup", 5, edit=lambda ls: ls + [ls[2]])
+    with pytest.raises(ValueError, match=r"ml-100k\.item: duplicate item ids.*'2'"):
+        read_item_texts(os.path.join(d, "ml-100k.item"))
+
+    # quotes, 'NA'-like values and empty fields are kept verbatim; all-empty -> "" (missing)
+    p = tmp_path / "q.item"
+    p.write_text('item_id:token\ttitle:token_seq\tscore:float\n'
+                 'a\t"Quoted" title\t1.0\nNA\tNA\t2.0\nc\t\t3.0\n', encoding="utf-8")
+    tokens, texts = read_item_texts(p)
+    assert tokens == ["a", "NA", "c"]
+    assert texts == ['"Quoted" title', "NA", ""]
+
+
+# ----------------------------------------------------------------------------- text features
+
+
+def test_text_features_ml100k_subset(tmp_path, caplog):
+    def blank_item_7(lines):
+        lines[7] = "7\t\t\t"
+        return lines
+
+    d = _ml100k_subset(tmp_path, 200, edit=blank_item_7)
+    with caplog.at_level(logging.INFO, logger="recbole_mm"):
+        fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    assert "coverage" in caplog.text
+    assert fm.matrix.shape == (200, 384) and fm.matrix.dtype == np.float32
+    assert isinstance(fm.matrix, np.memmap)
+    m = np.asarray(fm.matrix)
+    assert fm.tokens[:3] == ["1", "2", "3"]
+    assert fm.missing.sum() == 1 and fm.missing[fm.tokens.index("7")]
+    np.testing.assert_array_equal(m[fm.tokens.index("7")], 0)
+    others = m[~fm.missing]
+    assert np.isfinite(others).all() and (np.abs(others).sum(axis=1) > 0).all()
+    assert len(np.unique(others.round(5), axis=0)) == len(others)  # distinct rows
+    man = fm.manifest
+    assert man["encoder"] == "default" and man["type"] == "text" and man["template"] == TEMPLATE
+    assert man["fields"] == ["movie_title", "release_year", "class"] and man["pooling"] == "mean"
+    assert man["missing"] == ["7"] and man["n_items"] == 200 and man["dim"] == 384
+    assert len(man["input_checksum"]) == 64
+    assert not os.path.exists(FeatureStore(d, "ml-100k").chunk_dir("text"))  # chunks cleaned up
+
+    # batching sorts by length: rows must still be in item order (compare with one-at-a-time)
+    _, texts = read_item_texts(os.path.join(d, "ml-100k.item"), template=TEMPLATE)
+    pick = [0, 1, 57, 150]
+    single = encode_texts([texts[i] for i in pick], batch_size=1, show_progress=False)
+    np.testing.assert_allclose(m[pick], single, atol=2e-5)
+    # sentence semantics sanity: the two Godfathers are closer than a Godfather and Babe
+    titles = [t.split(" (")[0] for t in texts]
+    st1, st2 = m[titles.index("Godfather, The")], m[titles.index("Godfather: Part II, The")]
+    other = m[titles.index("Babe")]
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    assert cos(st1, st2) > cos(st1, other)
+
+    # alignment to a RecBole-like id2token (subset, plus an unknown item)
+    id2token = np.array(["[PAD]", "3", "1", "7", "5000"])
+    table, missing, stats = align_to_dataset(fm, id2token, expected_dim=384)
+    np.testing.assert_allclose(table[2], m[0])
+    np.testing.assert_array_equal(missing, [True, False, False, True, True])
+    assert stats["extra_tokens_in_features"] == 197 and stats["covered"] == 2
+
+
+def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
+    d = _ml100k_subset(tmp_path / "ds", 24)
+    fm1 = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    m1 = np.array(fm1.matrix)
+
+    calls = []
+    real_encode = extract.encode_texts
+
+    def counting_encode(texts, **kw):
+        calls.append(len(texts))
+        return real_encode(texts, **kw)
+
+    monkeypatch.setattr(extract, "encode_texts", counting_encode)
+    fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    assert calls == []  # cache hit: nothing encoded
+    np.testing.assert_array_equal(np.asarray(fm.matrix), m1)
+
+    # one title changes -> recomputed, only that row moves
+    def retitle(lines):  # item "5" (row 4): Copycat -> Copycat Redux
+        cols = lines[5].split("\t")
+        cols[1] += " Redux"
+        lines[5] = "\t".join(cols)
+        return lines
+    _ml100k_subset(tmp_path / "ds", 24, edit=retitle)
+    fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    assert calls == [24]
+    m2 = np.asarray(fm.matrix)
+    assert not np.allclose(m2[4], m1[4])
+    np.testing.assert_allclose(np.delete(m2, 4, axis=0), np.delete(m1, 4, axis=0), atol=2e-5)
+
+    # template change -> recomputed
+    extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}"}, show_progress=False)
+    assert calls == [24, 24]
+    # pooling change -> recomputed
+    extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}", "pooling": "cls"},
+                     show_progress=False)
+    assert len(calls) == 3
+    # another encoder -> recomputed, new dim
+    enc = _tiny_bert(tmp_path / "tiny_bert")
+    fm = extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}", "encoder": enc},
+                          show_progress=False)
+    assert len(calls) == 4 and fm.dim == 32 and fm.manifest["encoder"] == enc
+    # same again -> cached; float16 storage is a different feature file content -> recomputed
+    extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}", "encoder": enc},
+                     show_progress=False)
+    assert len(calls) == 4
+    fm16 = extract_features(d, "ml-100k", "text",
+                            {"type": "text", "template": "{movie_title}", "encoder": enc, "dtype": "float16"},
+                            show_progress=False)
+    assert len(calls) == 5 and fm16.matrix.dtype == np.float16
+
+    with pytest.raises(ValueError, match="unknown spec key"):
+        extract_features(d, "ml-100k", "text", {"type": "text", "feilds": ["movie_title"]})
+    with pytest.raises(ValueError, match="unknown type"):
+        extract_features(d, "ml-100k", "text", {"type": "audio"})
+
+
+def test_killed_extraction_resumes_from_chunks(tmp_path, monkeypatch, caplog):
+    d = _ml100k_subset(tmp_path, 96)
+    spec = dict(SPEC, chunk_size=32, batch_size=16)
+    store = FeatureStore(d, "ml-100k")
+    npy, man = store.paths("text")
+    chunk_dir = store.chunk_dir("text")
+
+    real_save_chunk = extract._save_chunk
+    saved = []
+
+    def dying_save_chunk(path, **arrays):
+        if saved:  # killed while the second chunk is being written
+            raise KeyboardInterrupt("simulated kill")
+        real_save_chunk(path, **arrays)
+        saved.append((path, arrays["emb"].copy()))
+
+    monkeypatch.setattr(extract, "_save_chunk", dying_save_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(d, "ml-100k", "text", spec, show_progress=False)
+    assert not os.path.exists(npy) and not os.path.exists(man)  # nothing looks valid
+    assert not store.is_fresh("text", {"type": "text"})
+    assert len(glob.glob(os.path.join(chunk_dir, "chunk_*.npz"))) == 1
+    assert not [f for f in os.listdir(chunk_dir) if "tmp" in f]
+
+    fresh = []
+
+    def counting_save_chunk(path, **arrays):
+        fresh.append(path)
+        real_save_chunk(path, **arrays)
+
+    monkeypatch.setattr(extract, "_save_chunk", counting_save_chunk)
+    with caplog.at_level(logging.INFO, logger="recbole_mm"):
+        fm = extract_features(d, "ml-100k", "text", spec, show_progress=False)
+    assert len(fresh) == 2  # only the two unfinished chunks were encoded
+    assert "reused 1/3" in caplog.text
+    assert not os.path.exists(chunk_dir)  # removed after success
+    m = np.asarray(fm.matrix)
+    assert fm.matrix.shape == (96, 384) and np.isfinite(m).all() and not fm.missing.any()
+    # the reused chunk holds real rows of the result
+    first_chunk = saved[0][1]
+    assert all(any(np.allclose(r, row, atol=1e-6) for row in m) for r in first_chunk[:3])
+    # resumed rows are in item order
+    _, texts = read_item_texts(os.path.join(d, "ml-100k.item"), template=TEMPLATE)
+    pick = [0, 40, 95]
+    np.testing.assert_allclose(m[pick], encode_texts([texts[i] for i in pick], show_progress=False), atol=2e-5)
+
+
+def test_full_ml100k_second_run_uses_cache(tmp_path):
+    """All 1,682 ml-100k items; the second run must reuse the cache (>= 20x faster)."""
+    d = _ml100k_subset(tmp_path)
+    t0 = time.perf_counter()
+    fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    first = time.perf_counter() - t0
+    assert fm.matrix.shape == (1682, 384) and not fm.missing.any()
+    t0 = time.perf_counter()
+    fm2 = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    second = time.perf_counter() - t0
+    assert fm2.tokens == fm.tokens
+    np.testing.assert_array_equal(np.asarray(fm2.matrix), np.asarray(fm.matrix))
+    assert first >= 20 * second, (first, second)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+SK_IMAGES = os.path.join(os.path.dirname(__import__("sklearn").__file__), "datasets", "images")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64)
+    ViTModel(cfg).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+def _image_dataset(root):
+    """Items 1..7: real JPEG, real PNG, JPEG crop, 200-byte JPEG, no file, text-as-jpg, half JPEG."""
+    from PIL import Image
+
+    img_dir = os.path.join(root, "images")
+    os.makedirs(img_dir)
+    china = os.path.join(SK_IMAGES, "china.jpg")
+    flower = os.path.join(SK_IMAGES, "flower.jpg")
+    shutil.copy(china, os.path.join(img_dir, "1.jpg"))
+    Image.open(flower).save(os.path.join(img_dir, "2.png"))
+    Image.open(flower).crop((0, 0, 200, 150)).save(os.path.join(img_dir, "3.jpeg"))
+    data = open(china, "rb").read()
+    with open(os.path.join(img_dir, "4.jpg"), "wb") as f:
+        f.write(data[:200])  # truncated
+    # item 5 has no image
+    with open(os.path.join(img_dir, "6.jpg"), "w") as f:
+        f.write("this is not an image")
+    with open(os.path.join(img_dir, "7.jpg"), "wb") as f:
+        f.write(data[: len(data) // 2])  # truncated mid-scan: only load() notices
+    shutil.copy(china, os.path.join(img_dir, "999.jpg"))  # an image of an unknown item: ignored
+    with open(os.path.join(img_dir, "notes.txt"), "w") as f:
+        f.write("not an image extension")
+    rows = ["item_id:token\ttitle:token_seq\tpicture:token"]
+    rows += [f"{i}\titem {i}\timages/{i}.{'png' if i == 2 else 'jpeg' if i == 3 else 'jpg'}" for i in range(1, 8)]
+    with open(os.path.join(root, "toy.item"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return root
+
+
+def test_find_item_images(tmp_path):
+    d = _image_dataset(str(tmp_path))
+    found = find_item_images(os.path.join(d, "images"), ["1", "2", "3", "5", "x"])
+    assert [os.path.basename(p) if p else None for p in found] == ["1.jpg", "2.png", "3.jpeg", None, None]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        find_item_images(tmp_path / "nowhere", ["1"])
+
+
+def test_image_features_with_bad_files(tmp_path, tiny_vit, caplog, monkeypatch):
+    d = _image_dataset(str(tmp_path))
+    spec = {"type": "image", "encoder": tiny_vit, "batch_size": 4, "chunk_size": 3}
+    with caplog.at_level(logging.WARNING, logger="recbole_mm"):
+        fm = extract_features(d, "toy", "image", spec, show_progress=False)
+    assert fm.matrix.shape == (7, 32)
+    m = np.asarray(fm.matrix)
+    expected_missing = [False, False, False, True, True, True, True]
+    np.testing.assert_array_equal(fm.missing, expected_missing)
+    np.testing.assert_array_equal(m[fm.missing], 0)
+    good = m[~fm.missing]
+    assert np.isfinite(good).all() and (np.abs(good).sum(axis=1) > 0).all()
+    assert not np.allclose(good[0], good[1]) and not np.allclose(good[1], good[2])
+    man = fm.manifest
+    assert man["problem_counts"] == {"missing_file": 1, "corrupt": 3}
+    assert man["problems"] == {"missing_file": ["5"], "corrupt": ["4", "6", "7"]}
+    assert sorted(man["missing"]) == ["4", "5", "6", "7"]
+    for name in ("4.jpg", "6.jpg", "7.jpg"):
+        assert name in caplog.text
+    assert "'5'" in caplog.text
+    assert "999" not in fm.tokens
+
+    # cached; changing one image's bytes invalidates
+    calls = []
+    real = extract.encode_images
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(extract, "encode_images", counting)
+    extract_features(d, "toy", "image", spec, show_progress=False)
+    assert calls == []
+    shutil.copy(os.path.join(SK_IMAGES, "flower.jpg"), os.path.join(d, "images", "1.jpg"))
+    fm2 = extract_features(d, "toy", "image", spec, show_progress=False)
+    assert calls == [1]
+    assert not np.allclose(np.asarray(fm2.matrix)[0], m[0])
+    np.testing.assert_allclose(np.asarray(fm2.matrix)[1:3], m[1:3], atol=1e-5)
+
+    # pooling variants: cls / mean of last_hidden_state
+    for pooling in ("cls", "mean"):
+        x, missing, problems = encode_images([os.path.join(d, "images", "2.png"), None], tiny_vit,
+                                             pooling=pooling, show_progress=False)
+        assert x.shape == (2, 32) and missing.tolist() == [False, True] and problems["missing_file"] == [1]
+
+    # an image path column instead of a folder
+    fm3 = extract_features(d, "toy", "pic", {"type": "image", "encoder": tiny_vit, "image_field": "picture"},
+                           show_progress=False)
+    np.testing.assert_array_equal(fm3.missing, [False, False, False, True, True, True, True])
+    np.testing.assert_allclose(np.asarray(fm3.matrix)[1:3], m[1:3], atol=1e-5)
+
+    with pytest.raises(ValueError, match="encoder.*required"):
+        extract_features(d, "toy", "image", {"type": "image"})
+
+
+def test_encode_images_all_missing(tiny_vit, tmp_path):
+    x, missing, problems = encode_images([None, str(tmp_path / "nope.jpg")], tiny_vit, show_progress=False)
+    assert x.shape == (2, 32) and missing.all() and (x == 0).all()
+    assert problems == {"missing_file": [0, 1], "corrupt": []}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli(tmp_path, capsys):
+    d = _ml100k_subset(tmp_path, 12)
+    rc = extract.main(["--dataset_dir", d, "--dataset", "ml-100k", "--name", "title", "--type", "text",
+                       "--fields", "movie_title", "class", "--no_progress", "--dtype", "float16"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "ml-100k.title.npy: 12 items x 384 (float16)" in out
+    fm = FeatureStore(d, "ml-100k").load("title")
+    assert fm.manifest["fields"] == ["movie_title", "class"] and fm.manifest["template"] is None
+    with pytest.raises(SystemExit):
+        extract.main(["--dataset_dir", d, "--dataset", "ml-100k", "--name", "x", "--type", "audio"])
