@@ -122,7 +122,7 @@ def main(argv=None):
     speedup = t_loop / t_lib
     overhead = t_lib / t_bare_sorted - 1.0
     cmd = "python benchmarks/bench_extract.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"### Text feature extraction throughput (all-MiniLM-L6-v2, CPU)\n")
+    print("### Text feature extraction throughput (all-MiniLM-L6-v2, CPU)\n")
     print(f"`{cmd.strip()}`  \n{n} ml-100k item texts (template `{TEMPLATE}`, mean {lengths.mean():.1f} tokens, "
           f"max {lengths.max()}), batch size {args.batch_size}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU(s) {platform.machine()}, "

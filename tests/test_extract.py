@@ -156,7 +156,7 @@ def test_text_features_ml100k_subset(tmp_path, caplog):
     assert stats["extra_tokens_in_features"] == 197 and stats["covered"] == 2
 
 
-def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
+def test_cache_reuse_and_invalidation(tmp_path, monkeypatch, caplog):
     d = _ml100k_subset(tmp_path / "ds", 24)
     fm1 = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
     m1 = np.array(fm1.matrix)
@@ -207,8 +207,12 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
                             show_progress=False)
     assert len(calls) == 5 and fm16.matrix.dtype == np.float16
 
-    with pytest.raises(ValueError, match="unknown spec key"):
-        extract_features(d, "ml-100k", "text", {"type": "text", "feilds": ["movie_title"]})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recbole_mm"):  # typo: warned about, cache still used
+        extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}", "encoder": enc,
+                                                "dtype": "float16", "dim": 32, "feilds": ["x"]}, show_progress=False)
+    assert "['feilds']" in caplog.text and "dim" not in caplog.text.split("ignored")[0]
+    assert len(calls) == 5
     with pytest.raises(ValueError, match="unknown type"):
         extract_features(d, "ml-100k", "text", {"type": "audio"})
 
@@ -261,14 +265,15 @@ def test_killed_extraction_resumes_from_chunks(tmp_path, monkeypatch, caplog):
 
 
 def test_full_ml100k_second_run_uses_cache(tmp_path):
-    """All 1,682 ml-100k items; the second run must reuse the cache (>= 20x faster)."""
+    """All 1,682 ml-100k items (title + genres); the second run must reuse the cache (>= 20x faster)."""
     d = _ml100k_subset(tmp_path)
+    spec = {"type": "text", "fields": ["movie_title", "class"]}
     t0 = time.perf_counter()
-    fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    fm = extract_features(d, "ml-100k", "text", spec, show_progress=False)
     first = time.perf_counter() - t0
     assert fm.matrix.shape == (1682, 384) and not fm.missing.any()
     t0 = time.perf_counter()
-    fm2 = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    fm2 = extract_features(d, "ml-100k", "text", spec, show_progress=False)
     second = time.perf_counter() - t0
     assert fm2.tokens == fm.tokens
     np.testing.assert_array_equal(np.asarray(fm2.matrix), np.asarray(fm.matrix))
@@ -405,3 +410,19 @@ def test_cli(tmp_path, capsys):
     assert fm.manifest["fields"] == ["movie_title", "class"] and fm.manifest["template"] is None
     with pytest.raises(SystemExit):
         extract.main(["--dataset_dir", d, "--dataset", "ml-100k", "--name", "x", "--type", "audio"])
+
+
+def test_encode_images_feature_map_model(tmp_path):
+    """A CNN (ResNet: (B, C, 1, 1) pooler, (B, C, H, W) hidden states) works; a pooling that does
+    not fit the model is a configuration error, not a 'corrupt image'."""
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
+
+    folder = str(tmp_path / "resnet")
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(folder)
+    img = os.path.join(SK_IMAGES, "flower.jpg")
+    for pooling in ("pooler", "mean"):
+        x, missing, _ = encode_images([img, img], folder, pooling=pooling, show_progress=False)
+        assert x.shape == (2, 16) and not missing.any() and np.allclose(x[0], x[1], atol=1e-5)
+    with pytest.raises(ValueError, match="feature maps without a CLS token"):
+        encode_images([img], folder, pooling="cls", show_progress=False)

@@ -44,6 +44,7 @@ _MAX_PROBLEM_WARNINGS = 20  # per reason; the rest are summarised
 
 TEXT_SPEC_KEYS = {"type", "fields", "template", "encoder", "pooling", "max_length", "batch_size",
                   "normalize", "dtype", "id_field", "chunk_size", "fp16"}
+CONSUMER_SPEC_KEYS = {"dim"}  # read by the dataset/model side (expected feature dim), not by extraction
 IMAGE_SPEC_KEYS = {"type", "image_dir", "image_field", "encoder", "pooling", "batch_size", "dtype",
                    "id_field", "chunk_size", "fp16"}
 
@@ -253,17 +254,21 @@ def _progress(total, desc, show):
 # ============================================================================ text
 
 
+class PoolingError(ValueError):
+    """The requested pooling does not fit the model's outputs (a configuration error)."""
+
+
 def _pool(output, attention_mask, pooling: str, what: str):
     """(batch, dim) float32 tensor from a model output."""
     if pooling == "pooler":
         pooled = getattr(output, "pooler_output", None)
         if pooled is None:
-            raise ValueError(f"{what} has no pooler_output; use pooling='mean' or 'cls'")
+            raise PoolingError(f"{what} has no pooler_output; use pooling='mean' or 'cls'")
         return pooled.float().flatten(1)
     hidden = output.last_hidden_state
     if hidden.dim() == 4:  # (B, C, H, W) feature maps (ConvNext, ResNet, ...)
         if pooling == "cls":
-            raise ValueError(f"{what} outputs feature maps without a CLS token; use pooling='mean' or 'pooler'")
+            raise PoolingError(f"{what} outputs feature maps without a CLS token; use pooling='mean' or 'pooler'")
         return hidden.float().mean(dim=(2, 3))
     hidden = hidden.float()
     if pooling == "cls":
@@ -273,7 +278,7 @@ def _pool(output, attention_mask, pooling: str, what: str):
             return hidden.mean(dim=1)
         mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    raise ValueError(f"unknown pooling {pooling!r}; use 'mean', 'cls' or 'pooler'")
+    raise PoolingError(f"unknown pooling {pooling!r}; use 'mean', 'cls' or 'pooler'")
 
 
 def _pad_batch(encoded: dict, rows, pad_id: int, keys, device):
@@ -307,7 +312,8 @@ def _text_model_inputs(tokenizer, model):
         import inspect
 
         params = inspect.signature(model.forward).parameters
-        names = [n for n in names if n in params]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            names = [n for n in names if n in params]
     except (TypeError, ValueError):
         pass
     return names
@@ -614,11 +620,15 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
                     if images:
                         try:
                             feats = forward(images)
+                        except PoolingError:
+                            raise
                         except Exception:  # isolate the image the processor/model rejects
                             feats = []
                             for i, img in zip(list(idx), images):
                                 try:
                                     feats.append(forward([img])[0])
+                                except PoolingError:
+                                    raise
                                 except Exception as e:
                                     st[i - lo] = 2
                                     warned[2] += 1
@@ -722,7 +732,9 @@ def extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show
     image: ``type="image"``, ``encoder`` (required), ``image_dir`` (default ``images``, relative
     to ``dataset_dir``) or ``image_field`` (a column of the .item file holding paths),
     ``pooling`` ("pooler"), ``batch_size`` (32); both: ``dtype`` (float32|float16),
-    ``id_field``, ``chunk_size``, ``fp16`` (None = on CUDA only).
+    ``id_field``, ``chunk_size``, ``fp16`` (None = on CUDA only).  ``dim`` (the dimension a model
+    expects, checked by :func:`align_to_dataset`) is accepted and ignored here; other unknown keys
+    are ignored with a warning.
 
     The inputs are hashed; if ``<dataset>.<name>.json`` matches, the cached matrix is returned.
     Otherwise the encoding runs in resumable chunks under ``<dataset_dir>/.<dataset>.<name>.chunks/``
@@ -735,10 +747,10 @@ def extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show
     allowed = TEXT_SPEC_KEYS if ftype == "text" else IMAGE_SPEC_KEYS if ftype == "image" else None
     if allowed is None:
         raise ValueError(f"feature {name!r}: unknown type {ftype!r}; use 'text' or 'image'")
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise ValueError(f"feature {name!r}: unknown spec key(s) {unknown} for type {ftype!r}; "
-                         f"allowed: {sorted(allowed)}")
+    unknown = sorted(set(spec) - allowed - CONSUMER_SPEC_KEYS)
+    if unknown:  # a warning, not an error: model/dataset code may keep its own keys in the spec
+        logger.warning("feature %r: spec key(s) %s are not extraction options for type %r and are ignored "
+                       "(extraction options: %s)", name, unknown, ftype, sorted(allowed))
     store = FeatureStore(dataset_dir, dataset_name)
     item_file = os.path.join(dataset_dir, f"{dataset_name}.item")
     out_dtype = np.dtype(spec.get("dtype", "float32"))
