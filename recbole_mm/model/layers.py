@@ -200,3 +200,27 @@ def xavier_init(module, bias_value=0.0, embedding_bound=None):
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+class LowRankAdapter(nn.Module):
+    """Residual rank-``r`` bottleneck on activations: ``x + B(A x)`` (SICSRec's "LoRA" adapter).
+
+    ``A`` (``down``, d -> r) is drawn from N(0, ``init_std``) and ``B`` (``up``, r -> d) starts at
+    zero, so a fresh adapter is exactly the identity: inserting it into a pretrained network
+    does not change the network's outputs until it has been trained.
+    """
+
+    def __init__(self, hidden_size, rank, init_std=0.02):
+        super().__init__()
+        if int(rank) < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {rank}")
+        self.down = nn.Linear(hidden_size, int(rank), bias=False)
+        self.up = nn.Linear(int(rank), hidden_size, bias=False)
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, init_std=0.02):
+        nn.init.normal_(self.down.weight, mean=0.0, std=init_std)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return x + self.up(self.down(x))

@@ -1,0 +1,489 @@
+"""SICSRec: self-supervised representation learning with ID-content modality alignment.
+
+Reference: D. Zhou, W. Pan, Z. Ming. "Self-supervised representation learning with ID-Content
+modality alignment for sequential recommendation", Frontiers of Computer Science 20(12), 2025
+(arXiv 2510.10556). Specification: ``docs/SICSRec.md``.
+
+Stage 1 (``recbole_mm.model.sicsrec_stage1``) aligns text/image encoders on mined item pairs and
+exports item feature tables. Stage 2 is this module, trained in two steps by
+:class:`SICSRecTrainer`:
+
+* **step 1**: an ID-only SASRec (RecBole's own ``SASRec``, CE loss) of the same width, trained
+  once and saved under a deterministic path in ``checkpoint_dir`` (or loaded from
+  ``pretrained_id_encoder``); a later run with the same data and step-1 settings reuses it;
+* **step 2**: :class:`SICSRec` loads it, freezes the ID Transformer, inserts zero-initialised
+  rank-``r`` adapters after its attention and feed-forward sublayers, and trains the content
+  encoder, the ID->content cross-attention decoder and the fusion layer with
+  ``L_rec + alpha * L_CACL + lambda * reg``.
+
+Every deviation from the official code is a named switch in ``properties/model/SICSRec.yaml``;
+the defaults are the corrected behaviour.
+"""
+
+import copy
+import hashlib
+import json
+import os
+from logging import getLogger
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.model.layers import TransformerEncoder
+from recbole.utils import init_seed, set_color
+
+from recbole_mm.compat import torch_load
+from recbole_mm.model.layers import (
+    AttentionStack,
+    LowRankAdapter,
+    all_gather_with_grad,
+    causal_padding_mask,
+    gather_positions,
+)
+from recbole_mm.model.sicsrec_stage1 import base_feature_names, modalities, stage1_feature_names
+from recbole_mm.trainer import MMTrainer
+
+_CHOICES = {
+    "content_modality": ("text", "image", "both"),
+    "cacl_duplicate_mask": ("neg_inf", "zero"),
+    "reg_norm": ("frobenius", "squared"),
+    "contrast_negatives": ("global", "local"),
+}
+_ADAPTER_POSITIONS = ("attn", "ffn")
+_REQUIRED = ("hidden_size", "inner_size", "n_layers", "n_heads", "hidden_dropout_prob", "attn_dropout_prob",
+             "hidden_act", "layer_norm_eps", "initializer_range", "adapter_rank", "tau", "alpha", "reg_weight")
+
+# step-1 parameters, named exactly as in RecBole's SASRec (so a SASRec checkpoint loads as step 1)
+ID_ENCODER_PREFIXES = ("item_embedding.", "position_embedding.", "LayerNorm.", "trm_encoder.")
+
+
+def _opt(config, key, default=None):
+    value = config[key] if key in config else None
+    return default if value is None else value
+
+
+class SICSRec(SequentialRecommender):
+    r"""SICSRec stage 2 as a RecBole sequential recommender (trained by :class:`SICSRecTrainer`)."""
+
+    dataset_class = "recbole_mm.model.sicsrec_stage1:SICSRecDataset"
+    trainer_class = "recbole_mm.model.sicsrec:SICSRecTrainer"
+
+    @staticmethod
+    def required_features(config):
+        names = stage1_feature_names(config) if _opt(config, "stage1", True) else base_feature_names(config)
+        return list(names.values())
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        missing = [k for k in _REQUIRED if config[k] is None]
+        if missing:
+            raise ValueError(f"SICSRec: missing config keys {missing} (defaults live in properties/model/SICSRec.yaml)")
+        for key, allowed in _CHOICES.items():
+            if _opt(config, key, allowed[0]) not in allowed:
+                raise ValueError(f"SICSRec: {key} must be one of {allowed}, got {config[key]!r}")
+        positions = list(_opt(config, "adapter_positions", list(_ADAPTER_POSITIONS)))
+        bad = [p for p in positions if p not in _ADAPTER_POSITIONS]
+        if bad:
+            raise ValueError(f"SICSRec: adapter_positions must be a subset of {_ADAPTER_POSITIONS}, got {positions}")
+
+        # hyper-parameters
+        self.hidden_size = config["hidden_size"]
+        self.inner_size = config["inner_size"]
+        self.n_layers = config["n_layers"]
+        self.n_heads = config["n_heads"]
+        self.n_decoder_layers = _opt(config, "n_decoder_layers", self.n_layers)
+        self.hidden_dropout_prob = config["hidden_dropout_prob"]
+        self.attn_dropout_prob = config["attn_dropout_prob"]
+        self.item_dropout_prob = _opt(config, "item_dropout_prob", 0.0)
+        self.hidden_act = config["hidden_act"]
+        self.layer_norm_eps = config["layer_norm_eps"]
+        self.initializer_range = config["initializer_range"]
+        self.adapter_rank = config["adapter_rank"]
+        self.adapter_positions = positions
+        self.tau = float(config["tau"])
+        self.alpha = float(config["alpha"])
+        self.reg_weight = float(config["reg_weight"])
+        self.reg_norm = _opt(config, "reg_norm", "frobenius")
+        self.cacl_duplicate_mask = _opt(config, "cacl_duplicate_mask", "neg_inf")
+        self.contrast_negatives = _opt(config, "contrast_negatives", "global")
+        self.decoder_chain_layers = bool(_opt(config, "decoder_chain_layers", True))
+        self.predict_normalize_items = bool(_opt(config, "predict_normalize_items", True))
+        self.content_tables_trainable = bool(_opt(config, "content_tables_trainable", True))
+        self.id_embedding_trainable = bool(_opt(config, "id_embedding_trainable", True))
+        self.modalities = modalities(config)
+        self.feature_names = dict(zip(self.modalities, self.required_features(config)))
+        mlp_hidden = _opt(config, "content_mlp_hidden")
+        d = self.hidden_size
+
+        # step-1 ID encoder: RecBole SASRec's modules under SASRec's names (frozen Transformer)
+        self.item_embedding = nn.Embedding(self.n_items, d, padding_idx=0)
+        self.position_embedding = nn.Embedding(self.max_seq_length, d)
+        self.trm_encoder = TransformerEncoder(
+            n_layers=self.n_layers, n_heads=self.n_heads, hidden_size=d, inner_size=self.inner_size,
+            hidden_dropout_prob=self.hidden_dropout_prob, attn_dropout_prob=self.attn_dropout_prob,
+            hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
+        )
+        self.LayerNorm = nn.LayerNorm(d, eps=self.layer_norm_eps)
+        self.dropout = nn.Dropout(self.hidden_dropout_prob)
+        self.adapter_attn = nn.ModuleList(LowRankAdapter(d, self.adapter_rank, self.initializer_range)
+                                          for _ in range(self.n_layers)) if "attn" in positions else None
+        self.adapter_ffn = nn.ModuleList(LowRankAdapter(d, self.adapter_rank, self.initializer_range)
+                                         for _ in range(self.n_layers)) if "ffn" in positions else None
+
+        # content stream: stage-1 tables (trainable copies), per-modality MLPs, Transformer
+        tables, mlps = {}, {}
+        for m in self.modalities:
+            table = dataset.mm_features[self.feature_names[m]].float()
+            tables[m] = nn.Embedding.from_pretrained(table.clone(), freeze=not self.content_tables_trainable,
+                                                     padding_idx=0)
+            hidden = int(mlp_hidden or max(1, table.shape[1] // 2))
+            mlps[m] = nn.Sequential(nn.Linear(table.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, d))
+        self.content_tables = nn.ModuleDict(tables)
+        self.content_mlps = nn.ModuleDict(mlps)
+        self.content_LayerNorm = nn.LayerNorm(d, eps=self.layer_norm_eps)
+        self.content_dropout = nn.Dropout(self.hidden_dropout_prob)
+        block = dict(hidden_size=d, n_heads=self.n_heads, inner_size=self.inner_size,
+                     hidden_dropout_prob=self.hidden_dropout_prob, attn_dropout_prob=self.attn_dropout_prob,
+                     hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps)
+        self.content_encoder = AttentionStack(self.n_layers, **block)
+
+        # mix-modality decoder: ID states attend to content states (cross-attention + FFN per layer)
+        self.decoder_q_LayerNorm = nn.LayerNorm(d, eps=self.layer_norm_eps)
+        self.decoder_kv_LayerNorm = nn.LayerNorm(d, eps=self.layer_norm_eps)
+        self.decoder_dropout = nn.Dropout(self.hidden_dropout_prob)
+        self.decoder = AttentionStack(self.n_decoder_layers, **block)
+
+        # fusion and item-side dropout
+        self.fusion = nn.Linear(3 * d, d)
+        self.item_dropout = nn.Dropout(self.item_dropout_prob)
+
+        self._init_weights()
+        self.freeze_id_encoder()
+
+    # ------------------------------------------------------------------ set-up
+    def _init_weights(self):
+        """SASRec's init (N(0, initializer_range), LayerNorm 1/0, zero biases) for every module
+        except the stage-1 tables; adapters start as the identity."""
+        skip = {id(m) for m in self.content_tables.modules()}
+        for module in self.modules():
+            if id(module) in skip:
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.data.normal_(mean=0.0, std=self.initializer_range)
+            elif isinstance(module, nn.LayerNorm):
+                module.bias.data.zero_()
+                module.weight.data.fill_(1.0)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.data.zero_()
+        for adapters in (self.adapter_attn, self.adapter_ffn):
+            if adapters is not None:
+                for adapter in adapters:
+                    adapter.reset_parameters(self.initializer_range)
+
+    def freeze_id_encoder(self):
+        """Step 2: the ID Transformer is frozen; the adapters train; E, positions and the input
+        LayerNorm train unless ``id_embedding_trainable`` is False."""
+        for p in self.trm_encoder.parameters():
+            p.requires_grad = False
+        for module in (self.item_embedding, self.position_embedding, self.LayerNorm):
+            for p in module.parameters():
+                p.requires_grad = self.id_embedding_trainable
+
+    def id_encoder_keys(self):
+        return [k for k in self.state_dict() if k.startswith(ID_ENCODER_PREFIXES)]
+
+    def load_id_encoder(self, state_dict):
+        """Load step 1 (a SASRec ``state_dict`` or a RecBole checkpoint dict).
+
+        Fails when a step-1 parameter (embedding, positions, LayerNorm, Transformer) is missing
+        or has another shape; unrelated keys of the checkpoint are ignored with a warning.
+        """
+        if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+            state_dict = state_dict["state_dict"]
+        own = self.state_dict()
+        need = self.id_encoder_keys()
+        absent = [k for k in need if k not in state_dict]
+        shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in need
+                  if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+        if absent or shapes:
+            raise ValueError(
+                "SICSRec: the step-1 checkpoint does not match this model's ID encoder"
+                + (f"; missing keys {absent}" if absent else "")
+                + (f"; shape mismatches {shapes}" if shapes else "")
+                + ". Step 1 must be a SASRec with the same hidden_size, inner_size, n_layers, n_heads, "
+                "MAX_ITEM_LIST_LENGTH and item set."
+            )
+        extra = [k for k in state_dict if k not in need]
+        if extra:
+            getLogger().warning(f"SICSRec: ignoring step-1 keys that are not part of the ID encoder: {extra[:10]}")
+        with torch.no_grad():
+            for k in need:
+                own[k].copy_(state_dict[k].to(own[k].device, own[k].dtype))
+
+    # ------------------------------------------------------------------ encoders
+    def id_encoder_states(self, item_seq):
+        """(B, L, d) states of the (frozen) step-1 Transformer with the adapters."""
+        positions = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
+        x = self.item_embedding(item_seq) + self.position_embedding(positions)[None]
+        x = self.dropout(self.LayerNorm(x))
+        mask = self.get_attention_mask(item_seq)
+        for i, layer in enumerate(self.trm_encoder.layer):
+            x = layer.multi_head_attention(x, mask)
+            if self.adapter_attn is not None:
+                x = self.adapter_attn[i](x)
+            x = layer.feed_forward(x)
+            if self.adapter_ffn is not None:
+                x = self.adapter_ffn[i](x)
+        return x
+
+    def item_content(self, item_ids):
+        """Normalised content vectors c = normalize(sum_m MLP_m(T_m[x])), shape (*item_ids.shape, d)."""
+        z = None
+        for m in self.modalities:
+            h = self.content_mlps[m](self.content_tables[m](item_ids))
+            z = h if z is None else z + h
+        return F.normalize(z, dim=-1)
+
+    def content_states(self, item_seq, mask):
+        positions = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
+        c = self.item_content(item_seq) + self.position_embedding(positions)[None]
+        return self.content_encoder(self.content_dropout(self.content_LayerNorm(c)), mask)
+
+    def decode(self, h_id, h_c, mask):
+        """ID -> content cross-attention. Layers chained (fix) or, as the official code, every
+        layer reading the original queries (only the last one counts)."""
+        q = self.decoder_dropout(self.decoder_q_LayerNorm(h_id))
+        kv = self.decoder_dropout(self.decoder_kv_LayerNorm(h_c))
+        if self.decoder_chain_layers:
+            return self.decoder(q, mask, key_value=kv)
+        out = q
+        for layer in self.decoder.layers:
+            out = layer(q, mask, key_value=kv)
+        return out
+
+    def forward(self, item_seq, item_seq_len, all_positions=False):
+        """Normalised sequence vector ``s`` (B, d) at the last valid position.
+
+        The decoder has no self-attention, so each query position is independent: only the
+        last valid position is decoded (``all_positions=True`` decodes every position and
+        gathers, for tests).
+        """
+        last = item_seq_len - 1
+        mask = causal_padding_mask(item_seq)
+        h_id = self.id_encoder_states(item_seq)
+        h_c = self.content_states(item_seq, mask)
+        if all_positions:
+            h_ic = gather_positions(self.decode(h_id, h_c, mask), last)
+        else:
+            q_mask = gather_positions(mask[:, 0], last)[:, None, None, :]  # (B, 1, 1, L)
+            h_ic = self.decode(gather_positions(h_id, last)[:, None], h_c, q_mask)[:, 0]
+        fused = torch.cat([gather_positions(h_id, last), gather_positions(h_c, last), h_ic], dim=-1)
+        return F.normalize(self.fusion(fused), dim=-1)
+
+    # ------------------------------------------------------------------ scoring and losses
+    def item_matrix(self):
+        """Item-side vectors used for scoring: normalize(Dropout(E)) in training, normalize(E)
+        at inference (or raw E with ``predict_normalize_items: False``, the official inference)."""
+        weight = self.item_embedding.weight
+        if self.training:
+            return F.normalize(self.item_dropout(weight), dim=-1)
+        if self.predict_normalize_items:
+            return F.normalize(weight, dim=-1)
+        return weight
+
+    def logits(self, s):
+        if not self.training and not self.predict_normalize_items:
+            return s @ self.item_matrix().t()  # official: s . E, no temperature
+        return s @ self.item_matrix().t() / self.tau
+
+    def _gather(self, x):
+        return all_gather_with_grad(x) if self.contrast_negatives == "global" else x
+
+    def cacl_loss(self, s, target):
+        """Content-aware contrastive loss: s_b against the content vectors of the batch's targets.
+
+        In-batch rows whose target equals row b's target are removed from b's denominator
+        (``neg_inf``) or, as the official code, set to logit 0 (``zero``).
+        """
+        s, target = self._gather(s), self._gather(target)
+        if s.size(0) < 2:
+            return s.sum() * 0.0
+        logits = s @ self.item_content(target).t() / self.tau
+        dup = target[None, :] == target[:, None]
+        dup.fill_diagonal_(False)
+        fill = float("-inf") if self.cacl_duplicate_mask == "neg_inf" else 0.0
+        logits = logits.masked_fill(dup, fill)
+        return F.cross_entropy(logits, torch.arange(s.size(0), device=s.device))
+
+    def reg_loss(self):
+        tables = [self.item_embedding.weight] if self.item_embedding.weight.requires_grad else []
+        tables += [t.weight for t in self.content_tables.values() if t.weight.requires_grad]
+        if not tables:
+            return self.fusion.weight.sum() * 0.0
+        if self.reg_norm == "squared":
+            return sum(t.pow(2).sum() for t in tables)
+        return sum(torch.linalg.vector_norm(t) for t in tables)
+
+    def calculate_loss(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        target = interaction[self.POS_ITEM_ID]
+        s = self.forward(item_seq, item_seq_len)
+        losses = [F.cross_entropy(self.logits(s), target)]
+        if self.alpha > 0:
+            losses.append(self.alpha * self.cacl_loss(s, target))
+        if self.reg_weight > 0:
+            losses.append(self.reg_weight * self.reg_loss())
+        return tuple(losses)
+
+    def predict(self, interaction):
+        s = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        scores = self.logits(s)
+        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
+
+    def full_sort_predict(self, interaction):
+        return self.logits(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]))
+
+
+# ====================================================================== trainer
+
+# config keys that decide what step 1 learns (they name its checkpoint)
+STEP1_KEYS = (
+    "hidden_size", "inner_size", "n_layers", "n_heads", "hidden_dropout_prob", "attn_dropout_prob", "hidden_act",
+    "layer_norm_eps", "initializer_range", "MAX_ITEM_LIST_LENGTH", "loss_type", "learner", "learning_rate",
+    "weight_decay", "epochs", "stopping_step", "eval_step", "train_batch_size", "valid_metric", "seed",
+    "reproducibility", "clip_grad_norm", "train_windows", "eval_args", "benchmark_filename",
+)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return str(value)
+
+
+def step1_config(config):
+    """A copy of ``config`` for the step-1 SASRec: ``step1_config`` overrides applied, model SASRec."""
+    cfg = copy.deepcopy(config)
+    for key, value in (_opt(config, "step1_config", {}) or {}).items():
+        cfg[key] = value
+    cfg["model"] = "SASRec"
+    cfg["loss_type"] = "CE"
+    return cfg
+
+
+def data_checksum(train_data, valid_data=None):
+    """Identity of the training (and validation) samples: users, items and histories."""
+    h = hashlib.sha256()
+    for loader in (train_data, valid_data):
+        if loader is None:
+            continue
+        ds = loader._dataset
+        h.update("|".join(map(str, ds.field2id_token[ds.iid_field])).encode("utf-8"))
+        inter = ds.inter_feat
+        for field in (ds.uid_field, ds.iid_field, ds.iid_field + ds.config["LIST_SUFFIX"]):
+            if field in inter:
+                h.update(np.ascontiguousarray(inter[field].numpy()).tobytes())
+    return h.hexdigest()
+
+
+def step1_key(config, train_data, valid_data=None):
+    cfg = step1_config(config)
+    return {
+        "dataset": config["dataset"],
+        "data": data_checksum(train_data, valid_data),
+        "settings": {k: _jsonable(cfg[k]) for k in STEP1_KEYS if k in cfg},
+        "n_items": int(train_data._dataset.item_num),
+    }
+
+
+def step1_path(config, key):
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return os.path.join(config["checkpoint_dir"], f"SICSRec-step1-{config['dataset']}-{digest}.pth")
+
+
+class SICSRecTrainer(MMTrainer):
+    """Runs SICSRec's two steps: step 1 (ID SASRec; trained, or reused when its checkpoint
+    exists) then step 2 (the SICSRec model, RecBole's training loop with early stopping)."""
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        state, info = self.prepare_step1(train_data, valid_data, verbose=verbose, show_progress=show_progress)
+        self.model.load_id_encoder(state)
+        self.step1_info = info
+        self._history()["step1"] = _jsonable(info)
+        # step 2 starts from the same random state whether step 1 was trained or reused
+        init_seed(self.config["seed"] + self.config["local_rank"], self.config["reproducibility"])
+        self.logger.info(set_color("SICSRec step 2", "green") + ": frozen ID Transformer + adapters, content "
+                         "encoder, decoder and fusion")
+        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                           callback_fn=callback_fn)
+
+    def prepare_step1(self, train_data, valid_data=None, verbose=True, show_progress=False):
+        """(step-1 state_dict, info): loaded from ``pretrained_id_encoder`` or the deterministic
+        checkpoint, else trained now and saved there atomically."""
+        config = self.config
+        given = _opt(config, "pretrained_id_encoder")
+        if given:
+            if not os.path.isfile(given):
+                raise FileNotFoundError(f"pretrained_id_encoder {given} does not exist (leave it empty to train "
+                                        "step 1 and save it under checkpoint_dir)")
+            ckpt = torch_load(given, map_location=self.device)
+            self.logger.info(set_color("SICSRec step 1", "green") + f": loaded from pretrained_id_encoder {given}")
+            return ckpt, {"checkpoint": os.path.abspath(given), "reused": True, "source": "pretrained_id_encoder"}
+        key = step1_key(config, train_data, valid_data)
+        path = step1_path(config, key)
+        if os.path.isfile(path) and not _opt(config, "step1_retrain", False):
+            ckpt = torch_load(path, map_location=self.device)
+            meta = ckpt.get("sicsrec_step1", {})
+            if meta.get("key") == _jsonable(key):
+                self.logger.info(set_color("SICSRec step 1", "green") + f": reusing {path} (best valid "
+                                 f"{meta.get('best_valid_score')})")
+                return ckpt, {"checkpoint": path, "reused": True, "best_valid_score": meta.get("best_valid_score"),
+                              "best_valid_result": meta.get("best_valid_result")}
+            self.logger.warning(f"SICSRec step 1: {path} was written for other settings; training step 1 again")
+        return self.train_step1(train_data, valid_data, key, path, verbose, show_progress)
+
+    def train_step1(self, train_data, valid_data, key, path, verbose=True, show_progress=False):
+        from recbole.model.sequential_recommender.sasrec import SASRec
+
+        from recbole_mm.registry import get_trainer
+
+        cfg = step1_config(self.config)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        generator_state = train_data.generator.get_state()
+        batch_changed = cfg["train_batch_size"] != self.config["train_batch_size"]
+        if batch_changed:
+            train_data.update_config(cfg)
+        self.logger.info(set_color("SICSRec step 1", "green") + f": training an ID SASRec -> {path}")
+        init_seed(cfg["seed"] + cfg["local_rank"], cfg["reproducibility"])
+        model = SASRec(cfg, train_data._dataset).to(self.device)
+        trainer = get_trainer(cfg["MODEL_TYPE"], "SASRec")(cfg, model)
+        partial = f"{path}.partial-{os.getpid()}"
+        trainer.saved_model_file = partial
+        try:
+            best_score, best_result = trainer.fit(train_data, valid_data, verbose=verbose, saved=True,
+                                                  show_progress=show_progress)
+            ckpt = torch_load(partial, map_location=self.device)
+            ckpt["sicsrec_step1"] = {"key": _jsonable(key), "best_valid_score": _jsonable(best_score),
+                                     "best_valid_result": _jsonable(best_result)}
+            tmp = f"{path}.tmp-{os.getpid()}"
+            torch.save(ckpt, tmp, pickle_protocol=4)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+            if batch_changed:
+                train_data.update_config(self.config)
+            train_data.generator.set_state(generator_state)
+        self.logger.info(set_color("SICSRec step 1", "green") + f": best valid {best_result} saved to {path}")
+        info = {"checkpoint": path, "reused": False, "best_valid_score": best_score,
+                "best_valid_result": best_result, "history": getattr(trainer, "history", None)}
+        return ckpt, info

@@ -1,0 +1,480 @@
+"""SICSRec stage 1 (a): positive item pairs, one per user.
+
+For each user the *target* is the last item of the user's training part (leave-one-out: the
+last two items of every sequence are the validation and test targets and are never looked
+at), and the *candidates* are the earlier training items. A miner picks the candidate most
+similar to the target:
+
+* ``cooccurrence`` -- no LLM: cosine similarity of the items' feature-store vectors (text
+  embeddings by default) among the items that co-occur in the user's training prefix;
+* ``llm`` -- any ``transformers`` causal LM (hub name or local folder) is asked, with the
+  candidates' ids and titles correctly aligned, which candidate is most similar; answers are
+  parsed robustly, generation is batched, and finished chunks of users are saved atomically
+  so an interrupted run resumes where it stopped.
+
+The official code (``llm_driven_sample.py``) used the last item of the *full* sequence (the
+test item) as the target and zipped chronologically ordered ids with id-sorted titles; both are
+reachable through ``pair_target: full_last`` and ``pair_prompt_aligned: false``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PAIR_TARGETS = ("train_last", "full_last")
+ANSWER_STATUSES = ("ok", "title", "none", "illegal")
+
+
+@dataclass
+class UserSequence:
+    """One user's chronological item sequence (RecBole internal item ids).
+
+    ``items[:n_train]`` is the training part; ``items[n_train:]`` are the validation and test
+    targets (leave-one-out).
+    """
+
+    user: str
+    items: list
+    n_train: int
+
+
+# ============================================================================ sequences
+
+
+def _sha(parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        b = str(p).encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def user_sequences(dataset) -> list:
+    """Per-user chronological sequences of a RecBole ``SequentialDataset`` *before* ``build()``.
+
+    At that point RecBole has filtered and remapped the interactions (``inter_feat`` is still a
+    DataFrame). The split is RecBole's leave-one-out (``LS: valid_and_test``): after a stable
+    sort by user and time, the last two items of each sequence are the validation and test
+    targets and the rest is the training part. With ``benchmark_filename`` (separate
+    train/valid/test files) the training part is the first training row's history followed by
+    every training row's target, then the validation and test targets.
+    """
+    config = dataset.config
+    uid_field, iid_field = dataset.uid_field, dataset.iid_field
+    id2user = dataset.field2id_token[uid_field]
+    inter = dataset.inter_feat
+    if not hasattr(inter, "sort_values"):
+        raise TypeError("user_sequences needs the dataset before build() (inter_feat still a DataFrame)")
+    out = []
+    if config["benchmark_filename"] is not None:
+        list_field = iid_field + config["LIST_SUFFIX"]
+        sizes = list(dataset.file_size_list)
+        if len(sizes) != 3:
+            raise ValueError("SICSRec stage 1 expects benchmark_filename with three parts [train, valid, test]")
+        part = np.repeat(np.arange(3), sizes)
+        frame = inter[[uid_field, iid_field, list_field]].copy()
+        frame["_part"] = part
+        frame["_len"] = [len(h) for h in frame[list_field]]
+        frame = frame.sort_values([uid_field, "_part", "_len"], kind="mergesort")
+        for u, g in frame.groupby(uid_field, sort=True):
+            train = g[g["_part"] == 0]
+            later = [int(x) for x in g.loc[g["_part"] > 0, iid_field]]
+            if len(train):
+                seq = [int(x) for x in train[list_field].iloc[0] if int(x) > 0] + [int(x) for x in train[iid_field]]
+            else:
+                valid = g[g["_part"] == 1]
+                if not len(valid):
+                    continue
+                seq = [int(x) for x in valid[list_field].iloc[0] if int(x) > 0]
+            out.append(UserSequence(str(id2user[u]), seq + later, len(seq)))
+        return out
+    split = (config["eval_args"] or {}).get("split") or {}
+    if split.get("LS") not in ("valid_and_test", [1, 1]):
+        logger.warning("SICSRec stage 1 assumes leave-one-out (eval_args.split: {LS: valid_and_test}); "
+                       "got %r: the last two items of each sequence are still treated as valid/test", split)
+    time_field = dataset.time_field
+    keys = [uid_field] + ([time_field] if time_field in inter.columns else [])
+    frame = inter.sort_values(keys, kind="mergesort")
+    for u, items in frame.groupby(uid_field, sort=True)[iid_field]:
+        seq = [int(x) for x in items]
+        out.append(UserSequence(str(id2user[u]), seq, max(0, len(seq) - 2)))
+    return out
+
+
+def pair_query(seq: UserSequence, pair_target="train_last", drop_self=True, max_candidates=50):
+    """``(target, candidates)`` (internal ids) of one user, or None when there is no candidate.
+
+    ``train_last``: target = last training item, candidates = the earlier training items.
+    ``full_last`` (the official code): target = last item of the whole sequence (the test item),
+    candidates = every earlier item (validation item included).
+    Candidates keep chronological order, each item once (its latest occurrence), at most the
+    ``max_candidates`` most recent ones.
+    """
+    if pair_target not in PAIR_TARGETS:
+        raise ValueError(f"pair_target must be one of {PAIR_TARGETS}, got {pair_target!r}")
+    items = seq.items[: seq.n_train] if pair_target == "train_last" else seq.items
+    if len(items) < 2:
+        return None
+    target, history = items[-1], items[:-1]
+    seen, cands = set(), []
+    for item in reversed(history):
+        if item in seen or item == 0 or (drop_self and item == target):
+            continue
+        seen.add(item)
+        cands.append(item)
+    cands.reverse()
+    if max_candidates:
+        cands = cands[-int(max_candidates):]
+    if not cands:
+        return None
+    return target, cands
+
+
+# ============================================================================ cooccurrence miner
+
+
+def mine_cooccurrence(queries, vectors, missing=None, min_similarity=None):
+    """Most similar co-occurring candidate per query by cosine similarity of ``vectors``.
+
+    ``queries``: list of ``(user, target, candidates)`` (internal ids); ``vectors``: (n_items, d)
+    array aligned to internal ids; ``missing``: bool (n_items,) items without a vector (never
+    chosen; a target without a vector yields no pair). Returns ``(pairs, stats)`` with pairs
+    ``(user, target, similar, score)``.
+    """
+    vec = np.asarray(vectors, dtype=np.float32)
+    norm = np.linalg.norm(vec, axis=1, keepdims=True)
+    vec = vec / np.maximum(norm, 1e-12)
+    miss = np.zeros(len(vec), dtype=bool) if missing is None else np.asarray(missing, dtype=bool)
+    pairs, stats = [], {"queries": len(queries), "pairs": 0, "no_target_vector": 0,
+                        "no_candidate_vector": 0, "below_threshold": 0}
+    for user, target, cands in queries:
+        if miss[target]:
+            stats["no_target_vector"] += 1
+            continue
+        c = np.asarray([x for x in cands if not miss[x]], dtype=np.int64)
+        if c.size == 0:
+            stats["no_candidate_vector"] += 1
+            continue
+        sims = vec[c] @ vec[target]
+        k = int(np.argmax(sims))  # ties: the earliest candidate
+        if min_similarity is not None and sims[k] < float(min_similarity):
+            stats["below_threshold"] += 1
+            continue
+        pairs.append((user, int(target), int(c[k]), float(sims[k])))
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
+# ============================================================================ LLM miner
+
+DEFAULT_INSTRUCTION = (
+    "You are an assistant that finds similar videos. You are given a target video and a list of "
+    "candidate videos that the same user watched earlier, each written as id-title. Pick the single "
+    "candidate that is most similar to the target video. Answer only with that candidate in the form "
+    "id-title, or with -1 if no candidate is similar. Any other answer format is illegal."
+)
+
+_NONE_RE = re.compile(r"^\W*(?:-1(?!\d)|none\b|null\b|nothing\b|no similar|n/a\b)", re.I)
+_PREFIX_RE = re.compile(r"^\s*(?:the\s+)?(?:answer|output|result|most similar(?: candidate)?)\s*(?:is)?\s*[:：]?\s*", re.I)
+
+
+def _display_order(tokens):
+    """Tokens sorted by id (numerically when every token is an integer), as the official code."""
+    if all(re.fullmatch(r"-?\d+", t) for t in tokens):
+        return sorted(tokens, key=int)
+    return sorted(tokens)
+
+
+def build_prompt(target, candidates, aligned=True, instruction=None):
+    """Prompt text for one query; ``target`` = (token, title), ``candidates`` = [(token, title)].
+
+    ``aligned=False`` reproduces the official bug: the chronological ids are zipped with the
+    candidates' titles in ascending-id order.
+    """
+    lines = [instruction or DEFAULT_INSTRUCTION, "", f"Target video: {target[0]}-{_clean(target[1])}",
+             "Candidate videos:"]
+    if aligned:
+        shown = [(tok, title) for tok, title in candidates]
+    else:
+        titles = dict(candidates)
+        by_id = _display_order([tok for tok, _ in candidates])
+        shown = [(tok, titles[other]) for (tok, _), other in zip(candidates, by_id)]
+    lines += [f"{tok}-{_clean(title)}" for tok, title in shown]
+    lines += ["", "Answer:"]
+    return "\n".join(lines)
+
+
+def _clean(title):
+    return " ".join(str(title or "").split())
+
+
+def parse_answer(text, candidates):
+    """Parse an LLM answer into ``(token or None, status)``; never raises.
+
+    ``candidates``: [(token, title)]. Status ``ok``: a candidate id occurs in the answer (the
+    earliest occurrence wins, as a whole word); ``title``: no id, but a candidate's title is
+    quoted; ``none``: the answer is -1 / none; ``illegal``: anything else (empty, garbage,
+    ids that are not candidates).
+    """
+    if text is None:
+        return None, "illegal"
+    s = str(text).replace("\u2212", "-").strip().strip("`*\"'“”「」 ")
+    s = _PREFIX_RE.sub("", s, count=1).strip().strip("`*\"'“”「」 ")
+    if not s:
+        return None, "illegal"
+    if _NONE_RE.match(s):
+        return None, "none"
+    best = None
+    for tok, _ in candidates:
+        m = re.search(r"(?<![0-9A-Za-z_])" + re.escape(str(tok)) + r"(?![0-9A-Za-z_])", s)
+        if m is None:
+            continue
+        key = (m.start(), -len(str(tok)))
+        if best is None or key < best[0]:
+            best = (key, tok)
+    if best is not None:
+        return best[1], "ok"
+    low = s.lower()
+    hits = []
+    for tok, title in candidates:
+        t = _clean(title).lower()
+        if len(t) >= 4 and t in low:
+            hits.append((low.find(t), -len(t), tok))
+    if hits:
+        return min(hits)[2], "title"
+    return None, "illegal"
+
+
+def _atomic_json(path, obj):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class LLMPairMiner:
+    """Ask a ``transformers`` causal LM for the most similar candidate of each query.
+
+    Args:
+        model: hub name or local folder (loaded with ``AutoModelForCausalLM``), or a loaded model.
+        tokenizer: a tokenizer (default: loaded from ``model``).
+        batch_size: prompts per ``generate`` call (left padding).
+        max_new_tokens: answer length; the id comes first, so a few tokens are enough.
+        max_prompt_tokens: longer prompts are cut from the left (the answer cue is kept).
+        chat_template: ``auto`` (use the tokenizer's chat template when it has one) | True | False.
+        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16.
+        device: torch device (default: CUDA when available).
+        aligned, instruction: see :func:`build_prompt`.
+    """
+
+    def __init__(self, model, tokenizer=None, batch_size=8, max_new_tokens=32, max_prompt_tokens=4096,
+                 chat_template="auto", dtype="auto", device=None, aligned=True, instruction=None,
+                 trust_remote_code=False):
+        import torch
+
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if dtype in (None, "auto"):
+            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            torch_dtype = getattr(torch, str(dtype))
+        if isinstance(model, (str, os.PathLike)):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.name = os.fspath(model)
+            try:
+                if tokenizer is None:
+                    tokenizer = AutoTokenizer.from_pretrained(self.name, trust_remote_code=trust_remote_code)
+                model = AutoModelForCausalLM.from_pretrained(self.name, dtype=torch_dtype,
+                                                             trust_remote_code=trust_remote_code)
+            except OSError as e:
+                raise OSError(f"cannot load the pair-mining LLM {self.name!r}: {e}. Use a local model folder "
+                              "or a hub name reachable from this machine.") from e
+        else:
+            self.name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+            if tokenizer is None:
+                raise ValueError("a tokenizer is required with a loaded model")
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token is not None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            else:
+                self.tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+                if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
+                    self.model.resize_token_embeddings(len(self.tokenizer))
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None)
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        if limit:
+            self.max_prompt_tokens = max(8, min(self.max_prompt_tokens, int(limit) - self.max_new_tokens))
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.chat = has_template if chat_template in ("auto", None) else bool(chat_template)
+        if self.chat and not has_template:
+            raise ValueError(f"pair_llm_chat_template is on but the tokenizer of {self.name!r} has no chat template")
+        self.aligned = aligned
+        self.instruction = instruction
+
+    def settings(self):
+        return {"model": self.name, "max_new_tokens": self.max_new_tokens, "max_prompt_tokens": self.max_prompt_tokens,
+                "chat": self.chat, "aligned": bool(self.aligned), "instruction": self.instruction or DEFAULT_INSTRUCTION,
+                "dtype": str(next(self.model.parameters()).dtype)}
+
+    def _render(self, prompt):
+        if not self.chat:
+            return prompt
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def generate(self, prompts):
+        """Raw answers (strings) for ``prompts``, batched, longest prompts first."""
+        import torch
+
+        texts = [self._render(p) for p in prompts]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        answers = [None] * len(texts)
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_prompt_tokens, add_special_tokens=not self.chat)
+            enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            with torch.inference_mode():
+                out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            for i, row in zip(idx, new):
+                answers[i] = self.tokenizer.decode(row, skip_special_tokens=True)
+        return answers
+
+    def mine(self, queries, titles, chunk_dir=None, chunk_size=256, show_progress=True):
+        """Answers for ``queries`` = [(user, target_token, [candidate_tokens])].
+
+        ``titles``: token -> title. Returns ``(records, stats)``; each record is
+        ``(user, target, similar or None, status, answer)``. With ``chunk_dir`` every finished
+        chunk of ``chunk_size`` users is saved atomically and reused by a later call with the
+        same prompts and model (resume after an interruption).
+        """
+        from tqdm.auto import tqdm
+
+        settings = self.settings()
+        if chunk_dir is not None:
+            os.makedirs(chunk_dir, exist_ok=True)
+        records = []
+        stats = {s: 0 for s in ANSWER_STATUSES}
+        stats.update(queries=len(queries), reused_chunks=0)
+        with tqdm(total=len(queries), desc="LLM pair mining", unit="user", disable=not show_progress,
+                  dynamic_ncols=True) as bar:
+            for k in range(0, len(queries), int(chunk_size)):
+                chunk = queries[k:k + int(chunk_size)]
+                cands = [[(c, titles.get(c, "")) for c in q[2]] for q in chunk]
+                prompts = [build_prompt((q[1], titles.get(q[1], "")), cs, self.aligned, self.instruction)
+                           for q, cs in zip(chunk, cands)]
+                key = _sha([json.dumps(settings, sort_keys=True)] + prompts)
+                path = None if chunk_dir is None else os.path.join(chunk_dir, f"chunk_{k // int(chunk_size):06d}.json")
+                answers = None
+                if path is not None and os.path.isfile(path):
+                    try:
+                        with open(path, "r", encoding="utf-8") as f:
+                            saved = json.load(f)
+                        if saved.get("key") == key and len(saved.get("answers", [])) == len(chunk):
+                            answers = saved["answers"]
+                            stats["reused_chunks"] += 1
+                    except (OSError, ValueError):
+                        answers = None
+                if answers is None:
+                    answers = self.generate(prompts)
+                    if path is not None:
+                        _atomic_json(path, {"key": key, "answers": answers})
+                for q, cs, ans in zip(chunk, cands, answers):
+                    tok, status = parse_answer(ans, cs)
+                    stats[status] += 1
+                    records.append((q[0], q[1], tok, status, ans))
+                bar.update(len(chunk))
+        return records, stats
+
+
+# ============================================================================ pair files
+
+PAIR_HEADER = ["user", "target", "similar", "score"]
+
+
+def write_pairs(path, pairs, manifest=None):
+    """Write ``pairs`` [(user, target_token, similar_token, score)] as TSV, atomically; the
+    optional ``manifest`` goes to ``<path>.json`` (written last)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    man = path + ".json"
+    if os.path.exists(man):
+        os.remove(man)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(PAIR_HEADER)
+        for row in pairs:
+            w.writerow(list(row) + [""] * (4 - len(row)))
+    os.replace(tmp, path)
+    if manifest is not None:
+        _atomic_json(man, manifest)
+
+
+def read_pair_manifest(path):
+    try:
+        with open(os.fspath(path) + ".json", "r", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_pairs(path):
+    """Read a pair file: the TSV written by :func:`write_pairs`, or a header-less
+    ``target,similar`` file such as the official ``item_pairs_id.txt``. Returns
+    [(target_token, similar_token)]."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pair file {path} not found")
+    pairs = []
+    with open(path, "r", encoding="utf-8") as f:
+        lines = [line.rstrip("\r\n") for line in f if line.strip()]
+    if not lines:
+        return pairs
+    delim = "\t" if "\t" in lines[0] else ","
+    first = [c.strip() for c in lines[0].split(delim)]
+    if "target" in first and "similar" in first:
+        ti, si = first.index("target"), first.index("similar")
+        body = lines[1:]
+    else:
+        ti, si = 0, 1
+        body = lines
+    for n, line in enumerate(body, 1):
+        cols = [c.strip() for c in line.split(delim)]
+        if len(cols) <= max(ti, si) or not cols[ti] or not cols[si]:
+            raise ValueError(f"{path}: line {n} is not a 'target{delim}similar' pair: {line!r}")
+        pairs.append((cols[ti], cols[si]))
+    return pairs
+
+
+def queries_checksum(queries) -> str:
+    return _sha(f"{u}|{t}|{' '.join(map(str, c))}" for u, t, c in queries)
+
+
+__all__ = [
+    "UserSequence", "user_sequences", "pair_query", "mine_cooccurrence", "build_prompt", "parse_answer",
+    "LLMPairMiner", "write_pairs", "read_pairs", "read_pair_manifest", "queries_checksum", "DEFAULT_INSTRUCTION",
+]
