@@ -19,12 +19,18 @@ def build_parser():
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default: ml-100k)")
     parser.add_argument("--config_files", default=None, help="space-separated YAML files")
     parser.add_argument("--list-models", action="store_true", help="list available models and exit")
+    parser.add_argument("--study", default=None,
+                        help="run a YAML study (datasets x models x seeds) instead; see docs/STUDIES.md")
     return parser
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, _unknown = build_parser().parse_known_args(argv)
+    if args.study:
+        from recbole_mm.study import main as study_main
+
+        return study_main(argv)
 
     import recbole_mm  # noqa: F401 - applies the compatibility layer
     from recbole_mm.registry import UnknownModelError, available_models, get_model

@@ -1,0 +1,120 @@
+"""Baselines a multimodal sequential-recommendation paper is expected to report.
+
+* :class:`ContentSASRec`: SASRec without item IDs (MoRec-style, Yuan et al., "Where to Go Next
+  for Recommender Systems? ID- vs. Modality-based Recommender Models Revisited", SIGIR 2023).
+  An item is the projection of its frozen content features; that one vector is both the
+  sequence input and the candidate vector every item is scored with. No ID embedding exists,
+  so the model can rank items it has never seen interacted with, and it shows how far the
+  features alone go.
+* :class:`IDContentSASRec`: SASRec whose item vector is the ID embedding plus the projected
+  content features, used for the sequence input and for scoring.
+
+Both are RecBole ``SASRec`` s (same Transformer, positions, LayerNorm, dropout, CE/BPR loss,
+initialisation); only the item vector differs. The feature tables are frozen embeddings held
+by :class:`recbole_mm.model.layers.ContentProjector`, so no gradient ever reaches them and the
+trainer never gives them to the optimizer. PAD (item 0) is always the zero vector.
+Defaults: ``properties/model/ContentSASRec.yaml`` and ``IDContentSASRec.yaml``.
+"""
+
+import torch
+import torch.nn as nn
+from recbole.model.sequential_recommender.sasrec import SASRec
+
+from recbole_mm.model.layers import ContentProjector
+
+_MODALITIES = ("text", "image", "both")
+
+
+class _FeatureSASRec(SASRec):
+    """SASRec whose item vectors come from :meth:`item_vectors` instead of ``item_embedding``."""
+
+    dataset_class = "recbole_mm.data.dataset:MultiModalSequentialDataset"
+    use_id_embedding = True
+
+    @staticmethod
+    def required_features(config):
+        modality = config["content_modality"] or "text"
+        names = {"text": [config["text_feature"] or "text"], "image": [config["image_feature"] or "image"]}
+        names["both"] = names["text"] + names["image"]
+        if modality not in names:
+            raise ValueError(f"content_modality must be one of {_MODALITIES}, got {modality!r}")
+        return names[modality]
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        name = type(self).__name__
+        self.feature_names = self.required_features(config)
+        features = getattr(dataset, "mm_features", None)
+        if features is None:
+            raise TypeError(
+                f"{name} needs a MultiModalSequentialDataset (item features); got {type(dataset).__name__}"
+            )
+        missing = [n for n in self.feature_names if n not in features]
+        if missing:
+            raise KeyError(f"{name}: the dataset has no item features {missing}; known: {sorted(features)}")
+        self.content = ContentProjector(
+            {n: features[n] for n in self.feature_names},
+            self.hidden_size,
+            dropout_prob=config["content_dropout_prob"] or 0.0,
+        )
+        for proj in self.content.proj.values():
+            nn.init.xavier_normal_(proj.weight)
+            nn.init.zeros_(proj.bias)
+        if not self.use_id_embedding:
+            # MoRec-style: no ID table at all (SASRec.__init__ created one)
+            del self.item_embedding
+
+    # ------------------------------------------------------------------ item vectors
+    def item_vectors(self, item_ids):
+        """Item vectors (*item_ids.shape, hidden_size); PAD (id 0) is the zero vector."""
+        vec = self.content(item_ids)
+        if self.use_id_embedding:
+            vec = vec + self.item_embedding(item_ids)
+        return vec * (item_ids > 0).unsqueeze(-1).to(vec.dtype)
+
+    def all_item_vectors(self):
+        return self.item_vectors(torch.arange(self.n_items, device=self.position_embedding.weight.device))
+
+    # ------------------------------------------------------------------ sequence encoder
+    def sequence_output(self, item_seq):
+        """Transformer output at every position, (B, L, hidden_size); position t sees items <= t."""
+        position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
+        input_emb = self.item_vectors(item_seq) + self.position_embedding(position_ids)[None]
+        input_emb = self.dropout(self.LayerNorm(input_emb))
+        mask = self.get_attention_mask(item_seq)
+        return self.trm_encoder(input_emb, mask, output_all_encoded_layers=True)[-1]
+
+    def forward(self, item_seq, item_seq_len):
+        return self.gather_indexes(self.sequence_output(item_seq), item_seq_len - 1)
+
+    # ------------------------------------------------------------------ losses and scores
+    def calculate_loss(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        pos_items = interaction[self.POS_ITEM_ID]
+        if self.loss_type == "BPR":
+            neg_items = interaction[self.NEG_ITEM_ID]
+            pos_score = (seq_output * self.item_vectors(pos_items)).sum(-1)
+            neg_score = (seq_output * self.item_vectors(neg_items)).sum(-1)
+            return self.loss_fct(pos_score, neg_score)
+        logits = seq_output @ self.all_item_vectors().t()
+        return self.loss_fct(logits, pos_items)
+
+    def predict(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return (seq_output * self.item_vectors(interaction[self.ITEM_ID])).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return seq_output @ self.all_item_vectors().t()
+
+
+class ContentSASRec(_FeatureSASRec):
+    r"""Content-only SASRec (MoRec-style): item vector = projection of frozen item features, no IDs."""
+
+    use_id_embedding = False
+
+
+class IDContentSASRec(_FeatureSASRec):
+    r"""ID + content SASRec: item vector = ID embedding + projection of frozen item features."""
+
+    use_id_embedding = True

@@ -1,0 +1,1503 @@
+"""YAML studies: datasets x models x seeds, one fresh subprocess per cell, resumable, with tables.
+
+A study YAML (see ``docs/STUDIES.md`` and ``properties/study/``) names datasets, models (plugin
+or RecBole), seeds, shared and per-model / per-dataset config overrides, the metrics to report
+and an output folder. Each cell (dataset, model, seed) is one
+``recbole_mm.quick_start.run_recbole_mm(..., saved=True)`` run in its own Python process, with
+``record_path`` pointing at the cell's record in the study folder; the runner writes that JSON
+atomically on success (``.failed.json`` on failure).
+
+Resuming: a cell is finished iff its record exists and is complete; finished cells are never
+run again and their records are never written. Killing the study (or a cell) at any point
+loses at most the running cell. A finished cell whose configuration has changed since is an
+error (before any training), never a silent mix of configurations.
+
+Outputs in the study folder: ``cells.csv``, ``cells.json``, ``tables/<dataset>.md`` (mean ± std
+over seeds, best in bold, relative improvement of each proposed model over the best baseline
+with a paired t-test across seeds), ``results.md`` (all tables, machine, wall time per cell)
+and ``plots/<dataset>_metrics.png`` / ``plots/<dataset>_valid.png``.
+
+Entry points: :func:`run_study`, ``python run_recbole_mm.py --study <file.yaml>`` (:func:`main`).
+"""
+
+import argparse
+import contextlib
+import datetime
+import difflib
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+try:  # POSIX only: cell and study locks
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["run_study", "load_study", "validate_study", "main", "StudyError", "BASELINE_MODELS"]
+
+# Plugin models that are baselines (RecBole models are always baselines).
+BASELINE_MODELS = ("ContentSASRec", "IDContentSASRec")
+
+STUDY_KEYS = {
+    "name": "study name (default: the YAML file name)",
+    "description": "free text, copied into results.md",
+    "output_dir": "study folder (default: studies/<name>, relative to the working directory)",
+    "datasets": "list of dataset names",
+    "models": "list of model names (plugin or RecBole)",
+    "seeds": "list of integer seeds (default: [2020])",
+    "metrics": "RecBole metrics for every cell, e.g. [Hit, NDCG]",
+    "topk": "RecBole cut-offs for every cell, e.g. [5, 10]",
+    "report": "metrics shown in the tables, e.g. [hit@10, ndcg@10] (default: metrics x topk)",
+    "proposed": "models compared against the best baseline (default: TSSR, SICSRec)",
+    "config": "config overrides for every cell",
+    "config_files": "RecBole YAML files for every cell",
+    "dataset_config": "per-dataset overrides: {dataset: {key: value}}",
+    "model_config": "per-model overrides: {model: {key: value}}",
+    "sources": "how to build datasets that are not there: {dataset: {type: ninerec, path: ...}}",
+    "keep_checkpoints": "keep each cell's best checkpoint (default: true)",
+    "cell_timeout_s": "kill a cell after this many seconds (default: none)",
+    "strict_keys": "unknown config keys are errors (default: true); false: warnings",
+}
+# Keys the study sets for every cell itself.
+RESERVED_CONFIG_KEYS = {
+    "model": "list models under 'models:'",
+    "dataset": "list datasets under 'datasets:'",
+    "seed": "list seeds under 'seeds:'",
+    "record_path": "the study sets each cell's record path",
+    "record_runs": "a study needs the run records",
+}
+# Config keys RecBole reads without having defaults for them.
+EXTRA_CONFIG_KEYS = {"mm_feature_names", "nproc", "world_size", "offset", "ip", "port"}
+SOURCE_TYPES = {
+    "ninerec": {"required": (), "optional": ("path", "benchmark", "max_history")},
+    "movielens": {"required": ("path",), "optional": ()},
+    "amazon": {"required": ("reviews", "meta"), "optional": ("kcore", "image_dir")},
+}
+NINEREC_ENV = "RECBOLE_MM_NINEREC_DIR"
+CELL_LOCK_WAIT_S = 60
+EXIT_BUSY = 75
+METRIC_NAMES = {"hit": "HR", "ndcg": "NDCG", "mrr": "MRR", "recall": "Recall", "precision": "Precision",
+                "map": "MAP", "auc": "AUC", "gauc": "GAUC", "logloss": "LogLoss"}
+
+
+class StudyError(ValueError):
+    """An invalid study (message names the YAML line) or a study that cannot run."""
+
+
+# ============================================================================ YAML with lines
+
+
+class _LineDict(dict):
+    """A mapping that remembers the line of each key (``key_lines``) and its own ``line``."""
+
+    line = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key_lines = {}
+
+
+class _LineList(list):
+    """A sequence that remembers the line of each item (``item_lines``)."""
+
+    line = None
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.item_lines = []
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader recording ``node.start_mark.line + 1`` for mapping keys and list items,
+    refusing duplicate keys, and reading ``1e-4`` as a float (as RecBole's loader does)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    loader.flatten_mapping(node)
+    out = _LineDict()
+    out.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value", key_node.start_mark) from None
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {out.key_lines[key]})",
+                key_node.start_mark)
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+def _construct_sequence(loader, node, deep=False):
+    out = _LineList(loader.construct_object(child, deep=True) for child in node.value)
+    out.line = node.start_mark.line + 1
+    out.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+_LineLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+            |\.[0-9_]+(?:[eE][-+][0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _plain(obj):
+    """Plain dicts and lists (the line-tracking containers stripped)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _parse_value(text):
+    """A command-line value as YAML (``1`` -> 1, ``[5,10]`` -> list, ``1e-4`` -> float)."""
+    try:
+        return _plain(yaml.load(text, Loader=_LineLoader))
+    except yaml.YAMLError:
+        return text
+
+
+def load_study(path):
+    """Read a study YAML keeping line numbers; returns the mapping (a dict subclass)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_LineLoader)
+    except FileNotFoundError:
+        raise StudyError(f"{path}: study file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise StudyError(f"{path}{line}: YAML error: {problem}") from None
+    if data is None:
+        raise StudyError(f"{path}:1: the study file is empty")
+    if not isinstance(data, dict):
+        raise StudyError(f"{path}:1: a study must be a mapping (datasets:, models:, seeds:, ...)")
+    return data
+
+
+# ============================================================================ validation
+
+
+class _Errors:
+    def __init__(self, source):
+        self.source = source
+        self.items = []
+        self.warnings = []
+
+    def _where(self, line, path):
+        loc = self.source + (f":{line}" if line else "")
+        return f"{loc}: {path}: " if path else f"{loc}: "
+
+    def add(self, line, path, message):
+        self.items.append((line or 0, len(self.items), self._where(line, path) + message))
+
+    def warn(self, line, path, message):
+        self.warnings.append(self._where(line, path) + message)
+
+    def raise_if_any(self):
+        if self.items:
+            head = f"invalid study ({len(self.items)} problem{'s' if len(self.items) > 1 else ''}):"
+            raise StudyError("\n".join([head] + [f"  {m}" for _, _, m in sorted(self.items)]))
+
+
+def _key_line(mapping, key):
+    return getattr(mapping, "key_lines", {}).get(key) or getattr(mapping, "line", None)
+
+
+def _item_line(seq, index):
+    lines = getattr(seq, "item_lines", [])
+    return lines[index] if index < len(lines) else getattr(seq, "line", None)
+
+
+def _suggest(name, candidates):
+    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+@contextlib.contextmanager
+def _config_env():
+    """Build RecBole configs in this process without its side effects leaking: a clean
+    ``sys.argv`` (RecBole reads --key=value from it) and ``CUDA_VISIBLE_DEVICES`` restored."""
+    argv = sys.argv
+    cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
+    sys.argv = [argv[0] if argv else "recbole_mm"]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        if cuda is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = cuda
+
+
+def _repo_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_ninerec_path(dataset):
+    """Where a NineRec dataset is looked for when its source names no path:
+    ``$RECBOLE_MM_NINEREC_DIR/<name>``, else ``<repo>/../shared/data/ninerec_bili/<name>``
+    (then the same relative to the working directory)."""
+    env = os.environ.get(NINEREC_ENV)
+    if env:
+        return os.path.abspath(os.path.join(env, dataset))
+    candidates = [
+        os.path.join(_repo_root(), "..", "shared", "data", "ninerec_bili", dataset),
+        os.path.join(os.getcwd(), "..", "shared", "data", "ninerec_bili", dataset),
+    ]
+    for cand in candidates:
+        if os.path.isdir(cand):
+            return os.path.abspath(cand)
+    return os.path.abspath(candidates[0])
+
+
+def default_source(dataset):
+    """The source of a dataset without a ``sources:`` entry: NineRec for ``Bili_*`` names, else None."""
+    if not dataset.startswith("Bili_"):
+        return None
+    return {"type": "ninerec", "path": default_ninerec_path(dataset)}
+
+
+def _dataset_present(data_dir, dataset, benchmark):
+    if benchmark:
+        return all(os.path.isfile(os.path.join(data_dir, f"{dataset}.{part}.inter")) for part in benchmark)
+    return os.path.isfile(os.path.join(data_dir, f"{dataset}.inter"))
+
+
+def _model_role(model, proposed):
+    return "proposed" if model in proposed else "baseline"
+
+
+class Study:
+    """A validated study: its cells, paths and per-cell configuration."""
+
+    def __init__(self, spec, source="<dict>", output_dir=None, overrides=None):
+        self.raw = spec
+        self.source = source
+        self.overrides = dict(overrides or {})
+        self.errors = _Errors(source)
+        self._validate(output_dir)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, output_dir):
+        from recbole_mm.registry import get_model
+
+        raw, err = self.raw, self.errors
+        if not isinstance(raw, dict):
+            raise StudyError(f"{self.source}: a study must be a mapping")
+        for key in raw:
+            if key not in STUDY_KEYS:
+                err.add(_key_line(raw, key), "", f"unknown key {key!r}{_suggest(key, STUDY_KEYS)}; "
+                        f"known keys: {', '.join(STUDY_KEYS)}")
+
+        name = raw.get("name")
+        if name is None:
+            name = os.path.splitext(os.path.basename(self.source))[0] if self.source != "<dict>" else "study"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            err.add(_key_line(raw, "name"), "name", f"must be a simple name (letters, digits, _.-), got {name!r}")
+            name = "study"
+        self.name = name
+        self.description = raw.get("description") or ""
+        out = output_dir or raw.get("output_dir") or os.path.join("studies", name)
+        if not isinstance(out, str):
+            err.add(_key_line(raw, "output_dir"), "output_dir", f"must be a path, got {out!r}")
+            out = os.path.join("studies", name)
+        self.output_dir = os.path.abspath(out)
+
+        self.datasets = self._name_list("datasets", required=True)
+        models = self._name_list("models", required=True)
+        self.models, model_lines = [], {}
+        for i, model in enumerate(models):
+            line = _item_line(raw.get("models"), i)
+            try:
+                canonical = get_model(model).__name__
+            except Exception as exc:  # noqa: BLE001 - UnknownModelError or a model that fails to import
+                err.add(line, f"models[{i}]", str(exc) if "nknown model" in str(exc)
+                        else f"model {model!r} cannot be loaded: {type(exc).__name__}: {exc}")
+                continue
+            if canonical in self.models:
+                err.add(line, f"models[{i}]", f"model {canonical!r} is listed twice")
+                continue
+            self.models.append(canonical)
+            model_lines[canonical] = line
+        self._model_lines = model_lines
+        aliases = {m: m for m in self.models}
+        for m in models:
+            with contextlib.suppress(Exception):
+                aliases[m] = get_model(m).__name__
+
+        seeds = raw.get("seeds", [2020])
+        if not isinstance(seeds, list) or not seeds:
+            err.add(_key_line(raw, "seeds"), "seeds", f"must be a non-empty list of integers, got {seeds!r}")
+            seeds = []
+        self.seeds = []
+        for i, seed in enumerate(seeds):
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                err.add(_item_line(seeds, i), f"seeds[{i}]", f"a seed must be an integer, got {seed!r}")
+            elif seed in self.seeds:
+                err.add(_item_line(seeds, i), f"seeds[{i}]", f"seed {seed} is listed twice")
+            else:
+                self.seeds.append(seed)
+
+        # proposed models (the rest are baselines)
+        proposed = raw.get("proposed")
+        if proposed is None:
+            from recbole_mm.registry import PLUGIN_MODELS
+
+            self.proposed = [m for m in self.models if m in PLUGIN_MODELS and m not in BASELINE_MODELS]
+        elif not isinstance(proposed, list):
+            err.add(_key_line(raw, "proposed"), "proposed", "must be a list of model names")
+            self.proposed = []
+        else:
+            self.proposed = []
+            for i, m in enumerate(proposed):
+                canonical = aliases.get(m, m)
+                if canonical not in self.models:
+                    err.add(_item_line(proposed, i), f"proposed[{i}]",
+                            f"{m!r} is not one of the study's models {self.models}")
+                else:
+                    self.proposed.append(canonical)
+
+        # metrics
+        self.metrics = raw.get("metrics")
+        self.topk = raw.get("topk")
+        self._validate_metrics()
+
+        # overrides
+        self.config = self._mapping("config")
+        self.dataset_config = self._nested("dataset_config", self.datasets, {})
+        self.model_config = self._nested("model_config", self.models, aliases)
+        self.config_files = []
+        files = raw.get("config_files") or []
+        if isinstance(files, str):
+            files = files.split()
+        if not isinstance(files, list):
+            err.add(_key_line(raw, "config_files"), "config_files", "must be a list of YAML files")
+            files = []
+        for i, f in enumerate(files):
+            path = os.path.abspath(str(f))
+            if not os.path.isfile(path):
+                err.add(_item_line(raw.get("config_files"), i), f"config_files[{i}]", f"file not found: {path}")
+            self.config_files.append(path)
+        for key in ("keep_checkpoints", "strict_keys"):
+            if key in raw and not isinstance(raw[key], bool):
+                err.add(_key_line(raw, key), key, f"must be true or false, got {raw[key]!r}")
+        self.keep_checkpoints = raw.get("keep_checkpoints", True) is not False
+        self.strict_keys = raw.get("strict_keys", True) is not False
+        timeout = raw.get("cell_timeout_s")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            err.add(_key_line(raw, "cell_timeout_s"), "cell_timeout_s", f"must be a positive number, got {timeout!r}")
+            timeout = None
+        self.cell_timeout_s = timeout
+        self.sources = self._validate_sources()
+
+        for path, mapping in self._override_maps():
+            for key in mapping:
+                if key in RESERVED_CONFIG_KEYS:
+                    err.add(_key_line(mapping, key), f"{path}.{key}",
+                            f"{key!r} cannot be overridden: {RESERVED_CONFIG_KEYS[key]}")
+        for key in self.overrides:
+            if key in RESERVED_CONFIG_KEYS:
+                err.add(None, f"command line --{key}", f"cannot be overridden: {RESERVED_CONFIG_KEYS[key]}")
+        if self.metrics is not None and "metrics" in self.config:
+            err.add(_key_line(self.config, "metrics"), "config.metrics", "metrics are given twice (top level and config)")
+        if self.topk is not None and "topk" in self.config:
+            err.add(_key_line(self.config, "topk"), "config.topk", "topk is given twice (top level and config)")
+
+        # datasets and config keys need RecBole configs of valid models: checked whenever there are
+        # some, so that one pass reports every problem it can
+        if self.models and self.datasets:
+            self._validate_config_keys_and_datasets()
+        err.raise_if_any()
+        self.cells = [(d, m, s) for d in self.datasets for m in self.models for s in self.seeds]
+
+    def _name_list(self, key, required):
+        raw, err = self.raw, self.errors
+        value = raw.get(key)
+        if value is None:
+            if required:
+                err.add(getattr(raw, "line", None), key, f"missing: the study needs a list of {key}")
+            return []
+        if isinstance(value, str):
+            value = _LineList([value])
+            value.item_lines = [_key_line(raw, key)]
+        if not isinstance(value, list) or not value:
+            err.add(_key_line(raw, key), key, f"must be a non-empty list of names, got {value!r}")
+            return []
+        names = []
+        for i, v in enumerate(value):
+            if not isinstance(v, str) or not v or "/" in v or "\\" in v or v in (".", ".."):
+                err.add(_item_line(value, i), f"{key}[{i}]", f"must be a name, got {v!r}")
+            elif v in names:
+                err.add(_item_line(value, i), f"{key}[{i}]", f"{v!r} is listed twice")
+            else:
+                names.append(v)
+        if isinstance(raw.get(key), str):
+            raw[key] = value
+        return names
+
+    def _mapping(self, key):
+        value = self.raw.get(key)
+        if value is None:
+            return _LineDict()
+        if not isinstance(value, dict):
+            self.errors.add(_key_line(self.raw, key), key, f"must be a mapping of config keys, got {value!r}")
+            return _LineDict()
+        return value
+
+    def _nested(self, key, allowed, aliases):
+        outer = self._mapping(key)
+        result = {}
+        for name, inner in outer.items():
+            line = _key_line(outer, name)
+            canonical = aliases.get(name, name) if aliases else name
+            if canonical not in allowed:
+                what = "models" if key == "model_config" else "datasets"
+                self.errors.add(line, f"{key}.{name}", f"{name!r} is not one of the study's {what} "
+                                f"{allowed}{_suggest(name, allowed)}")
+                continue
+            if inner is None:
+                inner = _LineDict()
+            if not isinstance(inner, dict):
+                self.errors.add(line, f"{key}.{name}", f"must be a mapping of config keys, got {inner!r}")
+                continue
+            result[canonical] = inner
+        return result
+
+    def _override_maps(self):
+        yield "config", self.config
+        for d, m in self.dataset_config.items():
+            yield f"dataset_config.{d}", m
+        for name, m in self.model_config.items():
+            yield f"model_config.{name}", m
+
+    def _validate_metrics(self):
+        raw, err = self.raw, self.errors
+        from recbole.evaluator.register import metrics_dict
+
+        if self.metrics is not None:
+            if isinstance(self.metrics, str):
+                self.metrics = [self.metrics]
+            if not isinstance(self.metrics, list) or not self.metrics:
+                err.add(_key_line(raw, "metrics"), "metrics", "must be a non-empty list, e.g. [Hit, NDCG]")
+                self.metrics = None
+            else:
+                for i, m in enumerate(self.metrics):
+                    if not isinstance(m, str) or m.lower() not in metrics_dict:
+                        err.add(_item_line(raw["metrics"], i), f"metrics[{i}]", f"unknown RecBole metric {m!r}"
+                                f"{_suggest(str(m).lower(), metrics_dict)}; known: {', '.join(sorted(metrics_dict))}")
+        if self.topk is not None:
+            if isinstance(self.topk, int) and not isinstance(self.topk, bool):
+                self.topk = [self.topk]
+            if not isinstance(self.topk, list) or not self.topk or not all(
+                    isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in self.topk):
+                err.add(_key_line(raw, "topk"), "topk", f"must be a list of positive integers, got {self.topk!r}")
+                self.topk = None
+        report = raw.get("report")
+        self.report = None
+        if report is not None:
+            if not isinstance(report, list) or not report:
+                err.add(_key_line(raw, "report"), "report", "must be a non-empty list like [hit@10, ndcg@10]")
+            else:
+                self.report = []
+                for i, r in enumerate(report):
+                    name = str(r).lower()
+                    base = name.split("@")[0]
+                    if base not in metrics_dict or ("@" in name and not name.split("@", 1)[1].isdigit()):
+                        err.add(_item_line(report, i), f"report[{i}]", f"{r!r} is not a metric like hit@10")
+                    elif self.metrics and self.topk and name not in {
+                            f"{m.lower()}@{k}" for m in self.metrics for k in self.topk}:
+                        err.add(_item_line(report, i), f"report[{i}]", f"{r!r} is not computed: it is not among "
+                                "metrics x topk")
+                    else:
+                        self.report.append(name)
+        elif self.metrics and self.topk:
+            self.report = [f"{m.lower()}@{k}" for m in self.metrics for k in self.topk]
+
+    def _validate_sources(self):
+        raw = self._mapping("sources")
+        sources = {}
+        for name, entry in raw.items():
+            line = _key_line(raw, name)
+            if name not in self.datasets:
+                self.errors.add(line, f"sources.{name}", f"{name!r} is not one of the study's datasets "
+                                f"{self.datasets}{_suggest(name, self.datasets)}")
+                continue
+            if not isinstance(entry, dict) or "type" not in entry:
+                self.errors.add(line, f"sources.{name}", "must be a mapping with a type "
+                                f"({', '.join(SOURCE_TYPES)}), e.g. {{type: ninerec, path: raw/{name}}}")
+                continue
+            kind = entry["type"]
+            if kind not in SOURCE_TYPES:
+                self.errors.add(_key_line(entry, "type"), f"sources.{name}.type",
+                                f"unknown source type {kind!r}; known: {', '.join(SOURCE_TYPES)}")
+                continue
+            allowed = {"type"} | set(SOURCE_TYPES[kind]["required"]) | set(SOURCE_TYPES[kind]["optional"])
+            for key in entry:
+                if key not in allowed:
+                    self.errors.add(_key_line(entry, key), f"sources.{name}.{key}",
+                                    f"unknown key for a {kind} source{_suggest(key, allowed)}; known: {sorted(allowed)}")
+            for key in SOURCE_TYPES[kind]["required"]:
+                if key not in entry:
+                    self.errors.add(line, f"sources.{name}", f"a {kind} source needs {key!r}")
+            resolved = {k: (os.path.abspath(str(v)) if k in ("path", "reviews", "meta", "image_dir") else v)
+                        for k, v in entry.items()}
+            if kind == "ninerec" and "path" not in resolved:
+                resolved["path"] = default_ninerec_path(name)
+            resolved["_line"] = line
+            sources[name] = resolved
+        return sources
+
+    # ------------------------------------------------------------------ per-cell config
+    def cell_overrides(self, dataset, model):
+        """The user's config for one cell, lowest priority first (no study-forced keys)."""
+        cfg = {"show_progress": False}
+        cfg.update(_plain(self.config))
+        if self.metrics is not None:
+            cfg["metrics"] = list(self.metrics)
+        if self.topk is not None:
+            cfg["topk"] = list(self.topk)
+        cfg.update(_plain(self.dataset_config.get(dataset, {})))
+        cfg.update(_plain(self.model_config.get(model, {})))
+        cfg.update(self.overrides)
+        return cfg
+
+    def _build_config(self, model, dataset, config_dict, files=True):
+        from recbole_mm.config import MMConfig
+
+        with _config_env():
+            return MMConfig(model=model, dataset=dataset,
+                            config_file_list=(self.config_files or None) if files else None,
+                            config_dict=config_dict)
+
+    def _validate_config_keys_and_datasets(self):
+        err = self.errors
+        # 1. where each dataset lives, and whether it is there or can be built
+        self.data_dirs, self.to_build = {}, {}
+        datasets_list = self.raw.get("datasets")
+        for i, d in enumerate(self.datasets):
+            line = _item_line(datasets_list, i) if isinstance(datasets_list, list) else None
+            overrides = {k: v for k, v in self.cell_overrides(d, self.models[0]).items()
+                         if k not in RESERVED_CONFIG_KEYS}
+            if "data_path" in overrides:
+                overrides["data_path"] = os.path.abspath(str(overrides["data_path"]))
+            try:
+                cfg = self._build_config(self.models[0], d, overrides)
+            except Exception as exc:  # noqa: BLE001
+                err.add(line, f"datasets[{i}]", f"RecBole cannot configure dataset {d!r}: {type(exc).__name__}: {exc}")
+                continue
+            data_dir = os.path.abspath(os.path.normpath(cfg["data_path"]))
+            self.data_dirs[d] = data_dir
+            benchmark = cfg["benchmark_filename"]
+            if _dataset_present(data_dir, d, benchmark):
+                continue
+            source = self.sources.get(d) or default_source(d)
+            if source is None:
+                err.add(line, f"datasets[{i}]", f"dataset {d!r} not found: no {d}.inter in {data_dir} and no "
+                        f"source to build it from (add sources: {{{d}: {{type: ninerec|movielens|amazon, ...}}}}, "
+                        "or set data_path)")
+                continue
+            src_line = source.get("_line", line)
+            paths = [source[k] for k in ("path", "reviews", "meta") if k in source]
+            absent = [p for p in paths if not os.path.exists(p)]
+            if absent:
+                hint = f" (set {NINEREC_ENV} or the source's path)" if source["type"] == "ninerec" else ""
+                err.add(src_line, f"datasets[{i}]" if d not in self.sources else f"sources.{d}",
+                        f"dataset {d!r} not found in {data_dir} and its {source['type']} source is missing: "
+                        f"{', '.join(absent or paths)}{hint}")
+                continue
+            if benchmark and source["type"] != "ninerec":
+                err.add(line, f"datasets[{i}]", f"benchmark files {benchmark} can only be built by a ninerec source")
+                continue
+            self.to_build[d] = source
+        if len(self.data_dirs) < len(self.datasets):
+            return
+
+        # 2. config keys: each must be known to RecBole or the plugin for some cell it applies to
+        known = {}  # (dataset, model) -> keys RecBole and the plugin know for that cell
+        for d in self.datasets:
+            for m in self.models:
+                try:
+                    cfg = self._build_config(m, d, {"data_path": os.path.dirname(self.data_dirs[d])}, files=False)
+                except Exception as exc:  # noqa: BLE001
+                    err.add(self._model_lines.get(m), f"models ({m} on {d})",
+                            f"RecBole cannot configure {m} on {d}: {type(exc).__name__}: {exc}")
+                    return
+                known[d, m] = set(cfg.final_config_dict) | EXTRA_CONFIG_KEYS
+        all_keys = set().union(*known.values()) if known else set()
+
+        def check(path, mapping, keys):
+            for key in mapping:
+                if key in keys or key in RESERVED_CONFIG_KEYS:
+                    continue
+                message = (f"unknown config key {key!r}{_suggest(key, keys)}: no RecBole or recbole_mm "
+                           "default, model or dataset file defines it (set strict_keys: false to allow it)")
+                (err.add if self.strict_keys else err.warn)(_key_line(mapping, key), f"{path}.{key}", message)
+
+        check("config", self.config, all_keys)
+        for d, mapping in self.dataset_config.items():
+            check(f"dataset_config.{d}", mapping, set().union(*(known[d, m] for m in self.models)))
+        for m, mapping in self.model_config.items():
+            check(f"model_config.{m}", mapping, set().union(*(known[d, m] for d in self.datasets)))
+        for key in self.overrides:
+            if key not in all_keys and key not in RESERVED_CONFIG_KEYS:
+                (err.add if self.strict_keys else err.warn)(
+                    None, f"command line --{key}", f"unknown config key{_suggest(key, all_keys)}")
+
+    # ------------------------------------------------------------------ paths
+    def cell_dir(self, dataset, model):
+        return os.path.join(self.output_dir, "records", dataset, model)
+
+    def cell_paths(self, dataset, model, seed):
+        base = os.path.join(self.cell_dir(dataset, model), f"seed{seed}")
+        return {
+            "record": base + ".json",
+            "failed": base + ".failed.json",
+            "cell": base + ".cell.json",
+            "lock": base + ".lock",
+            "log": os.path.join(self.output_dir, "logs", dataset, model, f"seed{seed}.log"),
+        }
+
+    def cell_spec(self, dataset, model, seed):
+        """Everything one cell needs; ``fingerprint`` identifies its configuration."""
+        paths = self.cell_paths(dataset, model, seed)
+        config = self.cell_overrides(dataset, model)
+        config["data_path"] = os.path.dirname(self.data_dirs[dataset])
+        if "checkpoint_dir" in config:
+            config["checkpoint_dir"] = os.path.abspath(str(config["checkpoint_dir"]))
+        ident = {"model": model, "dataset": dataset, "seed": seed, "config_dict": config,
+                 "config_files": [[f, _file_sha(f)] for f in self.config_files]}
+        fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        forced = dict(config, seed=seed, record_path=paths["record"], record_runs=True)
+        forced.setdefault("checkpoint_dir", os.path.join(self.output_dir, "saved", dataset, model))
+        return {
+            "model": model, "dataset": dataset, "seed": seed,
+            "config_files": list(self.config_files), "config_dict": forced,
+            "user_config": config, "fingerprint": fingerprint,
+            "keep_checkpoints": self.keep_checkpoints, **paths,
+        }
+
+
+def _file_sha(path):
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def validate_study(path_or_dict, output_dir=None, overrides=None):
+    """Load and validate a study without running anything; returns the :class:`Study`."""
+    if isinstance(path_or_dict, dict):
+        return Study(path_or_dict, "<dict>", output_dir, overrides)
+    path = os.fspath(path_or_dict)
+    return Study(load_study(path), path, output_dir, overrides)
+
+
+# ============================================================================ records
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def complete_record(path, dataset=None, model=None, seed=None):
+    """The record at ``path`` if it is a complete, finished run of that cell, else None."""
+    rec = _read_json(path)
+    if not isinstance(rec, dict) or rec.get("status") != "finished":
+        return None
+    if not isinstance(rec.get("test_result"), dict) or not rec["test_result"]:
+        return None
+    if not isinstance(rec.get("best_valid_result"), dict):
+        return None
+    for key, want in (("dataset", dataset), ("model", model), ("seed", seed)):
+        if want is not None and rec.get(key) != want:
+            return None
+    return rec
+
+
+def _write_atomic(path, text, mode="w"):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _write_json(path, payload):
+    return _write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+# ============================================================================ running cells
+
+
+@contextlib.contextmanager
+def _study_lock(output_dir):
+    os.makedirs(output_dir, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    path = os.path.join(output_dir, ".study.lock")
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StudyError(f"{output_dir}: another process is running this study (lock {path})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def _prepare_datasets(study, log):
+    from recbole_mm.data import convert
+
+    for dataset, source in study.to_build.items():
+        out_dir = os.path.dirname(study.data_dirs[dataset])
+        log(f"preparing dataset {dataset} from {source['type']} source into {out_dir}")
+        if source["type"] == "ninerec":
+            convert.convert_ninerec(source["path"], out_dir, name=dataset,
+                                    benchmark=source.get("benchmark", True),
+                                    max_history=source.get("max_history", 50))
+        elif source["type"] == "movielens":
+            convert.convert_movielens(source["path"], out_dir, dataset)
+        else:
+            convert.convert_amazon(source["reviews"], source["meta"], out_dir, dataset,
+                                   kcore=source.get("kcore", 5), image_dir=source.get("image_dir"))
+        if not os.path.isfile(os.path.join(study.data_dirs[dataset], f"{dataset}.inter")):
+            raise StudyError(f"dataset {dataset}: the {source['type']} conversion wrote no {dataset}.inter "
+                             f"into {study.data_dirs[dataset]}")
+
+
+def _check_finished_specs(study):
+    """A finished cell whose configuration changed since is an error (before any training)."""
+    changed = []
+    for d, m, s in study.cells:
+        spec = study.cell_spec(d, m, s)
+        if complete_record(spec["record"], d, m, s) is None:
+            continue
+        old = _read_json(spec["cell"])
+        if not isinstance(old, dict) or old.get("fingerprint") in (None, spec["fingerprint"]):
+            continue
+        before, now = old.get("user_config") or {}, spec["user_config"]
+        diff = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now), key=str)
+                if before.get(k) != now.get(k)]
+        if old.get("config_files") != spec["config_files"]:
+            diff.append("config_files changed")
+        changed.append(f"  {d} / {m} / seed {s}: " + ("; ".join(diff) or "config file contents changed"))
+    if changed:
+        raise StudyError(
+            f"{study.source}: {len(changed)} finished cell(s) in {study.output_dir} were run with a different "
+            "configuration; a study never mixes configurations. Use another output_dir, or delete those "
+            "cells' records to rerun them:\n" + "\n".join(changed[:20])
+            + (f"\n  ... and {len(changed) - 20} more" if len(changed) > 20 else ""))
+
+
+def _child_env():
+    env = dict(os.environ)
+    root = _repo_root()
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["RECBOLE_MM_STUDY_PARENT"] = str(os.getpid())
+    return env
+
+
+def _stop(proc, grace_s=10):
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _run_cell(study, spec, log):
+    """Run one cell in a fresh subprocess; returns its status."""
+    os.makedirs(os.path.dirname(spec["record"]), exist_ok=True)
+    os.makedirs(os.path.dirname(spec["log"]), exist_ok=True)
+    if os.path.exists(spec["record"]):
+        # an incomplete record is never overwritten in place: it is kept aside
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        os.replace(spec["record"], spec["record"] + f".incomplete-{stamp}")
+    old = _read_json(spec["cell"]) or {}
+    attempts = old.get("attempts", []) if isinstance(old, dict) else []
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    attempt = {"started": started, "host": socket.gethostname()}
+    state = dict(spec, attempts=attempts + [attempt])
+    _write_json(spec["cell"], state)
+    status, t0 = "failed", time.perf_counter()
+    with open(spec["log"], "a", encoding="utf-8") as logf:
+        logf.write(f"\n===== {spec['dataset']} / {spec['model']} / seed {spec['seed']}: attempt at {started}\n")
+        logf.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "recbole_mm.study", "--run-cell", spec["cell"]],
+            cwd=study.output_dir, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=_child_env(),
+        )
+        try:
+            proc.wait(timeout=study.cell_timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            status = "timeout"
+        except BaseException:
+            _stop(proc)
+            raise
+    wall = time.perf_counter() - t0
+    if status != "timeout":
+        if complete_record(spec["record"], spec["dataset"], spec["model"], spec["seed"]) is not None:
+            status = "finished"
+        elif proc.returncode == EXIT_BUSY:
+            status = "busy"
+    attempt.update(ended=datetime.datetime.now().isoformat(timespec="seconds"), wall_s=round(wall, 3),
+                   returncode=proc.returncode, status=status)
+    _write_json(spec["cell"], state)
+    if status != "finished":
+        log(f"cell {spec['dataset']} / {spec['model']} / seed {spec['seed']}: {status} "
+            f"(exit code {proc.returncode}); log: {spec['log']}")
+    return status
+
+
+def _set_parent_death_signal():
+    """Linux: this process gets SIGTERM when the study process dies (no orphaned cells)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _cell_worker(cell_file):
+    """Body of one cell's subprocess: lock the cell, run it, keep or drop its checkpoint."""
+    spec = _read_json(cell_file)
+    if not isinstance(spec, dict):
+        print(f"recbole_mm.study: cannot read cell file {cell_file}", file=sys.stderr)
+        return 2
+    parent = os.environ.get("RECBOLE_MM_STUDY_PARENT")
+    _set_parent_death_signal()
+    if parent and os.getppid() != int(parent):
+        print("recbole_mm.study: the study process is gone; not running the cell", file=sys.stderr)
+        return 1
+    lock = None
+    if fcntl is not None:
+        lock = open(spec["lock"], "a+")
+        deadline = time.monotonic() + CELL_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    print(f"recbole_mm.study: cell is locked by another process ({spec['lock']})", file=sys.stderr)
+                    return EXIT_BUSY
+                time.sleep(0.5)
+    try:
+        if complete_record(spec["record"], spec["dataset"], spec["model"], spec["seed"]) is not None:
+            print("recbole_mm.study: cell already finished; nothing to do")
+            return 0
+        sys.argv = [sys.argv[0]]  # RecBole's Config reads --key=value from the command line
+        import recbole_mm  # noqa: F401 - compatibility layer first
+        from recbole_mm.quick_start import run_recbole_mm
+
+        print(f"cell: {spec['dataset']} / {spec['model']} / seed {spec['seed']}", flush=True)
+        result = run_recbole_mm(model=spec["model"], dataset=spec["dataset"],
+                                config_file_list=spec["config_files"] or None,
+                                config_dict=spec["config_dict"], saved=True)
+        rec = _read_json(result.get("record_path") or spec["record"]) or {}
+        if not spec.get("keep_checkpoints", True) and rec.get("checkpoint"):
+            with contextlib.suppress(OSError):
+                os.remove(rec["checkpoint"])
+        print(f"test result: {json.dumps({k: float(v) for k, v in result['test_result'].items()})}")
+        return 0
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+# ============================================================================ collecting results
+
+
+def _metric_label(key):
+    name, _, k = key.partition("@")
+    label = METRIC_NAMES.get(name, name)
+    return f"{label}@{k}" if k else label
+
+
+def _smaller_is_better(key):
+    from recbole.evaluator.register import smaller_metrics
+
+    return key.split("@")[0] in smaller_metrics
+
+
+def collect_cells(study, live_status=None):
+    """One row per cell: identity, status, timings and every validation/test metric."""
+    rows = []
+    live_status = live_status or {}
+    for d, m, s in study.cells:
+        paths = study.cell_paths(d, m, s)
+        rec = complete_record(paths["record"], d, m, s)
+        state = _read_json(paths["cell"]) or {}
+        attempts = state.get("attempts", []) if isinstance(state, dict) else []
+        last = attempts[-1] if attempts else {}
+        row = {"dataset": d, "model": m, "seed": s, "role": _model_role(m, study.proposed)}
+        if rec is not None:
+            row["status"] = "finished"
+        elif (d, m, s) in live_status:
+            row["status"] = live_status[d, m, s]
+        elif last and "ended" not in last:
+            row["status"] = "interrupted"
+        elif last:
+            row["status"] = last.get("status", "failed")
+        else:
+            row["status"] = "pending"
+        timings = (rec or {}).get("timings_s") or {}
+        if rec is not None:
+            # the cell process's wall time; the run's own total when the study was killed before noting it
+            wall = last.get("wall_s") if last.get("status") == "finished" else timings.get("total")
+        else:
+            wall = last.get("wall_s")  # a failed or timed-out attempt
+        row["wall_time_s"] = round(wall, 3) if wall is not None else None
+        row["run_time_s"] = round(timings["total"], 3) if "total" in timings else None
+        row["train_time_s"] = round(timings["train"], 3) if "train" in timings else None
+        history = (rec or {}).get("history") or {}
+        row["epochs"] = len(history.get("train_loss") or []) if rec else None
+        row["device"] = (rec or {}).get("device")
+        row["valid_metric"] = (rec or {}).get("valid_metric")
+        row["best_valid_score"] = (rec or {}).get("best_valid_score")
+        row["test"] = {k: float(v) for k, v in ((rec or {}).get("test_result") or {}).items()}
+        row["valid"] = {k: float(v) for k, v in ((rec or {}).get("best_valid_result") or {}).items()}
+        row["valid_curve"] = [float(v) for v in history.get("valid_score") or []]
+        row["eval_step"] = ((rec or {}).get("config") or {}).get("eval_step") or 1
+        row["record"] = os.path.relpath(paths["record"], study.output_dir)
+        row["log"] = os.path.relpath(paths["log"], study.output_dir)
+        row["error"] = None
+        if rec is None:
+            failed = _read_json(paths["failed"])
+            if isinstance(failed, dict) and failed.get("error") and row["status"] != "pending":
+                row["error"] = failed["error"]
+        rows.append(row)
+    return rows
+
+
+def _report_metrics(study, rows):
+    if study.report:
+        return list(study.report)
+    seen = []
+    for row in rows:
+        for k in row["test"]:
+            if k not in seen:
+                seen.append(k)
+    return seen
+
+
+def _mean_std(values):
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var)
+
+
+def _paired_test(a, b):
+    """Paired t-test (scipy.stats.ttest_rel) of per-seed values; returns (p or None, n)."""
+    n = len(a)
+    if n < 2:
+        return None, n
+    from scipy import stats
+
+    with contextlib.suppress(Exception):
+        p = float(stats.ttest_rel(a, b).pvalue)
+        if math.isnan(p):
+            return None, n
+        return p, n
+    return None, n
+
+
+def dataset_summary(study, rows, dataset, metrics):
+    """Per model: n, mean/std per metric; per proposed model: improvement and test vs the best baseline."""
+    per_model = {}
+    for m in study.models:
+        cells = [r for r in rows if r["dataset"] == dataset and r["model"] == m and r["status"] == "finished"]
+        values = {k: {r["seed"]: r["test"][k] for r in cells if k in r["test"]} for k in metrics}
+        per_model[m] = {"n": len(cells), "values": values,
+                        "stats": {k: _mean_std(list(v.values())) for k, v in values.items()}}
+    best, best_baseline, comparisons = {}, {}, {}
+    for k in metrics:
+        smaller = _smaller_is_better(k)
+        pick = min if smaller else max
+        means = {m: per_model[m]["stats"][k][0] for m in study.models if per_model[m]["stats"][k][0] is not None}
+        best[k] = pick(means.values()) if means else None
+        base = {m: v for m, v in means.items() if m not in study.proposed}
+        best_baseline[k] = pick(base, key=base.get) if base else None
+        for m in study.proposed:
+            b = best_baseline[k]
+            if m not in means or b is None:
+                comparisons[m, k] = None
+                continue
+            mine, theirs = means[m], means[b]
+            rel = None if theirs == 0 else (mine - theirs) / abs(theirs) * (-1 if smaller else 1) * 100
+            seeds = sorted(set(per_model[m]["values"][k]) & set(per_model[b]["values"][k]))
+            p, n = _paired_test([per_model[m]["values"][k][s] for s in seeds],
+                                [per_model[b]["values"][k][s] for s in seeds])
+            better = mine < theirs if smaller else mine > theirs
+            comparisons[m, k] = {"baseline": b, "relative_pct": rel, "p": p, "n": n, "better": better}
+    return {"per_model": per_model, "best": best, "best_baseline": best_baseline, "comparisons": comparisons}
+
+
+def _fmt(v, digits=4):
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _fmt_p(p):
+    if p is None:
+        return "n/a"
+    return f"{p:.3g}" if p >= 0.001 else f"{p:.1e}"
+
+
+def dataset_table(study, rows, dataset, metrics):
+    """Markdown table (and comparison) for one dataset."""
+    summary = dataset_summary(study, rows, dataset, metrics)
+    pm = summary["per_model"]
+    labels = [_metric_label(k) for k in metrics]
+    n_max = max((pm[m]["n"] for m in study.models), default=0)
+    lines = [f"## {dataset}", ""]
+    lines.append(f"Test metrics, mean ± std over seeds ({', '.join(map(str, study.seeds))}); n = finished seeds. "
+                 "**Bold**: best mean per metric. "
+                 f"Baselines: {', '.join(m for m in study.models if m not in study.proposed) or 'none'}; "
+                 f"proposed: {', '.join(study.proposed) or 'none'}.")
+    lines.append("")
+    lines.append("| Model | Role | n | " + " | ".join(labels) + " |")
+    lines.append("|---|---|---|" + "---|" * len(labels))
+    for m in study.models:
+        cells = []
+        for k in metrics:
+            mean, std = pm[m]["stats"][k]
+            if mean is None:
+                cells.append("—")
+                continue
+            text = _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
+            if summary["best"][k] is not None and mean == summary["best"][k]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {m} | {_model_role(m, study.proposed)} | {pm[m]['n']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if study.proposed:
+        lines.append("Relative improvement of each proposed model over the best baseline per metric (difference "
+                     "of the means / baseline mean), and a two-sided paired t-test over the seeds both finished "
+                     "(scipy.stats.ttest_rel; n = pairs; fewer than 2 seeds: n/a).")
+        lines.append("")
+        lines.append("| Model | " + " | ".join(labels) + " |")
+        lines.append("|---|" + "---|" * len(labels))
+        verdicts = []
+        for m in study.proposed:
+            cells, wins, losses = [], [], []
+            for k, label in zip(metrics, labels):
+                c = summary["comparisons"].get((m, k))
+                if c is None:
+                    cells.append("—")
+                    continue
+                rel = "n/a" if c["relative_pct"] is None else f"{c['relative_pct']:+.1f}%"
+                test = f"p={_fmt_p(c['p'])}, n={c['n']}"
+                cells.append(f"{rel} vs {c['baseline']} ({test})")
+                (wins if c["better"] else losses).append(
+                    label + ("" if c["p"] is None or c["p"] >= 0.05 or not c["better"] else " (p<0.05)"))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            if wins or losses:
+                text = f"- {m}: "
+                text += f"beats the best baseline on {', '.join(wins)}" if wins else "beats the best baseline on no metric"
+                if losses:
+                    text += f"; does **not** beat it on {', '.join(losses)}"
+                verdicts.append(text + ".")
+        lines.append("")
+        lines.extend(verdicts)
+        if verdicts:
+            lines.append("")
+    if n_max == 0:
+        lines.append("_No finished cells yet._")
+        lines.append("")
+    return "\n".join(lines), summary
+
+
+def machine_info():
+    info = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+    with contextlib.suppress(Exception):
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    with contextlib.suppress(Exception):
+        import recbole
+
+        info["recbole"] = recbole.__version__
+    return info
+
+
+# ============================================================================ plots
+
+
+def _figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def plot_metrics(study, summary, dataset, metrics, path):
+    """Grouped bars: one group per metric, one bar per model, error bars = std over seeds."""
+    pm = summary["per_model"]
+    models = [m for m in study.models if pm[m]["n"] > 0]
+    if not models or not metrics:
+        return None
+    fig = _figure(max(5.0, 1.2 * len(metrics) * max(1, len(models)) / 3 + 2), 3.8)
+    ax = fig.add_subplot(111)
+    width = 0.8 / len(models)
+    colors = [f"C{i % 10}" for i in range(len(models))]
+    for j, m in enumerate(models):
+        means = [pm[m]["stats"][k][0] or 0.0 for k in metrics]
+        stds = [pm[m]["stats"][k][1] or 0.0 for k in metrics]
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(metrics))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=m, color=colors[j],
+               hatch="//" if m in study.proposed else None, edgecolor="black", linewidth=0.5)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels([_metric_label(k) for k in metrics])
+    ax.set_ylabel("test value (mean ± std over seeds)")
+    ax.set_title(f"{study.name}: {dataset}")
+    ax.legend(fontsize=8, ncol=min(4, len(models)), loc="upper left", bbox_to_anchor=(0, -0.12))
+    ax.grid(axis="y", alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_valid_curves(study, rows, dataset, path):
+    """Validation score per epoch, one line per model (mean over seeds, band = min..max)."""
+    fig = _figure(6.0, 3.8)
+    ax = fig.add_subplot(111)
+    drawn, metric = 0, None
+    for j, m in enumerate(study.models):
+        curves = [(r["valid_curve"], r["eval_step"]) for r in rows
+                  if r["dataset"] == dataset and r["model"] == m and r["status"] == "finished" and r["valid_curve"]]
+        if not curves:
+            continue
+        metric = metric or next(r["valid_metric"] for r in rows if r["dataset"] == dataset and r["model"] == m
+                                and r["valid_metric"])
+        length = max(len(c) for c, _ in curves)
+        step = curves[0][1] or 1
+        xs, mean, lo, hi = [], [], [], []
+        for i in range(length):
+            vals = [c[i] for c, _ in curves if i < len(c)]
+            xs.append((i + 1) * step)
+            mean.append(sum(vals) / len(vals))
+            lo.append(min(vals))
+            hi.append(max(vals))
+        color = f"C{j % 10}"
+        ax.plot(xs, mean, marker="o" if length < 30 else None, markersize=3, label=m, color=color,
+                linestyle="--" if m in study.proposed else "-")
+        if len(curves) > 1:
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
+        drawn += 1
+    if not drawn:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {metric or 'score'}")
+    ax.set_title(f"{study.name}: {dataset} (validation)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+# ============================================================================ report
+
+
+_CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "run_time_s", "train_time_s", "epochs",
+              "device", "valid_metric", "best_valid_score"]
+
+
+def _csv_text(rows):
+    import csv
+    import io
+
+    test_keys, valid_keys = [], []
+    for r in rows:
+        test_keys += [k for k in r["test"] if k not in test_keys]
+        valid_keys += [k for k in r["valid"] if k not in valid_keys]
+    header = _CSV_FIXED + [f"test_{k}" for k in test_keys] + [f"valid_{k}" for k in valid_keys] + ["record", "log", "error"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([r.get(c) if r.get(c) is not None else "" for c in _CSV_FIXED]
+                        + [r["test"].get(k, "") for k in test_keys] + [r["valid"].get(k, "") for k in valid_keys]
+                        + [r["record"], r["log"], r["error"] or ""])
+    return buf.getvalue()
+
+
+def write_report(study, rows=None):
+    """Write cells.csv/json, tables/<dataset>.md, results.md and plots/; returns their paths."""
+    rows = rows if rows is not None else collect_cells(study)
+    out = study.output_dir
+    metrics = _report_metrics(study, rows)
+    paths = {"cells_csv": os.path.join(out, "cells.csv"), "cells_json": os.path.join(out, "cells.json"),
+             "results_md": os.path.join(out, "results.md"), "tables": {}, "plots": []}
+    _write_atomic(paths["cells_csv"], _csv_text(rows))
+    _write_json(paths["cells_json"], {"study": study.name, "source": study.source, "cells": rows})
+
+    sections, summaries = [], {}
+    for d in study.datasets:
+        text, summary = dataset_table(study, rows, d, metrics)
+        summaries[d] = summary
+        table_path = os.path.join(out, "tables", f"{d}.md")
+        _write_atomic(table_path, text + "\n")
+        paths["tables"][d] = table_path
+        plots = []
+        with contextlib.suppress(ImportError):
+            p1 = plot_metrics(study, summary, d, metrics, os.path.join(out, "plots", f"{d}_metrics.png"))
+            p2 = plot_valid_curves(study, rows, d, os.path.join(out, "plots", f"{d}_valid.png"))
+            plots = [p for p in (p1, p2) if p]
+        paths["plots"] += plots
+        if plots:
+            text += "\n" + " ".join(f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in plots) + "\n"
+        sections.append(text)
+
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    info = machine_info()
+    md = [f"# Study `{study.name}`", ""]
+    if study.description:
+        md += [str(study.description).strip(), ""]
+    md += [f"- study file: `{study.source}`",
+           f"- written: {datetime.datetime.now().isoformat(timespec='seconds')}",
+           f"- cells: {len(rows)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})",
+           f"- datasets: {', '.join(study.datasets)}; models: {', '.join(study.models)}; "
+           f"seeds: {', '.join(map(str, study.seeds))}",
+           f"- machine: {info.get('host')}; {info.get('cpu')} ({info.get('cpu_count')} logical CPUs"
+           + (f", {info['memory_gb']} GiB RAM" if info.get("memory_gb") else "") + f"); GPU: {info.get('gpu') or 'none'}; "
+           f"{info.get('platform')}; Python {info.get('python')}, torch {info.get('torch')}, "
+           f"RecBole {info.get('recbole')}", ""]
+    md += sections
+    md += ["## Wall time per cell", "",
+           "Wall time: the cell's process from start to end (imports, data, training, test); "
+           "train: `timings_s.train` of the run record.", "",
+           "| Dataset | Model | Seed | Status | Device | Epochs | Train (s) | Wall time (s) |",
+           "|---|---|---|---|---|---|---|---|"]
+    total = 0.0
+    for r in rows:
+        if r["wall_time_s"] is not None:
+            total += r["wall_time_s"]
+        md.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {r['status']} | {r['device'] or '—'} | "
+                  f"{r['epochs'] if r['epochs'] is not None else '—'} | {_fmt(r['train_time_s'], 1)} | "
+                  f"{_fmt(r['wall_time_s'], 1)} |")
+    md += ["", f"Total wall time of the finished cells: {total:.1f} s ({total / 3600:.2f} h).", ""]
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        md += ["## Failed cells", ""] + [f"- {r['dataset']} / {r['model']} / seed {r['seed']}: {r['error']} "
+                                         f"(log: `{r['log']}`)" for r in failed] + [""]
+    _write_atomic(paths["results_md"], "\n".join(md))
+    paths["summaries"] = summaries
+    return paths
+
+
+# ============================================================================ entry points
+
+
+def run_study(path_or_dict, output_dir=None, overrides=None, max_cells=None, progress=True,
+              dry_run=False, report_only=False, log=None):
+    """Run (or resume) a study; returns a dict with the cells, counts and output paths.
+
+    Args:
+        path_or_dict: a study YAML file or the same content as a dict.
+        output_dir: the study folder (default: the YAML's ``output_dir`` or ``studies/<name>``).
+        overrides: config keys for every cell, beating the YAML (``--key=value`` on the CLI).
+        max_cells: run at most this many unfinished cells, then write the report and return.
+        progress: show a tqdm bar over cells.
+        dry_run: validate and list the cells; run nothing, write nothing.
+        report_only: run nothing; rebuild tables, CSV/JSON and plots from the records.
+
+    Raises:
+        StudyError: invalid study (the message names the YAML line), or a finished cell
+            whose configuration changed; raised before any cell runs.
+    """
+    log = log or (lambda msg: print(f"[study] {msg}", file=sys.stderr, flush=True))
+    study = validate_study(path_or_dict, output_dir, overrides)
+    for warning in study.errors.warnings:
+        log(f"warning: {warning}")
+    finished = [c for c in study.cells if complete_record(study.cell_paths(*c)["record"], *c) is not None]
+    if dry_run:
+        return {"study": study, "output_dir": study.output_dir, "cells": study.cells,
+                "finished": len(finished), "to_build": dict(study.to_build)}
+    with _study_lock(study.output_dir):
+        live = {}
+        if not report_only:
+            _check_finished_specs(study)
+            _prepare_datasets(study, log)
+            todo = [c for c in study.cells if c not in set(finished)]
+            if max_cells is not None:
+                todo = todo[: max(0, int(max_cells))]
+            log(f"{study.name}: {len(study.cells)} cells, {len(finished)} finished, running {len(todo)}; "
+                f"folder {study.output_dir}")
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(study.cells), initial=len(finished), desc=study.name, unit="cell",
+                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
+            try:
+                for d, m, s in todo:
+                    bar.set_postfix_str(f"{d} / {m} / seed {s}")
+                    live[d, m, s] = _run_cell(study, study.cell_spec(d, m, s), log)
+                    bar.update(1)
+            finally:
+                bar.close()
+                paths = write_report(study, collect_cells(study, live))
+        else:
+            paths = write_report(study, collect_cells(study))
+    rows = _read_json(paths["cells_json"])["cells"]
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {"study": study, "output_dir": study.output_dir, "cells": rows, "counts": counts,
+            "complete": counts.get("finished", 0) == len(rows), **paths}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="run_recbole_mm.py --study",
+        description="Run a YAML study (datasets x models x seeds); any --key=value overrides every cell's config.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--study", required=False, help="study YAML, e.g. properties/study/quickstart.yaml")
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
+                        help="study folder (default: the YAML's output_dir, else studies/<name>)")
+    parser.add_argument("--max-cells", "--max_cells", dest="max_cells", type=int, default=None,
+                        help="run at most N unfinished cells, then stop (run again to continue)")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="validate and list the cells; run nothing")
+    parser.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
+                        help="rebuild tables, CSV/JSON and plots from the finished records")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--run-cell", dest="run_cell", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if args.run_cell:
+        return _cell_worker(args.run_cell)
+    if not args.study:
+        print("error: --study <file.yaml> is required", file=sys.stderr)
+        return 2
+    overrides, bad = {}, []
+    for arg in unknown:
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            overrides[key] = _parse_value(value)
+        else:
+            bad.append(arg)
+    if bad:
+        print(f"error: unrecognized arguments: {' '.join(bad)} (config overrides are --key=value)", file=sys.stderr)
+        return 2
+    import recbole_mm  # noqa: F401 - compatibility layer
+
+    try:
+        result = run_study(args.study, output_dir=args.output_dir, overrides=overrides,
+                           max_cells=args.max_cells, progress=args.progress, dry_run=args.dry_run,
+                           report_only=args.report_only)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        study = result["study"]
+        print(f"study {study.name}: valid; {len(study.cells)} cells ({len(study.datasets)} datasets x "
+              f"{len(study.models)} models x {len(study.seeds)} seeds), {result['finished']} finished; "
+              f"folder {study.output_dir}")
+        for d, src in result["to_build"].items():
+            print(f"  dataset {d} will be built from its {src['type']} source")
+        return 0
+    counts = result["counts"]
+    print(f"study {result['study'].name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    print(f"results: {result['results_md']}")
+    if counts.get("failed") or counts.get("timeout"):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
