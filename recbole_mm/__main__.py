@@ -21,11 +21,28 @@ def build_parser():
     parser.add_argument("--list-models", action="store_true", help="list available models and exit")
     parser.add_argument("--study", default=None,
                         help="run a YAML study (datasets x models x seeds) instead; see docs/STUDIES.md")
+    # distributed training, RecBole's run_recbole.py options (docs/DISTRIBUTED.md)
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node (default 1)")
+    parser.add_argument("--world_size", type=int, default=-1, help="processes over all nodes (default: nproc)")
+    parser.add_argument("--ip", default="localhost", help="address of the node with global rank 0")
+    parser.add_argument("--port", default="5678", help="free TCP port on that node")
+    parser.add_argument("--group_offset", type=int, default=0, help="global rank of this node's first process")
+    parser.add_argument("--resume", nargs="?", const="true", default=None, choices=("auto", "true", "false"),
+                        help="--resume: continue this run from its last checkpoint (it must exist); "
+                             "--resume=auto (the default): when it exists; --resume=false: start afresh")
     return parser
+
+
+# launcher options: given to quick_start.run, never to the Config as overrides
+LAUNCHER_KEYS = ("--nproc", "--world_size", "--ip", "--port", "--group_offset")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "tune":
+        from recbole_mm.tune import main as tune_main
+
+        return tune_main(argv[1:])
     args, _unknown = build_parser().parse_known_args(argv)
     if args.study:
         from recbole_mm.study import main as study_main
@@ -46,23 +63,30 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from recbole_mm.quick_start import run_recbole_mm
+    from recbole_mm.quick_start import run
 
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
     # RecBole's Config reads --key=value overrides from sys.argv itself and refuses a key given
     # twice; here the last value wins, as in most command lines.
     overrides = {}
     for arg in argv:
-        if arg.startswith("--") and "=" in arg:
+        if arg.startswith("--") and "=" in arg and arg.split("=", 1)[0] not in LAUNCHER_KEYS:
             overrides[arg.split("=", 1)[0]] = arg
+    config_dict = {"resume": args.resume} if args.resume is not None else None
     saved_argv = sys.argv
     sys.argv = [sys.argv[0]] + list(overrides.values())
     try:
-        result = run_recbole_mm(
-            model=args.model, dataset=args.dataset, config_file_list=config_file_list
+        result = run(
+            model=args.model, dataset=args.dataset, config_file_list=config_file_list,
+            config_dict=config_dict, nproc=args.nproc, world_size=args.world_size, ip=args.ip,
+            port=args.port, group_offset=args.group_offset,
         )
     finally:
         sys.argv = saved_argv
+    if result is None:  # a node whose processes returned nothing (its first process failed)
+        print("error: no result came back from the training processes", file=sys.stderr)
+        return 1
+
     def fmt(metrics):
         return "  ".join(f"{k}: {float(v):.4f}" for k, v in metrics.items())
 

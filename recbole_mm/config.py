@@ -124,3 +124,73 @@ class MMConfig(Config):
             if not os.path.exists(os.path.join(target, f"{self.dataset}.inter")):
                 materialize_builtin_dataset(self.dataset, target)
             self.final_config_dict["data_path"] = target
+
+    # ------------------------------------------------------------------ distributed
+    def _init_device(self):
+        """RecBole's device set-up, with a backend that fits the device.
+
+        RecBole 1.2.1 (configurator.py:476-515) always initialises NCCL on ``cuda:local_rank``,
+        so DDP cannot run on CPU. Here the backend is chosen from the device (``ddp_backend:
+        auto``: NCCL on GPUs, gloo on CPU) and may be forced (``ddp_backend: gloo|nccl``); the
+        rank is ``local_rank + offset`` as in RecBole; ranks other than global rank 0 log errors
+        only. ``use_gpu: False`` keeps a run on the CPU even where CUDA is available.
+        """
+        import torch
+
+        cfg = self.final_config_dict
+        if isinstance(cfg["gpu_id"], (tuple, list)):
+            cfg["gpu_id"] = ",".join(map(str, cfg["gpu_id"]))
+        else:
+            cfg["gpu_id"] = "" if cfg["gpu_id"] is None else str(cfg["gpu_id"])
+        gpu_id = cfg["gpu_id"]
+        wants_gpu = cfg.get("use_gpu", True) is not False and len(gpu_id) > 0
+        if "local_rank" not in cfg:
+            super()._init_device()
+            if not wants_gpu:
+                cfg["device"] = torch.device("cpu")
+            return
+
+        import torch.distributed as dist
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+        use_cuda = wants_gpu and torch.cuda.is_available()
+        backend = str(cfg.get("ddp_backend") or "auto").lower()
+        if backend == "auto":
+            backend = "nccl" if use_cuda else "gloo"
+        if backend not in ("nccl", "gloo", "mpi", "ucc"):
+            raise ValueError(f"ddp_backend must be auto, nccl, gloo, mpi or ucc, got {backend!r}")
+        if backend == "nccl" and not use_cuda:
+            raise ValueError("ddp_backend: nccl needs CUDA GPUs (none visible, or use_gpu/gpu_id "
+                             "disable them); use ddp_backend: gloo (or auto) to train on CPU")
+        local_rank = int(cfg["local_rank"])
+        nproc = int(cfg.get("nproc") or 1)
+        offset = int(cfg.get("offset") or 0)
+        world_size = int(cfg.get("world_size") or nproc)
+        if use_cuda:
+            n_ids = len(gpu_id.split(","))
+            if n_ids < nproc:
+                raise ValueError(
+                    f"{nproc} processes per node but gpu_id lists {n_ids} GPU(s) ({gpu_id!r}); "
+                    f"pass --gpu_id={','.join(str(i) for i in range(nproc))} (one GPU per process)"
+                )
+            cfg["device"] = torch.device("cuda", local_rank)
+            torch.cuda.set_device(local_rank)
+        else:
+            cfg["device"] = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=backend,
+                rank=local_rank + offset,
+                world_size=world_size,
+                init_method=f"tcp://{cfg.get('ip') or 'localhost'}:{cfg.get('port') or 5678}",
+            )
+        elif dist.get_world_size() != world_size:
+            raise RuntimeError(f"a process group of size {dist.get_world_size()} already exists; "
+                               f"this config asks for world_size {world_size}")
+        cfg["ddp_backend"] = backend
+        cfg["world_size"] = world_size
+        cfg["single_spec"] = False
+        if local_rank + offset != 0:
+            cfg["state"] = "error"
+            cfg["show_progress"] = False
+            cfg["verbose"] = False

@@ -1,8 +1,10 @@
-"""Run a model end to end: ``run_recbole_mm`` and ``objective_function``.
+"""Run a model end to end: ``run`` (one or many processes), ``run_recbole_mm`` and ``objective_function``.
 
-Mirrors RecBole's ``recbole.quick_start.run_recbole`` without importing that module (it
-imports ray at import time, which breaks on numpy 2 / setuptools >= 81) and without
-``get_flops`` (it deep-copies the model). Every run writes a JSON record next to its log.
+Mirrors RecBole's ``recbole.quick_start`` (``run``, ``run_recbole``, ``run_recboles``) without
+importing that module (it imports ray at import time, which breaks on numpy 2 /
+setuptools >= 81) and without ``get_flops`` (it deep-copies the model). Every run writes a
+JSON record next to its log; under DDP only global rank 0 writes logs, records and
+checkpoints (see ``docs/DISTRIBUTED.md``).
 """
 
 import datetime
@@ -111,6 +113,12 @@ def write_json_atomic(path, payload):
 def build_record(config, result, timings, trainer=None, log_file=None, status="finished", error=None):
     record = {
         "status": status,
+        "resumed_from": getattr(trainer, "resumed_from", None),
+        "distributed": None if config["single_spec"] else {
+            "world_size": config["world_size"],
+            "backend": config["ddp_backend"],
+            "replica_digests": result.get("replica_digests"),
+        },
         "model": config["model"],
         "dataset": config["dataset"],
         "seed": config["seed"],
@@ -134,6 +142,31 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
     if error is not None:
         record["error"] = error
     return _jsonable(record)
+
+
+def global_rank(config):
+    """``local_rank + offset`` (RecBole's rank convention); 0 in a single-process run."""
+    if config["single_spec"]:
+        return 0
+    return int(config["local_rank"] or 0) + int(config["offset"] or 0)
+
+
+def _prepare_dirs(config):
+    # RecBole's ensure_dir is exists-then-makedirs: two ranks creating the same folder race
+    # (FileExistsError, verified). Creating them first with exist_ok=True removes the race.
+    for path in (config["checkpoint_dir"] or "saved", os.path.join("log", str(config["model"])), "log_tensorboard"):
+        os.makedirs(path, exist_ok=True)
+
+
+def _init_rank_logger(config):
+    """RecBole's file + console logger on global rank 0; console errors only elsewhere."""
+    _reset_root_logger()
+    if global_rank(config) == 0:
+        init_logger(config)
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[rank {global_rank(config)}] %(levelname)s  %(message)s"))
+        logging.basicConfig(level=logging.ERROR, handlers=[handler])
 
 
 def record_path_for(config, log_file):
@@ -162,8 +195,8 @@ def run_recbole_mm(
         model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict
     )
     init_seed(config["seed"], config["reproducibility"])
-    _reset_root_logger()
-    init_logger(config)
+    _prepare_dirs(config)
+    _init_rank_logger(config)
     logger = getLogger()
     log_file = _log_file()
     logger.info(sys.argv)
@@ -191,12 +224,19 @@ def run_recbole_mm(
             train_data, valid_data, saved=saved, show_progress=config["show_progress"]
         )
         timings["train"] = time.perf_counter() - t0
+        if not config["single_spec"] and config["ddp_check_replicas"] is not False:
+            digests = trainer.replica_digests()
+            result["replica_digests"] = digests
+            if len(set(digests)) != 1:
+                logger.error(f"DDP replicas differ after training: {digests}")
         t0 = time.perf_counter()
         test_result = trainer.evaluate(
             test_data, load_best_model=saved, show_progress=config["show_progress"]
         )
         timings["test"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
+        if hasattr(trainer, "remove_last_checkpoint"):
+            trainer.remove_last_checkpoint()  # the run is complete: nothing left to resume
 
         logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
         logger.info(set_color("test result", "yellow") + f": {test_result}")
@@ -207,7 +247,7 @@ def run_recbole_mm(
             test_result=test_result,
         )
     except BaseException as exc:
-        if record_file and config["local_rank"] == 0:
+        if record_file and global_rank(config) == 0:
             timings["total"] = time.perf_counter() - t_start
             failed = os.path.splitext(record_file)[0] + ".failed.json"
             write_json_atomic(
@@ -216,18 +256,67 @@ def run_recbole_mm(
                              error=f"{type(exc).__name__}: {exc}"),
             )
         raise
-    if record_file and config["local_rank"] == 0:
+    if record_file and global_rank(config) == 0:
         write_json_atomic(record_file, build_record(config, result, timings, trainer, log_file))
         logger.info(set_color("run record", "blue") + f": {record_file}")
     result.pop("saved", None)
-    result["record_path"] = record_file
+    result["record_path"] = record_file if global_rank(config) == 0 else None
     result["timings_s"] = timings
     result["model"] = config["model"]
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
         if config["local_rank"] == 0 and queue is not None:
-            queue.put(result)
+            queue.put(result)  # each node's first process reports to its launcher (RecBole)
     return result
+
+
+def _spawn_worker(local_rank, model, dataset, config_file_list, kwargs):
+    """``mp.spawn`` target (RecBole's ``run_recboles``): one DDP process."""
+    kwargs = dict(kwargs)
+    kwargs["config_dict"] = dict(kwargs.get("config_dict") or {}, local_rank=local_rank)
+    run_recbole_mm(model, dataset, config_file_list, **kwargs)
+
+
+def run(
+    model=None,
+    dataset=None,
+    config_file_list=None,
+    config_dict=None,
+    saved=True,
+    nproc=1,
+    world_size=-1,
+    ip="localhost",
+    port="5678",
+    group_offset=0,
+):
+    """RecBole's ``recbole.quick_start.run``: one process, or ``nproc`` DDP processes on this node.
+
+    Single process when ``nproc == 1`` and ``world_size <= 0``. Otherwise ``nproc`` processes
+    are spawned; ``world_size`` is the number of processes over all nodes (default ``nproc``),
+    ``group_offset`` the global rank of this node's first process, ``ip:port`` the address of
+    the node holding global rank 0. NCCL on GPUs, gloo on CPU (``ddp_backend`` overrides).
+    Returns the result dict of this node's first process.
+    """
+    nproc = int(nproc)
+    world_size = int(world_size)
+    if nproc == 1 and world_size <= 0:
+        return run_recbole_mm(model=model, dataset=dataset, config_file_list=config_file_list,
+                              config_dict=config_dict, saved=saved)
+    if world_size == -1:
+        world_size = nproc
+    if nproc < 1 or world_size < nproc or not 0 <= int(group_offset) <= world_size - nproc:
+        raise ValueError(f"need 1 <= nproc <= world_size and 0 <= group_offset <= world_size - nproc; got "
+                         f"nproc={nproc}, world_size={world_size}, group_offset={group_offset}")
+    import torch.multiprocessing as mp
+
+    config_dict = dict(config_dict or {})
+    config_dict.update(world_size=world_size, ip=str(ip), port=int(port), nproc=nproc, offset=int(group_offset))
+    for path in ("log", "log_tensorboard", config_dict.get("checkpoint_dir") or "saved"):
+        os.makedirs(path, exist_ok=True)
+    queue = mp.get_context("spawn").SimpleQueue()
+    kwargs = {"config_dict": config_dict, "saved": saved, "queue": queue}
+    mp.spawn(_spawn_worker, args=(model, dataset, config_file_list, kwargs), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=False):

@@ -678,6 +678,30 @@ def _file_digest(path, h) -> None:
 # ============================================================================ cache-aware entry point
 
 
+def _dist_rank_world():
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1); never imports torch."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _dist_all_gather(obj):
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _dist_same_as_rank0(value):
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _image_inputs(dataset_dir, dataset_name, spec, item_file):
     """(tokens, paths, source description) for an image feature."""
     image_field = spec.get("image_field")
@@ -781,22 +805,39 @@ def extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show
             "input_checksum": _image_checksum(tokens, paths), **source,
         }
 
-    if not force and store.is_fresh(name, key):
+    # Under torch.distributed (DDP training) every rank encodes the items r::world_size, the
+    # shards are gathered once, rank 0 saves the feature and the others load it.
+    rank, world = _dist_rank_world()
+    sharded = world > 1
+    fresh = not force and store.is_fresh(name, key)
+    if sharded:
+        fresh = _dist_same_as_rank0(fresh)  # every rank takes the same branch
+    if fresh:
         fm = store.load(name)
         logger.info("feature %r of %s is up to date (%d items x %d, %d missing): reused %s in %.2fs",
                     name, dataset_name, len(fm.tokens), fm.dim, int(fm.missing.sum()), store.paths(name)[0],
                     time.perf_counter() - t0)
         return fm
 
-    logger.info("extracting feature %r of %s (%s, encoder %s, %d items)", name, dataset_name, ftype, encoder, len(tokens))
+    logger.info("extracting feature %r of %s (%s, encoder %s, %d items%s)", name, dataset_name, ftype, encoder,
+                len(tokens), f", sharded over {world} processes" if sharded else "")
     extra = {}
+    shard_dir = f"{chunk_dir}.shard{rank}of{world}" if sharded else chunk_dir
     if ftype == "text":
         idx = np.flatnonzero(present)
-        emb = encode_texts([texts[i] for i in idx], encoder=encoder, pooling=key["pooling"],
+        mine = idx[rank::world] if sharded else idx
+        emb = encode_texts([texts[i] for i in mine], encoder=encoder, pooling=key["pooling"],
                            batch_size=int(spec.get("batch_size", 64)), max_length=key["max_length"],
                            device=device, fp16=spec.get("fp16"), normalize=key["normalize"],
-                           show_progress=show_progress, chunk_dir=chunk_dir,
+                           show_progress=show_progress, chunk_dir=shard_dir,
                            chunk_size=int(spec.get("chunk_size", DEFAULT_TEXT_CHUNK)))
+        if sharded:
+            shards = _dist_all_gather((mine, emb))
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            dim = max(e.shape[1] for _, e in shards)
+            idx = np.concatenate([m for m, _ in shards]).astype(np.int64)
+            emb = np.concatenate([e if e.shape[1] == dim else np.zeros((len(m), dim), np.float32)
+                                  for m, e in shards], axis=0)
         if emb.shape[1] == 0:  # nothing to encode: learn the dim from one dummy text
             emb = np.zeros((0, encode_texts(["x"], encoder=encoder, device=device, show_progress=False).shape[1]),
                            dtype=np.float32)
@@ -805,10 +846,25 @@ def extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show
         missing = ~present
         extra["n_empty_text"] = int(missing.sum())
     else:
+        sel = np.arange(len(paths))[rank::world] if sharded else np.arange(len(paths))
         matrix, missing, problems = encode_images(
-            paths, encoder, batch_size=int(spec.get("batch_size", 32)), device=device, fp16=spec.get("fp16"),
-            pooling=key["pooling"], show_progress=show_progress, chunk_dir=chunk_dir,
-            chunk_size=int(spec.get("chunk_size", DEFAULT_IMAGE_CHUNK)), labels=tokens)
+            [paths[i] for i in sel], encoder, batch_size=int(spec.get("batch_size", 32)), device=device,
+            fp16=spec.get("fp16"), pooling=key["pooling"], show_progress=show_progress, chunk_dir=shard_dir,
+            chunk_size=int(spec.get("chunk_size", DEFAULT_IMAGE_CHUNK)), labels=[tokens[i] for i in sel])
+        if sharded:
+            shards = _dist_all_gather((sel, matrix, missing, problems))
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            dim = max(m.shape[1] for _, m, _, _ in shards)
+            matrix = np.zeros((len(paths), dim), dtype=np.float32)
+            missing = np.zeros(len(paths), dtype=bool)
+            problems = {reason: [] for reason in problems}
+            for rows, part, miss, probs in shards:
+                if part.shape[1] == dim:
+                    matrix[rows] = part
+                missing[rows] = miss
+                for reason, local in probs.items():
+                    problems.setdefault(reason, []).extend(int(rows[j]) for j in local)
+            problems = {reason: sorted(v) for reason, v in problems.items()}
         extra["problems"] = {reason: [tokens[i] for i in rows] for reason, rows in problems.items()}
         extra["problem_counts"] = {reason: len(rows) for reason, rows in problems.items()}
 
@@ -820,8 +876,20 @@ def extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show
         item_file=os.path.basename(item_file), batch_size=int(spec.get("batch_size", 64 if ftype == "text" else 32)),
         extraction_seconds=round(elapsed, 3),
     )
+    if sharded and rank != 0:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 saves
+        if store.is_fresh(name, key):
+            return store.load(name)
+        # this node does not see rank 0's data folder: save the same feature here
+        return store.save(name, tokens, matrix.astype(out_dtype, copy=False), missing, manifest)
     fm = store.save(name, tokens, matrix.astype(out_dtype, copy=False), missing, manifest)
     shutil.rmtree(chunk_dir, ignore_errors=True)
+    if sharded:
+        import torch.distributed as dist
+
+        dist.barrier()
     n_missing = int(np.asarray(missing).sum())
     logger.info("feature %r of %s: %d items x %d, coverage %.1f%% (%d missing%s) in %.1fs (%.0f items/s) -> %s",
                 name, dataset_name, len(tokens), fm.dim, 100.0 * (1 - n_missing / max(1, len(tokens))), n_missing,
