@@ -250,3 +250,21 @@ def test_tssr_cli_end_to_end(workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test result:" in proc.stdout and "ndcg@10" in proc.stdout
     assert os.path.isfile(workdir / "data" / "tiny" / "tiny.text.npy")
+
+
+def test_last_position_forward_equals_full_forward(built):
+    """Scoring runs the cross stacks only at the last position; it must equal the full forward."""
+    model = make_model(built)
+    inter = batch(built)
+    seq, length = inter["item_id_list"], inter["item_length"]
+    with torch.no_grad():
+        full = model(seq, length)["e"]
+        fast = model(seq, length, query_positions=length - 1)["e"][:, 0]
+        ref = full[torch.arange(seq.size(0)), length - 1]
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.full_sort_predict(inter), model.classifier(ref), rtol=1e-5, atol=1e-5)
+        last = make_model(built, ce_positions="last", lambda_u=0.0, lambda_i=0.0)
+        (l_ce,) = last.calculate_loss(inter)
+        expected = torch.nn.functional.cross_entropy(
+            last.classifier(last(seq, length)["e"][torch.arange(seq.size(0)), length - 1]), inter["item_id"])
+        torch.testing.assert_close(l_ce, expected, rtol=1e-5, atol=1e-5)

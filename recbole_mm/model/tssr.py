@@ -22,7 +22,6 @@ from recbole_mm.model.layers import (
     ElementwiseGate,
     all_gather_with_grad,
     causal_padding_mask,
-    gather_positions,
     xavier_init,
 )
 
@@ -162,8 +161,15 @@ class TSSR(SequentialRecommender):
         """Projected content vectors C[x] (before positions), shape (*item_ids.shape, d)."""
         return self.content(item_ids)
 
-    def forward(self, item_seq, item_seq_len):
-        """Returns a dict with the fused sequence output ``e`` and the intermediates the losses use."""
+    def forward(self, item_seq, item_seq_len, query_positions=None):
+        """Fused output ``e`` and the intermediates the losses use.
+
+        With ``query_positions`` (B,), the cross-attention stacks and the gate run only for that
+        position of each sequence (``e`` is then (B, 1, d)): the unimodal encoders still see the
+        whole prefix, and position t's fused output depends only on the unimodal outputs at
+        positions <= t, so this equals the full forward at those positions at a fraction of the
+        cost (scoring and ``ce_positions: last`` need nothing else).
+        """
         positions = torch.arange(item_seq.size(1), device=item_seq.device)
         e_id = self.item_embedding(item_seq)
         c = self.item_content(item_seq)
@@ -172,8 +178,15 @@ class TSSR(SequentialRecommender):
         mask = causal_padding_mask(item_seq)
         h_id = self.id_encoder(z_id, mask)
         h_c = self.content_encoder(z_c, mask)
-        x = self.cross_id(h_id, mask, key_value=h_c)
-        y = self.cross_content(h_c, mask, key_value=h_id)
+        if query_positions is None:
+            q_id, q_c, q_mask = h_id, h_c, mask
+        else:
+            rows = torch.arange(item_seq.size(0), device=item_seq.device)
+            q_id = h_id[rows, query_positions].unsqueeze(1)
+            q_c = h_c[rows, query_positions].unsqueeze(1)
+            q_mask = mask[rows, :, query_positions].unsqueeze(2)  # (B, 1, 1, L)
+        x = self.cross_id(q_id, q_mask, key_value=h_c)
+        y = self.cross_content(q_c, q_mask, key_value=h_id)
         return {"e": self.gate(x, y), "h_id": h_id, "h_c": h_c}
 
     # ------------------------------------------------------------------ losses
@@ -188,11 +201,8 @@ class TSSR(SequentialRecommender):
         labels[torch.arange(item_seq.size(0), device=item_seq.device), item_seq_len - 1] = target
         return labels
 
-    def _ce_loss(self, e, labels, item_seq_len):
-        if self.ce_positions == "last":
-            last = item_seq_len - 1
-            logits = self.classifier(gather_positions(e, last))
-            return F.cross_entropy(logits, gather_positions(labels.unsqueeze(-1), last).squeeze(-1))
+    def _ce_loss(self, e, labels):
+        """Next-item CE at every valid position (``ce_positions: all``)."""
         valid = labels > 0
         return F.cross_entropy(self.classifier(e[valid]), labels[valid])
 
@@ -250,9 +260,13 @@ class TSSR(SequentialRecommender):
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         target = interaction[self.POS_ITEM_ID]
-        out = self.forward(item_seq, item_seq_len)
         labels = self.position_labels(item_seq, item_seq_len, target)
-        losses = [self._ce_loss(out["e"], labels, item_seq_len)]
+        if self.ce_positions == "last":
+            out = self.forward(item_seq, item_seq_len, query_positions=item_seq_len - 1)
+            losses = [F.cross_entropy(self.classifier(out["e"][:, 0]), target)]
+        else:
+            out = self.forward(item_seq, item_seq_len)
+            losses = [self._ce_loss(out["e"], labels)]
         if self.lambda_u > 0:
             users = interaction[self.USER_ID] if self.USER_ID in interaction else torch.arange(
                 item_seq.size(0), device=item_seq.device)
@@ -265,7 +279,7 @@ class TSSR(SequentialRecommender):
     def _last_state(self, interaction):
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
-        return gather_positions(self.forward(item_seq, item_seq_len)["e"], item_seq_len - 1)
+        return self.forward(item_seq, item_seq_len, query_positions=item_seq_len - 1)["e"][:, 0]
 
     def predict(self, interaction):
         scores = self.classifier(self._last_state(interaction))
