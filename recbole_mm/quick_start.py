@@ -26,6 +26,7 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_mm.config import MMConfig
 from recbole_mm.registry import get_dataset_class, get_model, get_trainer
+from recbole_mm.trainer import forget_last_checkpoints, remove_last_checkpoints
 
 
 def _reset_root_logger():
@@ -195,6 +196,7 @@ def run_recbole_mm(
         model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict
     )
     init_seed(config["seed"], config["reproducibility"])
+    forget_last_checkpoints()
     _prepare_dirs(config)
     _init_rank_logger(config)
     logger = getLogger()
@@ -219,6 +221,7 @@ def run_recbole_mm(
         timings["model_init"] = time.perf_counter() - t0
 
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
+        trainer.keep_finished_last_checkpoint = True  # removed below, once the test is done
         t0 = time.perf_counter()
         best_valid_score, best_valid_result = trainer.fit(
             train_data, valid_data, saved=saved, show_progress=config["show_progress"]
@@ -237,6 +240,7 @@ def run_recbole_mm(
         timings["total"] = time.perf_counter() - t_start
         if hasattr(trainer, "remove_last_checkpoint"):
             trainer.remove_last_checkpoint()  # the run is complete: nothing left to resume
+        remove_last_checkpoints()  # nested trainers' too (e.g. SICSRec's step 1)
 
         logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
         logger.info(set_color("test result", "yellow") + f": {test_result}")

@@ -55,14 +55,35 @@ def dist_rank_world():
     return 0, 1
 
 
-def _barrier():
+# Last checkpoints written in this process since the runner started its run (nested
+# trainers too, e.g. SICSRec's step 1): the runner deletes them all once the run succeeded.
+_LAST_WRITTEN = set()
+# Whether a trainer of the current run resumed (a multi-step run such as SICSRec killed in
+# step 1 has no step-2 checkpoint yet: resume: true is then satisfied by step 1).
+_RESUMED_IN_RUN = [False]
+
+
+def forget_last_checkpoints():
+    _LAST_WRITTEN.clear()
+    _RESUMED_IN_RUN[0] = False
+
+
+def remove_last_checkpoints():
+    """Delete every last checkpoint this process wrote since :func:`forget_last_checkpoints`."""
+    for path in sorted(_LAST_WRITTEN):
+        if os.path.isfile(path):
+            os.remove(path)
+    _LAST_WRITTEN.clear()
+
+
+def barrier():
     import torch.distributed as dist
 
     if dist_rank_world()[1] > 1:
         dist.barrier()
 
 
-def _all_gather_object(obj):
+def all_gather_object(obj):
     import torch.distributed as dist
 
     if dist_rank_world()[1] == 1:
@@ -72,7 +93,7 @@ def _all_gather_object(obj):
     return out
 
 
-def _broadcast_object(obj):
+def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank."""
     import torch.distributed as dist
 
@@ -169,7 +190,7 @@ class GatheringCollector(Collector):
             n_total, shard = expect
             keys = [k for k in self.ROW_KEYS if k in self.data_struct]
             meta = (keys, {k: tuple(self.data_struct[k].shape) for k in keys}, shard)
-            metas = _all_gather_object(meta)
+            metas = all_gather_object(meta)
             ok = shard is not None and all(
                 m[0] == keys and m[2] == shard and all(m[1][k] == meta[1][k] and m[1][k][0] == shard for k in keys)
                 for m in metas
@@ -217,8 +238,12 @@ class SafeLoadingMixin:
         if distributed:
             self.eval_collector = GatheringCollector(config)
             # RecBole names the best checkpoint after each rank's clock: use rank 0's name.
-            self.saved_model_file = _broadcast_object(self.saved_model_file)
+            self.saved_model_file = broadcast_object(self.saved_model_file)
         self.resumed_from = None
+        # The runner keeps its trainer's finished last checkpoint until the test evaluation is
+        # done (a run killed there resumes straight to it); a trainer used inside another
+        # one's fit (SICSRec's step 1) deletes its own as soon as its fit returns.
+        self.keep_finished_last_checkpoint = False
         if hasattr(model, "optimizer_param_groups"):
             self.optimizer = self._build_optimizer(params=model.optimizer_param_groups())
         else:
@@ -255,12 +280,12 @@ class SafeLoadingMixin:
         the file (multi-node without a shared ``checkpoint_dir``) receives rank 0's copy."""
         if dist_rank_world()[1] == 1:
             return torch_load(path, map_location=self.device)
-        seen = _all_gather_object(os.path.isfile(path))
+        seen = all_gather_object(os.path.isfile(path))
         if all(seen):
             return torch_load(path, map_location=self.device)
         if not seen[0]:
             raise FileNotFoundError(f"checkpoint {path} not found on rank 0")
-        return _broadcast_object(torch_load(path, map_location="cpu") if self.is_main_process else None)
+        return broadcast_object(torch_load(path, map_location="cpu") if self.is_main_process else None)
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         """RecBole's best checkpoint, written atomically by global rank 0; all ranks wait for it."""
@@ -276,7 +301,7 @@ class SafeLoadingMixin:
                     os.remove(tmp)
             if verbose:
                 self.logger.info(set_color("Saving current", "blue") + f": {target}")
-        _barrier()
+        barrier()
 
     def _map_reduce(self, result, num_sample):
         if getattr(self.eval_collector, "gathered", False):
@@ -368,7 +393,7 @@ class SafeLoadingMixin:
         """Everything ``fit`` needs to continue after ``epoch_idx``; atomic; rank 0 writes."""
         if path is None:
             return
-        rng = _all_gather_object(self._rng_state(train_data))  # one state per rank
+        rng = all_gather_object(self._rng_state(train_data))  # one state per rank
         if self.is_main_process:
             state = {
                 "format": "recbole_mm-last-1",
@@ -393,19 +418,20 @@ class SafeLoadingMixin:
             try:
                 torch.save(state, tmp, pickle_protocol=4)
                 os.replace(tmp, path)
+                _LAST_WRITTEN.add(os.path.abspath(path))
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-        _barrier()
+        barrier()
 
     def _maybe_resume(self, path, train_data):
         """Restore the state saved in ``path`` per ``resume``; returns True if that run had finished."""
         mode = resume_mode(self.config)
         if mode == "false":
             return False
-        exists = _broadcast_object(os.path.isfile(path))
+        exists = broadcast_object(os.path.isfile(path))
         if not exists:
-            if mode == "true":
+            if mode == "true" and not _RESUMED_IN_RUN[0]:
                 raise FileNotFoundError(
                     f"resume: true, but this run has no last checkpoint {path} (checkpoints are "
                     "keyed by the config that defines the run: same model, dataset and settings, "
@@ -437,7 +463,8 @@ class SafeLoadingMixin:
         if self.is_main_process and old_best and old_best != self.saved_model_file and os.path.isfile(old_best):
             os.makedirs(os.path.dirname(os.path.abspath(self.saved_model_file)), exist_ok=True)
             os.replace(old_best, self.saved_model_file)
-        _barrier()
+        barrier()
+        _RESUMED_IN_RUN[0] = True
         self.resumed_from = {"checkpoint": os.path.abspath(path), "epoch": int(ckpt["epoch"]),
                              "finished": bool(ckpt.get("finished"))}
         self.history.setdefault("resumed", []).append(dict(self.resumed_from))
@@ -459,8 +486,8 @@ class SafeLoadingMixin:
         h = hashlib.sha256()
         for name, tensor in sorted(self.model.state_dict().items()):
             h.update(name.encode("utf-8"))
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return _all_gather_object(h.hexdigest())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return all_gather_object(h.hexdigest())
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """RecBole's ``Trainer.fit``, plus the last checkpoint after every epoch and resume."""
@@ -545,6 +572,8 @@ class SafeLoadingMixin:
                 break
 
         self._add_hparam_to_tensorboard(self.best_valid_score)
+        if last_file is not None and not self.keep_finished_last_checkpoint:
+            self.remove_last_checkpoint()
         return self.best_valid_score, self.best_valid_result
 
 

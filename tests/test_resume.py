@@ -176,3 +176,44 @@ def test_resume_auto_continues_and_false_starts_afresh(workdir):
     fresh = run_recbole_mm(model="SASRec", dataset="tiny", config_dict=dict(cfg, resume=False))
     assert _record(fresh["record_path"])["resumed_from"] is None
     assert fresh["test_result"] == auto["test_result"]  # same seed, same result either way
+
+
+@pytest.mark.parametrize("interrupted_step", ["SASRec", "SICSRec"])
+def test_sicsrec_resumes_in_either_step(interrupted_step, workdir):
+    """SICSRec interrupted in step 1 (its ID SASRec) or in step 2 resumes (``resume: auto``)
+    to the result of an uninterrupted run; no last checkpoint is left behind."""
+    import recbole_mm.trainer as trainer
+    from recbole_mm.quick_start import run_recbole_mm
+
+    write_tiny_dataset(workdir / "data")
+    cfg = dict(FAST, epochs=2, stage1=False, data_path=str(workdir / "data"))
+
+    class Interrupt(Exception):
+        pass
+
+    original = trainer.SafeLoadingMixin._save_last_checkpoint
+
+    def interrupt(self, path, epoch_idx, train_data, finished):
+        original(self, path, epoch_idx, train_data, finished)
+        if epoch_idx == 0 and self.config["model"] == interrupted_step:
+            raise Interrupt()
+
+    saved = dict(cfg, checkpoint_dir=str(workdir / "saved"))
+    trainer.SafeLoadingMixin._save_last_checkpoint = interrupt
+    try:
+        with pytest.raises(Interrupt):
+            run_recbole_mm(model="SICSRec", dataset="tiny", config_dict=saved)
+    finally:
+        trainer.SafeLoadingMixin._save_last_checkpoint = original
+    assert [f for f in os.listdir(workdir / "saved") if f.startswith(f"{interrupted_step}-tiny-")
+            and f.endswith("-last.pth")]
+    resumed = run_recbole_mm(model="SICSRec", dataset="tiny", config_dict=saved)
+    reference = run_recbole_mm(model="SICSRec", dataset="tiny",
+                               config_dict=dict(cfg, checkpoint_dir=str(workdir / "saved_ref")))
+    assert resumed["test_result"] == reference["test_result"]
+    rec = _record(resumed["record_path"])
+    if interrupted_step == "SICSRec":
+        assert rec["resumed_from"]["epoch"] == 0
+    else:
+        assert '"resumed"' in json.dumps(rec["history"].get("step1"))  # step 1's own history says so
+    assert not [f for f in os.listdir(workdir / "saved") if f.endswith("-last.pth")]
