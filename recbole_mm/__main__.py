@@ -13,6 +13,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="run_recbole_mm.py",
         description="Run a recbole_mm or RecBole model. Any other --key=value is a config override.",
+        epilog="Hyper-parameter search: run_recbole_mm.py tune --model=TSSR --params_file=... "
+               "(see run_recbole_mm.py tune --help and docs/DISTRIBUTED.md).",
         allow_abbrev=False,
     )
     parser.add_argument("--model", "-m", default="TSSR", help="model name (default: TSSR)")

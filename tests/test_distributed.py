@@ -60,6 +60,7 @@ def test_ddp_two_cpu_processes_complete_with_identical_replicas(ddp_run):
     digests = dist["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]  # parameters identical on both ranks
     assert record["device"] == "cpu"
+    assert record["config"]["hidden_size"] == FAST["hidden_size"]  # overrides reach the spawned ranks
     assert len(record["history"]["train_loss"]) == 1  # one epoch
     assert "test result" in proc.stdout
 
