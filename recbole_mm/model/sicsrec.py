@@ -239,12 +239,17 @@ class SICSRec(SequentialRecommender):
         return x
 
     def item_content(self, item_ids):
-        """Normalised content vectors c = normalize(sum_m MLP_m(T_m[x])), shape (*item_ids.shape, d)."""
+        """Normalised content vectors c = normalize(sum_m MLP_m(T_m[x])), shape (*item_ids.shape, d).
+
+        Each distinct item of ``item_ids`` goes through the MLPs once (a batch of B x L positions
+        holds far fewer distinct items); the result and its gradients are the same.
+        """
+        uniq, inverse = torch.unique(item_ids.reshape(-1), return_inverse=True)
         z = None
         for m in self.modalities:
-            h = self.content_mlps[m](self.content_tables[m](item_ids))
+            h = self.content_mlps[m](self.content_tables[m](uniq))
             z = h if z is None else z + h
-        return F.normalize(z, dim=-1)
+        return F.normalize(z, dim=-1)[inverse].view(*item_ids.shape, -1)
 
     def content_states(self, item_seq, mask):
         positions = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
@@ -405,6 +410,13 @@ def step1_key(config, train_data, valid_data=None):
     }
 
 
+def _barrier(ddp):
+    if ddp:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def step1_path(config, key):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:12]
     return os.path.join(config["checkpoint_dir"], f"SICSRec-step1-{config['dataset']}-{digest}.pth")
@@ -466,19 +478,26 @@ class SICSRecTrainer(MMTrainer):
         init_seed(cfg["seed"] + cfg["local_rank"], cfg["reproducibility"])
         model = SASRec(cfg, train_data._dataset).to(self.device)
         trainer = get_trainer(cfg["MODEL_TYPE"], "SASRec")(cfg, model)
-        partial = f"{path}.partial-{os.getpid()}"
+        # under DDP only local rank 0 writes checkpoints (RecBole's rule): one shared partial name
+        ddp = not cfg["single_spec"]
+        writer = not ddp or cfg["local_rank"] == 0
+        partial = f"{path}.partial-ddp" if ddp else f"{path}.partial-{os.getpid()}"
         trainer.saved_model_file = partial
         try:
             best_score, best_result = trainer.fit(train_data, valid_data, verbose=verbose, saved=True,
                                                   show_progress=show_progress)
-            ckpt = torch_load(partial, map_location=self.device)
-            ckpt["sicsrec_step1"] = {"key": _jsonable(key), "best_valid_score": _jsonable(best_score),
-                                     "best_valid_result": _jsonable(best_result)}
-            tmp = f"{path}.tmp-{os.getpid()}"
-            torch.save(ckpt, tmp, pickle_protocol=4)
-            os.replace(tmp, path)
+            _barrier(ddp)
+            if writer:
+                ckpt = torch_load(partial, map_location=self.device)
+                ckpt["sicsrec_step1"] = {"key": _jsonable(key), "best_valid_score": _jsonable(best_score),
+                                         "best_valid_result": _jsonable(best_result)}
+                tmp = f"{path}.tmp-{os.getpid()}"
+                torch.save(ckpt, tmp, pickle_protocol=4)
+                os.replace(tmp, path)
+            _barrier(ddp)
+            ckpt = torch_load(path, map_location=self.device)
         finally:
-            if os.path.exists(partial):
+            if writer and os.path.exists(partial):
                 os.remove(partial)
             if batch_changed:
                 train_data.update_config(self.config)

@@ -88,6 +88,30 @@ def stage1_feature_names(config):
     return {m: _cfg(config, f"stage1_{m}_feature", f"{m}_sicsrec") for m in modalities(config)}
 
 
+def _dist_info():
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier():
+    import torch.distributed as dist
+
+    if _dist_info()[1] > 1:
+        dist.barrier()
+
+
+def _all_gather_object(obj):
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _sha(parts) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -146,8 +170,9 @@ def stage1_pairs(dataset, show_progress=False):
         pairs = [(t, s) for _, t, s, _ in found]
         info.update(stats, feature=feat)
         out = os.path.join(data_dir, f"{name}.sicsrec_pairs.cooccurrence.tsv")
-        write_pairs(out, [(u, id2token[t], id2token[s], f"{sc:.4f}") for u, t, s, sc in found],
-                    {"miner": "cooccurrence", "feature": feat, "stats": stats})
+        if _dist_info()[0] == 0:
+            write_pairs(out, [(u, id2token[t], id2token[s], f"{sc:.4f}") for u, t, s, sc in found],
+                        {"miner": "cooccurrence", "feature": feat, "stats": stats})
     else:
         pairs, llm_info = _llm_pairs(dataset, queries, id2token, token2id, show_progress)
         info.update(llm_info)
@@ -208,14 +233,27 @@ def _llm_pairs(dataset, queries, id2token, token2id, show_progress):
         max_prompt_tokens=settings["max_prompt_tokens"], chat_template=settings["chat_template"],
         dtype=settings["dtype"], device=config["device"], aligned=settings["aligned"],
         instruction=settings["instruction"], trust_remote_code=bool(_cfg(config, "pair_llm_trust_remote_code", False)))
+    # under torch.distributed every rank asks the LLM about the users r::world, rank 0 writes
+    rank, world = _dist_info()
     chunk_dir = os.path.join(data_dir, f".{name}.sicsrec_pairs.llm.chunks")
-    records, stats = miner.mine(tq, titles, chunk_dir=chunk_dir,
+    if world > 1:
+        chunk_dir += f".shard{rank}of{world}"
+    records, stats = miner.mine(tq[rank::world], titles, chunk_dir=chunk_dir,
                                 chunk_size=int(_cfg(config, "pair_llm_chunk_size", 256)), show_progress=show_progress)
+    if world > 1:
+        shards = _all_gather_object((records, stats))
+        merged = [None] * len(tq)
+        for r, (recs, _) in enumerate(shards):
+            merged[r::world] = recs
+        records = merged
+        stats = {k: sum(st[k] for _, st in shards) for k in stats}
     found = [(u, t, s) for u, t, s, status, _ in records if s is not None]
-    write_pairs(out, [(u, t, s, "") for u, t, s in found],
-                {"key": key, "stats": stats, "title_feature": title_feature})
-    write_pairs(out[:-4] + ".answers.tsv", [(u, t, s or "", f"{st}: {ans!r}") for u, t, s, st, ans in records])
+    if rank == 0:
+        write_pairs(out, [(u, t, s, "") for u, t, s in found],
+                    {"key": key, "stats": stats, "title_feature": title_feature})
+        write_pairs(out[:-4] + ".answers.tsv", [(u, t, s or "", f"{st}: {ans!r}") for u, t, s, st, ans in records])
     shutil.rmtree(chunk_dir, ignore_errors=True)
+    _barrier()
     del miner
     _free_memory()
     n = max(1, stats["queries"])
@@ -541,6 +579,8 @@ def build_aligner(dataset, inputs):
     if "text" in inputs:
         encoder, tokenizer = load_text_encoder(inputs["text"]["encoder"])
         ids, mask = dataset.text_inputs(inputs["text"]["feature"], tokenizer, int(_cfg(config, "sft_max_length", 64)))
+        width = max(1, int(mask.sum(1).max()))  # drop columns that are padding for every item
+        ids, mask = ids[:, :width].contiguous(), mask[:, :width].contiguous()
         text = FinetuneTextEncoder(encoder, ids, mask, trainable_layers=int(_cfg(config, "sft_text_trainable_layers", 1)),
                                    pooling=inputs["text"]["pooling"], unique_items=True,
                                    cache_lower=bool(_cfg(config, "sft_cache_lower", True)))
@@ -702,7 +742,14 @@ def run_stage1(dataset, show_progress=None):
         "pairs_checksum": _sha(f"{id2token[a]}|{id2token[b]}" for a, b in pairs.tolist()),
         "sft": {k: _cfg(config, k) for k in SFT_KEYS}, "encoders": {m: inputs[m]["key"] for m in mods},
     }
-    if all(store.is_fresh(names[m], key) for m in mods):
+    fresh = all(store.is_fresh(names[m], key) for m in mods)
+    rank, world = _dist_info()
+    if not fresh and rank != 0:  # under torch.distributed rank 0 fine-tunes and saves, the others load
+        _barrier()
+        fresh = all(store.is_fresh(names[m], key) for m in mods)
+        if not fresh:
+            raise RuntimeError("SICSRec stage 1: rank 0 did not produce the stage-1 features (see its log)")
+    if fresh:
         out = {names[m]: store.load(names[m]) for m in mods}
         logger.info("SICSRec stage 1: features %s are up to date: reused", sorted(out))
         return out
@@ -728,6 +775,8 @@ def run_stage1(dataset, show_progress=None):
                 {n: tuple(fm.matrix.shape) for n, fm in out.items()})
     del aligner
     _free_memory()
+    if world > 1:
+        _barrier()
     return out
 
 
