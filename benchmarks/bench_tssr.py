@@ -9,7 +9,8 @@ Reports (same dataset, hidden size, MAX_ITEM_LIST_LENGTH and batch size for ever
 2. full-ranking evaluation time (validation split) TSSR vs SASRec;
 3. finetune step time: each unique item encoded once with cached frozen lower layers vs the
    original's regime (all B x L positions through the whole encoder), offline MiniLM encoder.
-Epoch times are extrapolated from ``--batches`` timed batches (after one warm-up batch).
+Epoch times are extrapolated from ``--batches`` timed batches (after one warm-up batch);
+models alternate batch by batch, and evaluation passes alternate, so background load hits all alike.
 """
 
 import argparse
@@ -45,36 +46,44 @@ def build(model, dataset, overrides):
     return config, net, train, valid
 
 
-def time_train(net, loader, n_batches, lr=1e-3):
-    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
-    net.train()
-    times = []
-    it = iter(loader)
+def time_train(nets, loaders, n_batches, lr=1e-3):
+    """Median seconds per training batch of each model; models alternate batch by batch so that
+    load from other processes hits them alike."""
+    opts = [torch.optim.Adam([p for p in n.parameters() if p.requires_grad], lr=lr) for n in nets]
+    iters = [iter(l) for l in loaders]
+    times = [[] for _ in nets]
+    for n in nets:
+        n.train()
     for i in range(n_batches + 1):
-        try:
-            inter = next(it)
-        except StopIteration:
-            break
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        loss = net.calculate_loss(inter)
-        loss = sum(loss) if isinstance(loss, tuple) else loss
-        loss.backward()
-        opt.step()
-        if i > 0:  # first batch is warm-up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(loader)
+        for k, (net, opt) in enumerate(zip(nets, opts)):
+            try:
+                inter = next(iters[k])
+            except StopIteration:
+                iters[k] = iter(loaders[k])
+                inter = next(iters[k])
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = net.calculate_loss(inter)
+            loss = sum(loss) if isinstance(loss, tuple) else loss
+            loss.backward()
+            opt.step()
+            if i > 0:  # first batch is warm-up
+                times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 @torch.inference_mode()
-def time_eval(net, loader, repeats=2):
-    net.eval()
-    best = float("inf")
+def time_eval(nets, loaders, repeats=3):
+    """Best-of-``repeats`` seconds for a full-ranking pass over each loader, models alternating."""
+    best = [float("inf")] * len(nets)
+    for n in nets:
+        n.eval()
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for batch in loader:
-            net.full_sort_predict(batch[0])
-        best = min(best, time.perf_counter() - t0)
+        for k, (net, loader) in enumerate(zip(nets, loaders)):
+            t0 = time.perf_counter()
+            for batch in loader:
+                net.full_sort_predict(batch[0])
+            best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 
@@ -97,16 +106,14 @@ def main():
     }
     rows = []
     _, sas, sas_train, sas_valid = build("SASRec", args.dataset, dict(common, n_layers=2, n_heads=2))
-    t_sas, n_sas = time_train(sas, sas_train, args.batches)
     _, tssr_p, tp_train, _ = build("TSSR", args.dataset, dict(common, train_windows="all_prefixes", ce_positions="last"))
-    t_tp, n_tp = time_train(tssr_p, tp_train, args.batches)
     _, tssr, t_train, t_valid = build("TSSR", args.dataset, dict(common))
-    t_ts, n_ts = time_train(tssr, t_train, args.batches)
+    t_sas, t_tp, t_ts = time_train([sas, tssr_p, tssr], [sas_train, tp_train, t_train], args.batches)
+    n_sas, n_tp, n_ts = len(sas_train), len(tp_train), len(t_train)
     rows.append(("train batch (s), same samples", t_sas, t_tp, t_tp / t_sas))
     rows.append(("train epoch (s), same samples (all prefixes)", t_sas * n_sas, t_tp * n_tp, (t_tp * n_tp) / (t_sas * n_sas)))
     rows.append(("train epoch (s), TSSR default regime (sliding windows)", t_sas * n_sas, t_ts * n_ts, (t_ts * n_ts) / (t_sas * n_sas)))
-    e_sas = time_eval(sas, sas_valid)
-    e_ts = time_eval(tssr, t_valid)
+    e_sas, e_ts = time_eval([sas, tssr], [sas_valid, t_valid])
     rows.append(("full-ranking evaluation, valid split (s)", e_sas, e_ts, e_ts / e_sas))
 
     print(f"\n## TSSR vs SASRec on {args.dataset} (hidden {args.hidden_size}, max len {args.max_len}, "
@@ -122,9 +129,8 @@ def main():
         ft = dict(common, content_mode="finetune", encoder_trainable_layers=1, encoder_max_length=32,
                   train_batch_size=args.ft_batch_size)
         _, fast, f_train, _ = build("TSSR", args.dataset, ft)
-        t_fast, _ = time_train(fast, f_train, args.ft_steps)
         _, slow, s_train, _ = build("TSSR", args.dataset, dict(ft, encoder_unique_items=False, encoder_cache_lower=False))
-        t_slow, _ = time_train(slow, s_train, args.ft_steps)
+        t_fast, t_slow = time_train([fast, slow], [f_train, s_train], args.ft_steps)
         print(f"\n## finetune step time, MiniLM (6 layers, top 1 trainable), batch {args.ft_batch_size}, "
               f"max len {args.max_len}\n")
         print("| regime | step (s) |")
