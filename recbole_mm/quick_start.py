@@ -66,12 +66,14 @@ def _jsonable(value):
 
 
 def library_versions():
+    # package metadata, not imports: importing transformers just for its version costs seconds
+    from importlib import metadata
+
     versions = {"python": platform.python_version()}
     for name in ("recbole", "torch", "numpy", "pandas", "transformers", "recbole_mm"):
         try:
-            module = __import__(name)
-            versions[name] = getattr(module, "__version__", "unknown")
-        except Exception:  # noqa: BLE001 - a missing optional library is just reported
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
 
