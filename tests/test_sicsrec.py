@@ -284,3 +284,14 @@ def test_end_to_end_stage1_both_steps_and_reuse(workdir):
     ndcg = float(proc.stdout.split("ndcg@10: ")[-1].split()[0])
     assert abs(ndcg - float(first["test_result"]["ndcg@10"])) < 1e-4  # step 2 is the same either way
 
+
+
+def test_content_spread_diagnostic(built):
+    model = make(built)
+    model.eval()
+    with torch.no_grad():
+        c = model.item_content(torch.arange(1, model.n_items))
+        sim = c @ c.t()
+        n = c.size(0)
+        brute = float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+    assert abs(model.content_spread(batch_size=7) - brute) < 1e-5

@@ -322,6 +322,22 @@ class SICSRec(SequentialRecommender):
         logits = logits.masked_fill(dup, fill)
         return F.cross_entropy(logits, torch.arange(s.size(0), device=s.device))
 
+    @torch.no_grad()
+    def content_spread(self, batch_size=65536):
+        """Mean pairwise cosine of the content vectors of all items (1.0 = collapsed to one vector).
+
+        O(n_items x d): with unit vectors, mean_{i != j} c_i.c_j = (|sum c|^2 - n) / (n (n - 1)).
+        """
+        n = self.n_items - 1
+        if n < 2:
+            return float("nan")
+        total = None
+        for start in range(1, self.n_items, batch_size):
+            ids = torch.arange(start, min(self.n_items, start + batch_size), device=self.item_embedding.weight.device)
+            part = self.item_content(ids).sum(0)
+            total = part if total is None else total + part
+        return float((total.pow(2).sum() - n) / (n * (n - 1)))
+
     def reg_loss(self):
         tables = [self.item_embedding.weight] if self.item_embedding.weight.requires_grad else []
         tables += [t.weight for t in self.content_tables.values() if t.weight.requires_grad]
@@ -437,6 +453,19 @@ class SICSRecTrainer(MMTrainer):
                          "encoder, decoder and fusion")
         return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
                            callback_fn=callback_fn)
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        model = self.model
+        if hasattr(model, "content_spread"):
+            was = model.training
+            model.eval()
+            spread = model.content_spread()
+            model.train(was)
+            self._history().setdefault("content_mean_cosine", []).append(spread)
+            self.logger.info(f"SICSRec epoch {epoch_idx}: content vectors' mean pairwise cosine {spread:.3f} "
+                             "(1 = collapsed)")
+        return loss
 
     def prepare_step1(self, train_data, valid_data=None, verbose=True, show_progress=False):
         """(step-1 state_dict, info): loaded from ``pretrained_id_encoder`` or the deterministic
