@@ -3,8 +3,17 @@
 import os
 import sys
 
+# One torch thread per process: the suite starts subprocesses (CLI runs, DDP ranks, study cells)
+# and two threads on two busy cores run several times slower than one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import numpy as np
 import pytest
+import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import recbole_mm  # noqa: F401 - compat first
 
