@@ -53,11 +53,11 @@ def create_dataset(config):
     return dataset_class(config)
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
@@ -144,7 +144,7 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
     }
     if error is not None:
         record["error"] = error
-    return _jsonable(record)
+    return jsonable(record)
 
 
 def global_rank(config):

@@ -236,7 +236,8 @@ class _Chunks:
             _save_chunk(self.path(k), **arrays)
 
 
-def _sha256_strings(parts) -> str:
+def sha256_strings(parts) -> str:
+    """sha256 over a sequence of strings, each length-prefixed (no concatenation ambiguity)."""
     h = hashlib.sha256()
     for p in parts:
         b = str(p).encode("utf-8")
@@ -358,7 +359,7 @@ def encode_texts(texts: Sequence[str], encoder=DEFAULT_TEXT_ENCODER, pooling: st
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     chunks = _Chunks(chunk_dir, {
-        "kind": "text", "texts": _sha256_strings(texts), "encoder": str(encoder),
+        "kind": "text", "texts": sha256_strings(texts), "encoder": str(encoder),
         "fingerprint": encoder_fingerprint(resolve_encoder(encoder)), "pooling": pooling,
         "max_length": int(max_length), "normalize": bool(normalize), "fp16": use_fp16,
         "chunk_size": int(chunk_size),
@@ -579,7 +580,7 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
             mode = "cls" if output.last_hidden_state.dim() == 3 else "mean"
         return _pool(output, None, mode, f"image encoder {encoder!r}").cpu().numpy().astype(np.float32)
 
-    key = {"kind": "image", "paths": _sha256_strings("" if p is None else p for p in paths),
+    key = {"kind": "image", "paths": sha256_strings("" if p is None else p for p in paths),
            "encoder": str(encoder), "fingerprint": encoder_fingerprint(os.fspath(encoder)),
            "pooling": pooling, "fp16": use_fp16, "chunk_size": int(chunk_size)}
     chunks = _Chunks(chunk_dir, key)
@@ -791,7 +792,7 @@ def extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show
             "type": "text", "encoder": str(encoder), "encoder_fingerprint": encoder_fingerprint(resolve_encoder(encoder)),
             "fields": fields, "template": template, "pooling": spec.get("pooling", "mean"),
             "max_length": int(spec.get("max_length", 128)), "normalize": bool(spec.get("normalize", False)),
-            "dtype": str(out_dtype), "input_checksum": _sha256_strings(x for pair in zip(tokens, texts) for x in pair),
+            "dtype": str(out_dtype), "input_checksum": sha256_strings(x for pair in zip(tokens, texts) for x in pair),
         }
     else:
         encoder = spec.get("encoder")

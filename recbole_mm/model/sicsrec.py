@@ -35,6 +35,7 @@ from recbole.model.layers import TransformerEncoder
 from recbole.utils import init_seed, set_color
 
 from recbole_mm.compat import torch_load
+from recbole_mm.quick_start import jsonable
 from recbole_mm.model.layers import (
     AttentionStack,
     LowRankAdapter,
@@ -379,18 +380,6 @@ STEP1_KEYS = (
 )
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
-    return str(value)
-
-
 def step1_config(config):
     """A copy of ``config`` for the step-1 SASRec: ``step1_config`` overrides applied, model SASRec."""
     cfg = copy.deepcopy(config)
@@ -421,7 +410,7 @@ def step1_key(config, train_data, valid_data=None):
     return {
         "dataset": config["dataset"],
         "data": data_checksum(train_data, valid_data),
-        "settings": {k: _jsonable(cfg[k]) for k in STEP1_KEYS if k in cfg},
+        "settings": {k: jsonable(cfg[k]) for k in STEP1_KEYS if k in cfg},
         "n_items": int(train_data._dataset.item_num),
     }
 
@@ -446,7 +435,7 @@ class SICSRecTrainer(MMTrainer):
         state, info = self.prepare_step1(train_data, valid_data, verbose=verbose, show_progress=show_progress)
         self.model.load_id_encoder(state)
         self.step1_info = info
-        self._history()["step1"] = _jsonable(info)
+        self._history()["step1"] = jsonable(info)
         # step 2 starts from the same random state whether step 1 was trained or reused
         init_seed(self.config["seed"] + self.config["local_rank"], self.config["reproducibility"])
         self.logger.info(set_color("SICSRec step 2", "green") + ": frozen ID Transformer + adapters, content "
@@ -484,7 +473,7 @@ class SICSRecTrainer(MMTrainer):
         if os.path.isfile(path) and not _opt(config, "step1_retrain", False):
             ckpt = torch_load(path, map_location=self.device)
             meta = ckpt.get("sicsrec_step1", {})
-            if meta.get("key") == _jsonable(key):
+            if meta.get("key") == jsonable(key):
                 self.logger.info(set_color("SICSRec step 1", "green") + f": reusing {path} (best valid "
                                  f"{meta.get('best_valid_score')})")
                 return ckpt, {"checkpoint": path, "reused": True, "best_valid_score": meta.get("best_valid_score"),
@@ -518,8 +507,8 @@ class SICSRecTrainer(MMTrainer):
             _barrier(ddp)
             if writer:
                 ckpt = torch_load(partial, map_location=self.device)
-                ckpt["sicsrec_step1"] = {"key": _jsonable(key), "best_valid_score": _jsonable(best_score),
-                                         "best_valid_result": _jsonable(best_result)}
+                ckpt["sicsrec_step1"] = {"key": jsonable(key), "best_valid_score": jsonable(best_score),
+                                         "best_valid_result": jsonable(best_result)}
                 tmp = f"{path}.tmp-{os.getpid()}"
                 torch.save(ckpt, tmp, pickle_protocol=4)
                 os.replace(tmp, path)

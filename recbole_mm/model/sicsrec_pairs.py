@@ -20,7 +20,6 @@ reachable through ``pair_target: full_last`` and ``pair_prompt_aligned: false``.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from recbole_mm.data.extract import sha256_strings
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,6 @@ class UserSequence:
 # ============================================================================ sequences
 
 
-def _sha(parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        b = str(p).encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
 
 
 def user_sequences(dataset) -> list:
@@ -386,7 +380,7 @@ class LLMPairMiner:
                 cands = [[(c, titles.get(c, "")) for c in q[2]] for q in chunk]
                 prompts = [build_prompt((q[1], titles.get(q[1], "")), cs, self.aligned, self.instruction)
                            for q, cs in zip(chunk, cands)]
-                key = _sha([json.dumps(settings, sort_keys=True)] + prompts)
+                key = sha256_strings([json.dumps(settings, sort_keys=True)] + prompts)
                 path = None if chunk_dir is None else os.path.join(chunk_dir, f"chunk_{k // int(chunk_size):06d}.json")
                 answers = None
                 if path is not None and os.path.isfile(path):
@@ -471,7 +465,7 @@ def read_pairs(path):
 
 
 def queries_checksum(queries) -> str:
-    return _sha(f"{u}|{t}|{' '.join(map(str, c))}" for u, t, c in queries)
+    return sha256_strings(f"{u}|{t}|{' '.join(map(str, c))}" for u, t, c in queries)
 
 
 __all__ = [

@@ -22,8 +22,6 @@ alone: ``python -m recbole_mm.model.sicsrec_stage1 --dataset=Bili_Food [--key=va
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -31,6 +29,8 @@ import sys
 import time
 
 import numpy as np
+
+from recbole_mm.data.extract import sha256_strings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -112,13 +112,6 @@ def _all_gather_object(obj):
     return out
 
 
-def _sha(parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        b = str(p).encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
 
 
 # ============================================================================ pairs
@@ -221,7 +214,7 @@ def _llm_pairs(dataset, queries, id2token, token2id, show_progress):
     }
     from recbole_mm.data.extract import encoder_fingerprint
 
-    key = {"queries": queries_checksum(tq), "titles": _sha(titles.get(c, "") for q in tq for c in [q[1]] + q[2]),
+    key = {"queries": queries_checksum(tq), "titles": sha256_strings(titles.get(c, "") for q in tq for c in [q[1]] + q[2]),
            "fingerprint": encoder_fingerprint(os.fspath(model)), **settings}
     manifest = read_pair_manifest(out)
     if manifest is not None and manifest.get("key") == key and os.path.isfile(out):
@@ -466,7 +459,7 @@ def _file_sig(paths):
         else:
             st = os.stat(p)
             parts.append(f"{os.path.basename(p)}:{st.st_size}:{st.st_mtime_ns}")
-    return _sha(parts)
+    return sha256_strings(parts)
 
 
 # ============================================================================ losses
@@ -552,7 +545,7 @@ def stage1_inputs(dataset, mods):
             "encoder": enc_name, "pooling": pooling, "feature": base["text"],
             "valid": torch.tensor([bool(t) for t in aligned], dtype=torch.bool),
             "key": {"encoder": str(enc_name), "fingerprint": encoder_fingerprint(resolve_encoder(enc_name)),
-                    "pooling": pooling, "texts": _sha(aligned), "feature": base["text"]},
+                    "pooling": pooling, "texts": sha256_strings(aligned), "feature": base["text"]},
         }
     if "image" in mods:
         spec = dataset.feature_spec(base["image"])
@@ -738,8 +731,8 @@ def run_stage1(dataset, show_progress=None):
     inputs = stage1_inputs(dataset, mods)
     key = {
         "type": "sicsrec_stage1", "stage1_version": STAGE1_VERSION, "modalities": mods,
-        "dataset_tokens": _sha(id2token),
-        "pairs_checksum": _sha(f"{id2token[a]}|{id2token[b]}" for a, b in pairs.tolist()),
+        "dataset_tokens": sha256_strings(id2token),
+        "pairs_checksum": sha256_strings(f"{id2token[a]}|{id2token[b]}" for a, b in pairs.tolist()),
         "sft": {k: _cfg(config, k) for k in SFT_KEYS}, "encoders": {m: inputs[m]["key"] for m in mods},
     }
     fresh = all(store.is_fresh(names[m], key) for m in mods)
