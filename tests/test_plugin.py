@@ -156,3 +156,19 @@ def test_cli_runs_bert4rec_with_overrides(workdir):
     records = glob.glob(str(workdir / "log" / "BERT4Rec" / "*.json"))
     assert len(records) == 1
     assert json.load(open(records[0]))["config"]["hidden_size"] == 16
+
+
+def test_config_priority_with_shipped_tssr_yaml(workdir, tmp_path):
+    """The shipped properties/model/TSSR.yaml < a user YAML < the command line."""
+    write_tiny_dataset(workdir / "data")
+    base = {"data_path": str(workdir / "data"), "use_gpu": False}
+    c = MMConfig(model="TSSR", dataset="tiny", config_dict=base)
+    shipped = yaml.safe_load(open(os.path.join(REPO, "properties", "model", "TSSR.yaml")))
+    assert c["n_cross_layers"] == shipped["n_cross_layers"] and c["tau_u"] == shipped["tau_u"]
+    user_yaml = tmp_path / "tssr.yaml"
+    user_yaml.write_text("n_cross_layers: 3\ntau_u: 0.5\n")
+    c = MMConfig(model="TSSR", dataset="tiny", config_file_list=[str(user_yaml)], config_dict=base)
+    assert c["n_cross_layers"] == 3 and c["tau_u"] == 0.5
+    sys.argv = ["run_recbole_mm.py", "--n_cross_layers=1"]
+    c = MMConfig(model="TSSR", dataset="tiny", config_file_list=[str(user_yaml)], config_dict=base)
+    assert c["n_cross_layers"] == 1 and c["tau_u"] == 0.5
