@@ -87,3 +87,42 @@ def tiny(workdir):
     cfg["data_path"] = str(workdir / "data")
     cfg["checkpoint_dir"] = str(workdir / "saved")
     return cfg
+
+
+def build_tiny(root, model, **overrides):
+    """Config, dataset and (train, valid, test) loaders for ``model`` on a tiny dataset in ``root``.
+
+    Runs inside ``root`` with a clean command line (RecBole writes to the cwd and reads sys.argv).
+    """
+    from recbole.data import data_preparation
+
+    from recbole_mm.config import MMConfig
+    from recbole_mm.quick_start import create_dataset
+
+    old, argv = os.getcwd(), sys.argv
+    os.chdir(root)
+    sys.argv = ["pytest"]
+    try:
+        write_tiny_dataset(os.path.join(str(root), "data"), n_users=40, n_items=30)
+        cfg = dict(FAST, data_path=os.path.join(str(root), "data"),
+                   checkpoint_dir=os.path.join(str(root), "saved"), **overrides)
+        config = MMConfig(model=model, dataset="tiny", config_dict=cfg)
+        dataset = create_dataset(config)
+        loaders = data_preparation(config, dataset)
+    finally:
+        os.chdir(old)
+        sys.argv = argv
+    return config, dataset, loaders
+
+
+def instantiate(config, train, model_class, **overrides):
+    """A fresh model (seed 0, eval mode) from a copy of ``config`` with ``overrides``."""
+    import copy
+
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        config[key] = value
+    torch.manual_seed(0)
+    model = model_class(config, train._dataset)
+    model.eval()
+    return model

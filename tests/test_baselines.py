@@ -4,19 +4,16 @@ padding invariance, no future leakage, frozen feature tables, and runs through t
 import copy
 import json
 import os
-import sys
 
 import pytest
 import torch
-from recbole.data import data_preparation
 from recbole.data.interaction import Interaction
 
-from recbole_mm.config import MMConfig
 from recbole_mm.model.baselines import ContentSASRec, IDContentSASRec
-from recbole_mm.quick_start import create_dataset, run_recbole_mm
+from recbole_mm.quick_start import run_recbole_mm
 from recbole_mm.registry import get_model, get_trainer
 
-from conftest import FAST, write_tiny_dataset
+from conftest import FAST, build_tiny, instantiate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,31 +24,14 @@ MODELS = [ContentSASRec, IDContentSASRec]
 def built(tmp_path_factory):
     """Config, dataset and train loader on a tiny dataset (text features extracted once)."""
     root = tmp_path_factory.mktemp("baselines")
-    old, argv = os.getcwd(), sys.argv
-    os.chdir(root)
-    sys.argv = ["pytest"]
-    try:
-        write_tiny_dataset(root / "data", n_users=40, n_items=30)
-        cfg = dict(FAST, data_path=str(root / "data"), checkpoint_dir=str(root / "saved"),
-                   hidden_dropout_prob=0.0, attn_dropout_prob=0.0, n_layers=2, n_heads=2)
-        config = MMConfig(model="ContentSASRec", dataset="tiny", config_dict=cfg)
-        dataset = create_dataset(config)
-        train, _valid, _test = data_preparation(config, dataset)
-    finally:
-        os.chdir(old)
-        sys.argv = argv
+    config, dataset, (train, _valid, _test) = build_tiny(
+        root, "ContentSASRec", hidden_dropout_prob=0.0, attn_dropout_prob=0.0, n_layers=2, n_heads=2)
     return config, dataset, train, root
 
 
 def make(built, cls, **overrides):
     config, _dataset, train, _root = built
-    config = copy.deepcopy(config)
-    for k, v in overrides.items():
-        config[k] = v
-    torch.manual_seed(0)
-    model = cls(config, train._dataset)
-    model.eval()
-    return model
+    return instantiate(config, train, cls, **overrides)
 
 
 def first_batch(built):

@@ -1,21 +1,17 @@
 """Issue 4: TSSR correctness: causality, padding invariance, per-loss gradients, overfitting,
 finetune mode, and end-to-end runs through the Python API and the CLI."""
 
-import copy
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from recbole.data import data_preparation
 from recbole.data.interaction import Interaction
 
-from recbole_mm.config import MMConfig
-from recbole_mm.quick_start import create_dataset
 from recbole_mm.model.tssr import TSSR
 
-from conftest import FAST, REPO, write_tiny_dataset
+from conftest import FAST, REPO, build_tiny, instantiate, write_tiny_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,33 +19,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Config, dataset and train loader for TSSR on a tiny dataset (text features extracted once)."""
-    root = tmp_path_factory.mktemp("tssr")
-    old = os.getcwd()
-    os.chdir(root)
-    argv = sys.argv
-    sys.argv = ["pytest"]
-    try:
-        write_tiny_dataset(root / "data", n_users=40, n_items=30)
-        cfg = dict(FAST, data_path=str(root / "data"), checkpoint_dir=str(root / "saved"),
-                   hidden_dropout_prob=0.0, attn_dropout_prob=0.0, input_dropout_prob=0.0)
-        config = MMConfig(model="TSSR", dataset="tiny", config_dict=cfg)
-        dataset = create_dataset(config)
-        train, valid, test = data_preparation(config, dataset)
-    finally:
-        os.chdir(old)
-        sys.argv = argv
+    config, dataset, (train, _valid, _test) = build_tiny(
+        tmp_path_factory.mktemp("tssr"), "TSSR",
+        hidden_dropout_prob=0.0, attn_dropout_prob=0.0, input_dropout_prob=0.0)
     return config, dataset, train
 
 
 def make_model(built, **overrides):
-    config, dataset, train = built
-    config = copy.deepcopy(config)
-    for k, v in overrides.items():
-        config[k] = v
-    torch.manual_seed(0)
-    model = TSSR(config, train._dataset)
-    model.eval()
-    return model
+    config, _dataset, train = built
+    return instantiate(config, train, TSSR, **overrides)
 
 
 def batch(built):
