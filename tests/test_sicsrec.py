@@ -27,15 +27,6 @@ from recbole_mm.registry import get_trainer  # noqa: E402
 from conftest import FAST, REPO, write_tiny_dataset  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """2 shared cores: one intra-op thread avoids OpenMP spin-waits (tens of times faster here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Config, dataset and loaders for SICSRec on a tiny dataset (raw text features, stage 1 off)."""

@@ -25,15 +25,6 @@ from conftest import FAST, write_tiny_dataset  # noqa: E402
 SK_IMAGES = os.path.join(os.path.dirname(__import__("sklearn").__file__), "datasets", "images")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """2 shared cores: one intra-op thread avoids OpenMP spin-waits (tens of times faster here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _dataset(root, name="tiny", **overrides):
     """A SICSRec dataset object before build() (what stage 1 sees), with cwd/argv isolated."""
     old, argv = os.getcwd(), sys.argv
