@@ -33,6 +33,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import tempfile
 import time
@@ -859,8 +860,9 @@ def _stop(proc, grace_s=10):
         proc.wait()
 
 
-def _run_cell(study, spec, log):
-    """Run one cell in a fresh subprocess; returns its status."""
+def _run_cell(study, spec, log, stop=None):
+    """Run one cell in a fresh subprocess; returns its status. ``stop`` (a threading.Event)
+    set by another thread stops the subprocess (parallel studies interrupted)."""
     os.makedirs(os.path.dirname(spec["record"]), exist_ok=True)
     os.makedirs(os.path.dirname(spec["log"]), exist_ok=True)
     if os.path.exists(spec["record"]):
@@ -883,7 +885,17 @@ def _run_cell(study, spec, log):
             env=_child_env(),
         )
         try:
-            proc.wait(timeout=study.cell_timeout_s)
+            if stop is None:
+                proc.wait(timeout=study.cell_timeout_s)
+            else:
+                deadline = None if study.cell_timeout_s is None else time.monotonic() + study.cell_timeout_s
+                while proc.poll() is None:
+                    if stop.is_set():
+                        _stop(proc)
+                        break
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise subprocess.TimeoutExpired(proc.args, study.cell_timeout_s)
+                    stop.wait(0.5)
         except subprocess.TimeoutExpired:
             _stop(proc)
             status = "timeout"
@@ -903,6 +915,37 @@ def _run_cell(study, spec, log):
         log(f"cell {spec['dataset']} / {spec['model']} / seed {spec['seed']}: {status} "
             f"(exit code {proc.returncode}); log: {spec['log']}")
     return status
+
+
+def _run_cells_parallel(study, todo, jobs, live, bar, log):
+    """Run ``todo`` with at most ``jobs`` cell subprocesses at once (threads only wait on them).
+
+    Ctrl-C (or any error) stops the running cells; their records stay incomplete and are rerun
+    on the next start, finished ones are kept.
+    """
+    import concurrent.futures as cf
+
+    stop = threading.Event()
+
+    def one(cell):
+        if stop.is_set():
+            return cell, "not started"
+        return cell, _run_cell(study, study.cell_spec(*cell), log, stop=stop)
+
+    pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="study-cell")
+    try:
+        futures = [pool.submit(one, cell) for cell in todo]
+        for future in cf.as_completed(futures):
+            cell, status = future.result()
+            if status != "not started":
+                live[cell] = status
+                bar.set_postfix_str(f"done {cell[0]} / {cell[1]} / seed {cell[2]}: {status}")
+                bar.update(1)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _set_parent_death_signal():
@@ -1380,7 +1423,7 @@ def write_report(study, rows=None):
 
 
 def run_study(path_or_dict, output_dir=None, overrides=None, max_cells=None, progress=True,
-              dry_run=False, report_only=False, log=None):
+              dry_run=False, report_only=False, log=None, jobs=1):
     """Run (or resume) a study; returns a dict with the cells, counts and output paths.
 
     Args:
@@ -1391,6 +1434,9 @@ def run_study(path_or_dict, output_dir=None, overrides=None, max_cells=None, pro
         progress: show a tqdm bar over cells.
         dry_run: validate and list the cells; run nothing, write nothing.
         report_only: run nothing; rebuild tables, CSV/JSON and plots from the records.
+        jobs: cells run at the same time (each its own subprocess; e.g. several cells sharing one
+            GPU). Cells start in study order; a feature shared by cells of one dataset is built
+            once (the others wait for it).
 
     Raises:
         StudyError: invalid study (the message names the YAML line), or a finished cell
@@ -1419,10 +1465,13 @@ def run_study(path_or_dict, output_dir=None, overrides=None, max_cells=None, pro
             bar = tqdm(total=len(study.cells), initial=len(finished), desc=study.name, unit="cell",
                        disable=not progress, file=sys.stderr, dynamic_ncols=True)
             try:
-                for d, m, s in todo:
-                    bar.set_postfix_str(f"{d} / {m} / seed {s}")
-                    live[d, m, s] = _run_cell(study, study.cell_spec(d, m, s), log)
-                    bar.update(1)
+                if jobs <= 1:
+                    for d, m, s in todo:
+                        bar.set_postfix_str(f"{d} / {m} / seed {s}")
+                        live[d, m, s] = _run_cell(study, study.cell_spec(d, m, s), log)
+                        bar.update(1)
+                else:
+                    _run_cells_parallel(study, todo, jobs, live, bar, log)
             finally:
                 bar.close()
                 paths = write_report(study, collect_cells(study, live))
@@ -1451,6 +1500,9 @@ def build_parser():
                         help="validate and list the cells; run nothing")
     parser.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
                         help="rebuild tables, CSV/JSON and plots from the finished records")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells run at the same time, each in its own process (default 1); "
+                             "set OMP_NUM_THREADS so that jobs x threads fits the CPU cores")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--run-cell", dest="run_cell", default=None, help=argparse.SUPPRESS)
     return parser
@@ -1463,6 +1515,9 @@ def main(argv=None):
         return _cell_worker(args.run_cell)
     if not args.study:
         print("error: --study <file.yaml> is required", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 2
     overrides, bad = {}, []
     for arg in unknown:
@@ -1479,7 +1534,7 @@ def main(argv=None):
     try:
         result = run_study(args.study, output_dir=args.output_dir, overrides=overrides,
                            max_cells=args.max_cells, progress=args.progress, dry_run=args.dry_run,
-                           report_only=args.report_only)
+                           report_only=args.report_only, jobs=args.jobs)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

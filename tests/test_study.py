@@ -341,3 +341,55 @@ def test_table_statistics():
     assert "| SASRec | baseline | 1 | **0.3000** |" in text1 and "| TSSR | proposed | 1 | 0.2000 |" in text1
     assert "-33.3% vs SASRec (p=n/a, n=1)" in text1
     assert "TSSR: beats the best baseline on no metric; does **not** beat it on HR@10" in text1
+
+
+# ----------------------------------------------------------------------------- parallel cells
+
+
+def _hold_lock(folder, name, hold_s, log_path):
+    from recbole_mm.data.features import FeatureStore
+
+    with FeatureStore(folder, "tiny").build_lock(name):
+        with open(log_path, "a") as f:
+            f.write(f"in {time.monotonic():.6f}\n")
+        time.sleep(hold_s)
+        with open(log_path, "a") as f:
+            f.write(f"out {time.monotonic():.6f}\n")
+
+
+def test_feature_build_lock_serialises_processes(tmp_path):
+    """Two processes building the same feature never hold its lock at the same time."""
+    import multiprocessing as mp
+
+    log = tmp_path / "log.txt"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_hold_lock, args=(str(tmp_path), "text", 0.6, str(log))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [e[0] for e in events] == ["in", "out", "in", "out"]  # never in, in
+    assert float(events[2][1]) >= float(events[1][1])
+
+
+def test_parallel_study_runs_cells_at_once_and_reports(env):
+    text = TINY_STUDY.replace("models: [SASRec, GRU4Rec]", "models: [SASRec]").replace("proposed: [GRU4Rec]\n", "")
+    path = write(env / "tiny.yaml", text.split("model_config:")[0] + "keep_checkpoints: false\n")
+    r = run_study(path, progress=False, jobs=2)
+    assert r["complete"] and r["counts"] == {"finished": 2}
+    out = r["output_dir"]
+    spans = []
+    for seed in (1, 2):
+        attempt = json.load(open(os.path.join(out, "records", "tiny", "SASRec", f"seed{seed}.cell.json")))["attempts"]
+        assert len(attempt) == 1 and attempt[0]["status"] == "finished"
+        spans.append(attempt[0])
+    # both cells were running at the same moment: each started before the other ended
+    starts = sorted(s["started"] for s in spans)
+    ends = sorted(s["ended"] for s in spans)
+    assert starts[1] <= ends[0]
+    assert os.path.isfile(os.path.join(out, "tables", "tiny.md"))
+    from recbole_mm.__main__ import main
+
+    assert main(["--study", path, "--jobs", "0"]) == 2  # refused, clear message

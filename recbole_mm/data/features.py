@@ -20,6 +20,7 @@ leaves a matrix that looks valid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -184,6 +185,37 @@ class FeatureStore:
     def chunk_dir(self, name: str) -> str:
         """Folder holding the resumable chunks of an extraction in progress."""
         return os.path.join(self.dataset_dir, f".{self.dataset_name}.{name}.chunks")
+
+    @contextlib.contextmanager
+    def build_lock(self, name: str):
+        """Exclusive lock while feature ``name`` is checked and built, so that processes sharing a
+        dataset folder (a study running cells in parallel, two users) build it once: the others
+        wait, then find it fresh. A no-op under torch.distributed (ranks coordinate with barriers)
+        and where ``fcntl`` is unavailable."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            fcntl = None
+        import torch.distributed as dist
+
+        if fcntl is None or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            yield
+            return
+        os.makedirs(self.dataset_dir, exist_ok=True)
+        path = os.path.join(self.dataset_dir, f".{self.dataset_name}.{name}.lock")
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                logger.info("feature %r of %s is being built by another process; waiting for it (%s)",
+                            name, self.dataset_name, path)
+                t0 = time.perf_counter()
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                logger.info("feature %r: waited %.1fs for the other process", name, time.perf_counter() - t0)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def exists(self, name: str) -> bool:
         npy, man = self.paths(name)

@@ -785,7 +785,11 @@ class SICSRecDataset(MultiModalSequentialDataset):
         from recbole_mm.data.features import align_to_dataset
 
         if getattr(self, "_stage1_features", None) is None:
-            self._stage1_features = run_stage1(self)
+            from recbole_mm.data.features import FeatureStore
+
+            # one lock for all stage-1 tables: they are built together
+            with FeatureStore(self.config["data_path"], self.dataset_name).build_lock("sicsrec_stage1"):
+                self._stage1_features = run_stage1(self)
         fm = self._stage1_features[name]
         table, missing, stats = align_to_dataset(fm, self.field2id_token[self.iid_field])
         self.mm_features[name] = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
