@@ -33,8 +33,8 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import sys
+import threading
 import tempfile
 import time
 
@@ -917,6 +917,28 @@ def _run_cell(study, spec, log, stop=None):
     return status
 
 
+class StudyTerminated(KeyboardInterrupt):
+    """SIGTERM reached the study (``timeout``, a batch scheduler, ``kill``)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the study like Ctrl-C: running cells are stopped (their records stay
+    incomplete and rerun next time), finished ones are kept and the report is still written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise StudyTerminated("study stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_cells_parallel(study, todo, jobs, live, bar, log):
     """Run ``todo`` with at most ``jobs`` cell subprocesses at once (threads only wait on them).
 
@@ -1450,7 +1472,7 @@ def run_study(path_or_dict, output_dir=None, overrides=None, max_cells=None, pro
     if dry_run:
         return {"study": study, "output_dir": study.output_dir, "cells": study.cells,
                 "finished": len(finished), "to_build": dict(study.to_build)}
-    with _study_lock(study.output_dir):
+    with _study_lock(study.output_dir), _sigterm_as_interrupt():
         live = {}
         if not report_only:
             _check_finished_specs(study)
@@ -1538,6 +1560,10 @@ def main(argv=None):
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StudyTerminated:
+        print("study stopped by SIGTERM: finished cells are kept and the report is written; run the same "
+              "command again to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     if args.dry_run:
         study = result["study"]
         print(f"study {study.name}: valid; {len(study.cells)} cells ({len(study.datasets)} datasets x "

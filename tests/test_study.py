@@ -393,3 +393,30 @@ def test_parallel_study_runs_cells_at_once_and_reports(env):
     from recbole_mm.__main__ import main
 
     assert main(["--study", path, "--jobs", "0"]) == 2  # refused, clear message
+
+
+def test_sigterm_stops_a_parallel_study_keeping_finished_cells_and_the_report(env):
+    text = TINY_STUDY.replace("seeds: [1, 2]", "seeds: [1, 2, 3]")
+    path = write(env / "tiny.yaml", text)
+    out = str(env / "studies" / "tiny")
+    first = os.path.join(out, "records", "tiny", "SASRec", "seed1.json")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run_recbole_mm.py"), "--study", path,
+                             "--jobs", "2", "--no-progress"], cwd=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not os.path.exists(first) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert os.path.exists(first)
+    proc.terminate()  # SIGTERM, as `timeout` or a batch scheduler sends it
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 143), err.decode()[-2000:]  # 0 if every cell finished first
+    deadline = time.monotonic() + 20
+    while _cell_processes(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _cell_processes(out)  # no cell outlives the study
+    assert os.path.isfile(os.path.join(out, "results.md"))  # the report was still written
+    rows = {(r["model"], r["seed"]): r["status"] for r in json.load(open(os.path.join(out, "cells.json")))["cells"]}
+    assert rows[("SASRec", 1)] == "finished"
+    before = open(first, "rb").read()
+    r = run_study(path, progress=False, jobs=2)
+    assert r["complete"] and open(first, "rb").read() == before
