@@ -235,6 +235,10 @@ class SafeLoadingMixin:
             from torch.nn.parallel import DistributedDataParallel
 
             self.distributed_model = DistributedDataParallel(self.model, device_ids=None)
+        # RecBole names the best checkpoint <model>-<time to the second>.pth: runs started in the
+        # same second (a parallel study's seeds) would share it and test each other's models.
+        base, ext = os.path.splitext(self.saved_model_file)
+        self.saved_model_file = f"{base}-{run_key(config)}-{os.getpid()}{ext}"
         if distributed:
             self.eval_collector = GatheringCollector(config)
             # RecBole names the best checkpoint after each rank's clock: use rank 0's name.

@@ -385,6 +385,11 @@ def test_parallel_study_runs_cells_at_once_and_reports(env):
         attempt = json.load(open(os.path.join(out, "records", "tiny", "SASRec", f"seed{seed}.cell.json")))["attempts"]
         assert len(attempt) == 1 and attempt[0]["status"] == "finished"
         spans.append(attempt[0])
+    # each cell tested its own best checkpoint (RecBole's names are per second: seeds started
+    # together used to share one file)
+    ckpts = {json.load(open(os.path.join(out, "records", "tiny", "SASRec", f"seed{seed}.json")))["checkpoint"]
+             for seed in (1, 2)}
+    assert len(ckpts) == 2 and None not in ckpts
     # both cells were running at the same moment: each started before the other ended
     starts = sorted(s["started"] for s in spans)
     ends = sorted(s["ended"] for s in spans)
@@ -406,7 +411,11 @@ def test_sigterm_stops_a_parallel_study_keeping_finished_cells_and_the_report(en
     deadline = time.monotonic() + 240
     while not os.path.exists(first) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert os.path.exists(first)
+    if not os.path.exists(first):
+        proc.kill()
+        logs = "".join(open(p).read()[-1500:] for p in glob.glob(os.path.join(out, "logs", "*", "*", "*.log")))
+        pytest.fail(f"no record after the first cell; study exit {proc.poll()}; stderr:\n"
+                    f"{proc.stderr.read().decode()[-2000:]}\ncell logs:\n{logs}")
     proc.terminate()  # SIGTERM, as `timeout` or a batch scheduler sends it
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (0, 143), err.decode()[-2000:]  # 0 if every cell finished first
