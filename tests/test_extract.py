@@ -426,3 +426,39 @@ def test_encode_images_feature_map_model(tmp_path):
         assert x.shape == (2, 16) and not missing.any() and np.allclose(x[0], x[1], atol=1e-5)
     with pytest.raises(ValueError, match="feature maps without a CLS token"):
         encode_images([img], folder, pooling="cls", show_progress=False)
+
+
+def _extract_in_process(folder, out_path):
+    import json as _json
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from recbole_mm.data.extract import extract_features as _extract
+
+    spec = {"type": "text", "encoder": "default", "pooling": "mean", "chunk_size": 4, "batch_size": 4}
+    fm = _extract(folder, "tiny", "text", spec, show_progress=False)
+    with open(out_path, "w") as f:
+        _json.dump({"created": fm.manifest["created"], "seconds": fm.manifest["extraction_seconds"],
+                    "rows": int(fm.matrix.shape[0])}, f)
+
+
+def test_concurrent_extractions_of_one_feature_build_it_once(tmp_path):
+    """Two processes (e.g. parallel study cells, or SICSRec's pair miner beside another model)
+    asking for the same feature: one builds it in chunks, the other waits and reuses it. Before
+    the lock, the second one's chunks vanished under it (FileNotFoundError)."""
+    import json as _json
+    import multiprocessing as mp
+
+    from conftest import write_tiny_dataset
+
+    folder = write_tiny_dataset(tmp_path, n_items=30)
+    ctx = mp.get_context("spawn")
+    outs = [str(tmp_path / f"out{i}.json") for i in range(2)]
+    procs = [ctx.Process(target=_extract_in_process, args=(folder, o)) for o in outs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    a, b = (_json.load(open(o)) for o in outs)
+    assert a == b and a["rows"] == 30  # the same build: one manifest (creation time, build seconds)
+    assert not os.path.exists(FeatureStore(folder, "tiny").chunk_dir("text"))

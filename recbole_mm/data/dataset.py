@@ -62,14 +62,11 @@ class MultiModalSequentialDataset(SequentialDataset):
         from recbole_mm.data.extract import extract_features
         from recbole_mm.data.features import align_to_dataset
 
-        from recbole_mm.data.features import FeatureStore
-
         spec = self.feature_spec(name)
-        with FeatureStore(self.config["data_path"], self.dataset_name).build_lock(name):
-            fm = extract_features(
-                self.config["data_path"], self.dataset_name, name, spec,
-                show_progress=self.config["show_progress"],
-            )
+        fm = extract_features(  # holds the feature's build lock (parallel cells build it once)
+            self.config["data_path"], self.dataset_name, name, spec,
+            show_progress=self.config["show_progress"],
+        )
         id2token = self.field2id_token[self.iid_field]
         table, missing, stats = align_to_dataset(fm, id2token, expected_dim=spec.get("dim"))
         self.mm_features[name] = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))

@@ -750,6 +750,16 @@ def _image_checksum(tokens, paths) -> str:
 
 def extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show_progress: bool = True,
                      device=None, force: bool = False) -> FeatureMatrix:
+    """Extract (or reuse) feature ``name``; see :func:`_extract_features`. Processes sharing the
+    dataset folder (a parallel study's cells) take turns on a per-feature file lock, so the
+    feature is built once and the others reuse it."""
+    with FeatureStore(os.fspath(dataset_dir), dataset_name).build_lock(name):
+        return _extract_features(dataset_dir, dataset_name, name, spec, show_progress=show_progress,
+                                 device=device, force=force)
+
+
+def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show_progress: bool = True,
+                      device=None, force: bool = False) -> FeatureMatrix:
     """Extract (or reuse) the feature ``name`` of a RecBole dataset; returns it memory-mapped.
 
     ``spec`` keys -- text: ``type="text"``, ``fields``, ``template``, ``encoder`` ("default"),
