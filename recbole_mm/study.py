@@ -939,6 +939,19 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _cells_ran_on(rows):
+    """One line naming where the finished cells ran (host, device, torch), from their records:
+    the report may be rebuilt elsewhere (``--report-only``) than where the cells ran."""
+    where = {}
+    for r in rows:
+        if r.get("status") == "finished":
+            key = f"{r.get('host') or '?'} ({r.get('device') or '?'}, torch {r.get('torch') or '?'})"
+            where[key] = where.get(key, 0) + 1
+    if not where:
+        return "- cells ran on: (no finished cell)"
+    return "- cells ran on: " + "; ".join(f"{k}: {n} cell{'s' if n != 1 else ''}" for k, n in sorted(where.items()))
+
+
 def _run_cells_parallel(study, todo, jobs, live, bar, log):
     """Run ``todo`` with at most ``jobs`` cell subprocesses at once (threads only wait on them).
 
@@ -1076,6 +1089,8 @@ def collect_cells(study, live_status=None):
         history = (rec or {}).get("history") or {}
         row["epochs"] = len(history.get("train_loss") or []) if rec else None
         row["device"] = (rec or {}).get("device")
+        row["host"] = (rec or {}).get("host")
+        row["torch"] = ((rec or {}).get("versions") or {}).get("torch")
         row["valid_metric"] = (rec or {}).get("valid_metric")
         row["best_valid_score"] = (rec or {}).get("best_valid_score")
         row["test"] = {k: float(v) for k, v in ((rec or {}).get("test_result") or {}).items()}
@@ -1353,7 +1368,7 @@ def plot_valid_curves(study, rows, dataset, path):
 
 
 _CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "run_time_s", "train_time_s", "epochs",
-              "device", "valid_metric", "best_valid_score"]
+              "device", "host", "torch", "valid_metric", "best_valid_score"]
 
 
 def _csv_text(rows):
@@ -1414,7 +1429,8 @@ def write_report(study, rows=None):
            f"- cells: {len(rows)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})",
            f"- datasets: {', '.join(study.datasets)}; models: {', '.join(study.models)}; "
            f"seeds: {', '.join(map(str, study.seeds))}",
-           f"- machine: {info.get('host')}; {info.get('cpu')} ({info.get('cpu_count')} logical CPUs"
+           _cells_ran_on(rows),
+           f"- report written on machine: {info.get('host')}; {info.get('cpu')} ({info.get('cpu_count')} logical CPUs"
            + (f", {info['memory_gb']} GiB RAM" if info.get("memory_gb") else "") + f"); GPU: {info.get('gpu') or 'none'}; "
            f"{info.get('platform')}; Python {info.get('python')}, torch {info.get('torch')}, "
            f"RecBole {info.get('recbole')}", ""]

@@ -133,6 +133,8 @@ def test_tiny_study_killed_and_resumed_without_rerunning_and_reports(env):
     assert "vs SASRec (p=" in table and ", n=2)" in table
     results = open(os.path.join(out, "results.md")).read()
     assert "## tiny" in results and "## Wall time per cell" in results and "machine:" in results
+    ran_on = next(line for line in results.splitlines() if line.startswith("- cells ran on: "))
+    assert "(cpu, torch " in ran_on and ran_on.endswith(": 4 cells")
     assert results.count("| tiny | ") == 4 and "| SASRec | baseline | 2 | " in results  # wall times + table
     for name in ("tiny_metrics.png", "tiny_valid.png"):
         png = os.path.join(out, "plots", name)
