@@ -177,7 +177,7 @@ def test_tiny_model_overfits_tiny_data(built):
         out = model(inter["item_id_list"], inter["item_length"])
         labels = TSSR.position_labels(inter["item_id_list"], inter["item_length"], inter["item_id"])
         valid = labels > 0
-        pred = model.classifier(out["e"][valid]).argmax(-1)
+        pred = model.logits(out["e"][valid]).argmax(-1)
     acc = (pred == labels[valid]).float().mean().item()
     assert acc > 0.95, acc
 
@@ -240,9 +240,44 @@ def test_last_position_forward_equals_full_forward(built):
         fast = model(seq, length, query_positions=length - 1)["e"][:, 0]
         ref = full[torch.arange(seq.size(0)), length - 1]
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.full_sort_predict(inter), model.classifier(ref), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.full_sort_predict(inter), model.logits(ref), rtol=1e-5, atol=1e-5)
         last = make_model(built, ce_positions="last", lambda_u=0.0, lambda_i=0.0)
         (l_ce,) = last.calculate_loss(inter)
         expected = torch.nn.functional.cross_entropy(
-            last.classifier(last(seq, length)["e"][torch.arange(seq.size(0)), length - 1]), inter["item_id"])
+            last.logits(last(seq, length)["e"][torch.arange(seq.size(0)), length - 1]), inter["item_id"])
         torch.testing.assert_close(l_ce, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["id", "id_content"])
+def test_tied_classifiers_score_with_item_vectors(built, kind):
+    """``classifier: id`` scores with the ID embeddings (SASRec's tied output), ``id_content`` with
+    ID embedding + projected content; PAD scores 0, padding and later items change nothing."""
+    model = make_model(built, classifier=kind)
+    assert model.classifier is None
+    inter = batch(built)
+    seq, length = inter["item_id_list"], inter["item_length"]
+    with torch.no_grad():
+        e = model(seq, length, query_positions=length - 1)["e"][:, 0]
+        w = model.item_embedding.weight.clone()
+        if kind == "id_content":
+            w[1:] += model.content(torch.arange(1, model.n_items))
+        scores = model.full_sort_predict(inter)
+        torch.testing.assert_close(scores, e @ w.t(), rtol=1e-5, atol=1e-5)
+        assert torch.all(scores[:, 0] == 0)
+        junk = seq.clone()
+        for b in range(junk.size(0)):
+            junk[b, int(length[b]):] = 7
+        model.content.tables["text"].weight[0] = torch.randn(384)
+        again = model.full_sort_predict(Interaction({"item_id_list": junk, "item_length": length}))
+        torch.testing.assert_close(scores, again, rtol=0, atol=1e-5)
+    # the CE reaches the item vectors the scores use (no separate output layer to train)
+    model.train()
+    l_ce = model.calculate_loss(inter)[0]
+    g = _grads(model, l_ce)
+    assert any(_group(g, "item_embedding")) and any(_group(g, "content.proj"))
+    assert not any(_group(g, "content.tables"))
+
+
+def test_id_content_classifier_refuses_finetune(built):
+    with pytest.raises(ValueError, match="id_content"):
+        make_model(built, classifier="id_content", content_mode="finetune")

@@ -32,6 +32,7 @@ _CHOICES = {
     "lu_pooling": ("masked", "all"),
     "li_similarity": ("dot", "cos"),
     "contrast_negatives": ("global", "local"),
+    "classifier": ("linear", "id", "id_content"),
 }
 
 
@@ -86,6 +87,12 @@ class TSSR(SequentialRecommender):
         self.share_position_embedding = config["share_position_embedding"]
         self.content_mode = config["content_mode"]
         self.init_bias = config["init_bias"]
+        self.classifier_kind = config["classifier"] or "linear"
+        if self.classifier_kind == "id_content" and self.content_mode == "finetune":
+            raise ValueError(
+                "TSSR: classifier: id_content needs every item's content vector at every step, which "
+                "content_mode: finetune would re-encode each batch; use classifier: id or linear with finetune"
+            )
         self.encoder_learning_rate = config["encoder_learning_rate"] or config["learning_rate"]
         self.USER_ID = config["USER_ID_FIELD"]
         self.feature_names = self.required_features(config)
@@ -113,7 +120,9 @@ class TSSR(SequentialRecommender):
         self.cross_id = AttentionStack(self.n_cross_layers, **block)
         self.cross_content = AttentionStack(self.n_cross_layers, **block)
         self.gate = ElementwiseGate(d)
-        self.classifier = nn.Linear(d, self.n_items)
+        # linear: TSSR's own output layer (released code); id / id_content: scores are dot products
+        # with the item's ID embedding (SASRec's tied output) / ID embedding + projected content
+        self.classifier = nn.Linear(d, self.n_items) if self.classifier_kind == "linear" else None
 
         self._init_weights()
 
@@ -201,10 +210,25 @@ class TSSR(SequentialRecommender):
         labels[torch.arange(item_seq.size(0), device=item_seq.device), item_seq_len - 1] = target
         return labels
 
+    def output_item_matrix(self):
+        """(n_items, d) item vectors the tied classifiers score against."""
+        w = self.item_embedding.weight
+        if self.classifier_kind == "id_content":
+            ids = torch.arange(self.n_items, device=w.device)
+            # PAD's row stays zero (its ID embedding is the zero padding row), as in ``id``
+            w = w + self.item_content(ids) * (ids > 0).unsqueeze(1).to(w.dtype)
+        return w
+
+    def logits(self, e):
+        """Scores over all items (column 0 is padding) for fused states ``e`` (..., d)."""
+        if self.classifier is not None:
+            return self.classifier(e)
+        return e @ self.output_item_matrix().t()
+
     def _ce_loss(self, e, labels):
         """Next-item CE at every valid position (``ce_positions: all``)."""
         valid = labels > 0
-        return F.cross_entropy(self.classifier(e[valid]), labels[valid])
+        return F.cross_entropy(self.logits(e[valid]), labels[valid])
 
     def _gather(self, x):
         return all_gather_with_grad(x) if self.contrast_negatives == "global" else x
@@ -263,7 +287,7 @@ class TSSR(SequentialRecommender):
         labels = self.position_labels(item_seq, item_seq_len, target)
         if self.ce_positions == "last":
             out = self.forward(item_seq, item_seq_len, query_positions=item_seq_len - 1)
-            losses = [F.cross_entropy(self.classifier(out["e"][:, 0]), target)]
+            losses = [F.cross_entropy(self.logits(out["e"][:, 0]), target)]
         else:
             out = self.forward(item_seq, item_seq_len)
             losses = [self._ce_loss(out["e"], labels)]
@@ -282,11 +306,11 @@ class TSSR(SequentialRecommender):
         return self.forward(item_seq, item_seq_len, query_positions=item_seq_len - 1)["e"][:, 0]
 
     def predict(self, interaction):
-        scores = self.classifier(self._last_state(interaction))
+        scores = self.logits(self._last_state(interaction))
         return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
 
     def full_sort_predict(self, interaction):
-        return self.classifier(self._last_state(interaction))
+        return self.logits(self._last_state(interaction))
 
 
 class _FinetuneContent(nn.Module):
