@@ -11,12 +11,12 @@ Priority, lowest first (RecBole's own order, with the plugin's files slotted in)
 """
 
 import os
-import shutil
 from importlib import resources
 
 from recbole.config import Config
 
 from recbole_mm import compat
+from recbole_mm.atomic import copy_file_atomic
 from recbole_mm.registry import get_model
 
 compat.apply()
@@ -59,9 +59,7 @@ def materialize_builtin_dataset(name, target_dir):
         dst = os.path.join(target_dir, fname)
         if os.path.exists(dst) or not os.path.exists(os.path.join(src, fname)):
             continue
-        tmp = f"{dst}.tmp{os.getpid()}"
-        shutil.copyfile(os.path.join(src, fname), tmp)
-        os.replace(tmp, dst)
+        copy_file_atomic(os.path.join(src, fname), dst)
     return True
 
 

@@ -8,7 +8,6 @@ checkpoints (see ``docs/DISTRIBUTED.md``).
 """
 
 import datetime
-import json
 import logging
 import os
 import platform
@@ -25,6 +24,7 @@ from recbole.data import data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_mm.config import MMConfig
+from recbole_mm.atomic import write_json_atomic
 from recbole_mm.registry import get_dataset_class, get_model, get_trainer
 from recbole_mm.trainer import forget_last_checkpoints, remove_last_checkpoints
 
@@ -93,24 +93,6 @@ def git_commit():
     except (OSError, subprocess.SubprocessError):
         pass
     return None
-
-
-def write_json_atomic(path, payload):
-    """Write JSON to ``path`` through a temporary file and a rename: never half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def build_record(config, result, timings, trainer=None, log_file=None, status="finished", error=None):

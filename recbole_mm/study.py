@@ -35,10 +35,11 @@ import socket
 import subprocess
 import sys
 import threading
-import tempfile
 import time
 
 import yaml
+
+from recbole_mm.atomic import write_text_atomic
 
 try:  # POSIX only: cell and study locks
     import fcntl
@@ -751,20 +752,7 @@ def complete_record(path, dataset=None, model=None, seed=None):
 
 
 def _write_atomic(path, text, mode="w"):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    return path
+    return write_text_atomic(path, text, mode)
 
 
 def _write_json(path, payload):

@@ -35,6 +35,7 @@ from recbole.trainer import Trainer
 from recbole.utils import dict2str, early_stopping, set_color
 
 from recbole_mm.compat import torch_load
+from recbole_mm.atomic import atomic_path, torch_save_atomic
 
 # Config keys that do not change what a run computes: left out of the run key, so a run
 # resumes after a change of paths, logging, devices or launcher settings.
@@ -295,14 +296,8 @@ class SafeLoadingMixin:
         """RecBole's best checkpoint, written atomically by global rank 0; all ranks wait for it."""
         target = kwargs.pop("saved_model_file", self.saved_model_file)
         if self.is_main_process:
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            tmp = f"{target}.tmp-{os.getpid()}"
-            try:  # global rank 0 is local rank 0, so RecBole's own rank check lets it write
+            with atomic_path(target) as tmp:  # global rank 0 is local rank 0: RecBole's rank check lets it write
                 super()._save_checkpoint(epoch, verbose=False, saved_model_file=tmp, **kwargs)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
             if verbose:
                 self.logger.info(set_color("Saving current", "blue") + f": {target}")
         barrier()
@@ -417,15 +412,8 @@ class SafeLoadingMixin:
                 "world_size": dist_rank_world()[1],
                 "rng": rng,
             }
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            try:
-                torch.save(state, tmp, pickle_protocol=4)
-                os.replace(tmp, path)
-                _LAST_WRITTEN.add(os.path.abspath(path))
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            torch_save_atomic(state, path)
+            _LAST_WRITTEN.add(os.path.abspath(path))
         barrier()
 
     def _maybe_resume(self, path, train_data):

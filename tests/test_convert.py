@@ -34,7 +34,7 @@ def read_rows(path: Path):
 
 
 def no_tmp_files(folder: Path) -> bool:
-    return not any(p.name.endswith(".tmp") for p in folder.rglob("*"))
+    return not any(p.name.endswith(".tmp") or p.name.startswith(".tmp-") for p in folder.rglob("*"))
 
 
 def write_lines(path: Path, lines, encoding="utf-8", gz=False):

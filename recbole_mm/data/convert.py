@@ -52,6 +52,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from recbole_mm.atomic import atomic_open
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -169,21 +171,13 @@ def _fmt_num(value: float) -> str:
 @contextlib.contextmanager
 def _atomic_writer(path: Path, header: list[str]):
     """Yield a csv writer on ``path.tmp``; ``os.replace`` it to ``path`` on success."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n",
-                                quoting=csv.QUOTE_MINIMAL, quotechar='"',
-                                doublequote=True)
-            # header written raw: RecBole parses it with str.split
-            f.write("\t".join(header) + "\n")
-            yield writer
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n",
+                            quoting=csv.QUOTE_MINIMAL, quotechar='"',
+                            doublequote=True)
+        # header written raw: RecBole parses it with str.split
+        f.write("\t".join(header) + "\n")
+        yield writer
 
 
 def _write_rows(path: Path, header: list[str], rows: Iterable[Iterable[Any]],

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from .features import FeatureMatrix, FeatureStore
+from recbole_mm.atomic import atomic_open, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -181,14 +182,8 @@ def _load_image_encoder(encoder, device, fp16):
 
 def _save_chunk(path: str, **arrays) -> None:
     """Atomically write one finished chunk (tmp file + os.replace)."""
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 class _Chunks:
@@ -211,10 +206,7 @@ class _Chunks:
         if old != key:
             for fname in os.listdir(self.dir):
                 os.remove(os.path.join(self.dir, fname))
-            tmp = meta_path + f".tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(key, f)
-            os.replace(tmp, meta_path)
+            write_json_atomic(meta_path, key, indent=None)
 
     def path(self, k: int) -> str:
         return os.path.join(self.dir, f"chunk_{k:06d}.npz")

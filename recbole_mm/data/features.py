@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from recbole_mm.atomic import save_npy_atomic, write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -123,26 +125,10 @@ def _check_matrix(matrix, where: str) -> np.ndarray:
 
 
 def _atomic_write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, ensure_ascii=False, indent=1)
 
 
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` (.npy) through a temporary file + ``os.replace``."""
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+atomic_save_npy = save_npy_atomic
 
 
 def _read_npy_header(path: str):

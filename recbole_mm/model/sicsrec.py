@@ -35,6 +35,7 @@ from recbole.model.layers import TransformerEncoder
 from recbole.utils import init_seed, set_color
 
 from recbole_mm.compat import torch_load
+from recbole_mm.atomic import torch_save_atomic
 from recbole_mm.quick_start import jsonable
 from recbole_mm.model.layers import (
     AttentionStack,
@@ -509,9 +510,7 @@ class SICSRecTrainer(MMTrainer):
                 ckpt = torch_load(partial, map_location=self.device)
                 ckpt["sicsrec_step1"] = {"key": jsonable(key), "best_valid_score": jsonable(best_score),
                                          "best_valid_result": jsonable(best_result)}
-                tmp = f"{path}.tmp-{os.getpid()}"
-                torch.save(ckpt, tmp, pickle_protocol=4)
-                os.replace(tmp, path)
+                torch_save_atomic(ckpt, path)
             _barrier(ddp)
             ckpt = torch_load(path, map_location=self.device)
         finally:
