@@ -221,6 +221,8 @@ def run_recbole_mm(
             test_data, load_best_model=saved, show_progress=config["show_progress"]
         )
         timings["test"] = time.perf_counter() - t0
+        if hasattr(trainer, "evaluate_step1"):  # SICSRec: its step-1 SASRec on the same test split
+            result["step1_test_result"] = trainer.evaluate_step1(test_data, show_progress=config["show_progress"])
         timings["total"] = time.perf_counter() - t_start
         if hasattr(trainer, "remove_last_checkpoint"):
             trainer.remove_last_checkpoint()  # the run is complete: nothing left to resume

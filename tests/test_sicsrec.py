@@ -274,6 +274,12 @@ def test_end_to_end_stage1_both_steps_and_reuse(workdir):
     assert os.path.getmtime(features) == features_mtime  # stage 1 reused too
     ndcg = float(proc.stdout.split("ndcg@10: ")[-1].split()[0])
     assert abs(ndcg - float(first["test_result"]["ndcg@10"])) < 1e-4  # step 2 is the same either way
+    # the step-1 SASRec is also tested on the same split (the paired ID-only baseline) and recorded
+    s1 = first["step1_test_result"]
+    assert set(s1) >= {"ndcg@10", "hit@10"} and 0.0 <= float(s1["ndcg@10"]) <= 1.0
+    assert first_record["history"]["step1"]["test_result"] == {k: float(v) for k, v in s1.items()}
+    reused = record["history"]["step1"]["test_result"]
+    assert all(abs(reused[k] - float(v)) < 1e-6 for k, v in s1.items())  # same checkpoint, same numbers
 
 
 

@@ -435,6 +435,7 @@ class SICSRecTrainer(MMTrainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         state, info = self.prepare_step1(train_data, valid_data, verbose=verbose, show_progress=show_progress)
         self.model.load_id_encoder(state)
+        self._step1_state = state
         self.step1_info = info
         self._history()["step1"] = jsonable(info)
         # step 2 starts from the same random state whether step 1 was trained or reused
@@ -443,6 +444,27 @@ class SICSRecTrainer(MMTrainer):
                          "encoder, decoder and fusion")
         return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
                            callback_fn=callback_fn)
+
+    @torch.no_grad()
+    def evaluate_step1(self, eval_data, show_progress=False):
+        """Test metrics of the step-1 SASRec on ``eval_data``: the ID-only baseline this run's
+        step 2 started from, scored by the same evaluator (a paired SASRec number for free).
+        Stored in the run record as ``history.step1.test_result``; None before ``fit``."""
+        from recbole.model.sequential_recommender.sasrec import SASRec
+
+        from recbole_mm.registry import get_trainer
+
+        state = getattr(self, "_step1_state", None)
+        if state is None:
+            return None
+        cfg = step1_config(self.config)
+        model = SASRec(cfg, eval_data._dataset).to(self.device)
+        model.load_state_dict(state["state_dict"] if "state_dict" in state else state)
+        trainer = get_trainer(cfg["MODEL_TYPE"], "SASRec")(cfg, model)
+        result = trainer.evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        self._history().setdefault("step1", {})["test_result"] = jsonable(result)
+        self.logger.info(set_color("SICSRec step 1 (ID SASRec) test result", "yellow") + f": {result}")
+        return result
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
