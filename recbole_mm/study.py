@@ -1083,6 +1083,9 @@ def collect_cells(study, live_status=None):
         row["best_valid_score"] = (rec or {}).get("best_valid_score")
         row["test"] = {k: float(v) for k, v in ((rec or {}).get("test_result") or {}).items()}
         row["valid"] = {k: float(v) for k, v in ((rec or {}).get("best_valid_result") or {}).items()}
+        # SICSRec: its step-1 ID SASRec tested on the same split (None for other models)
+        step1_test = (history.get("step1") or {}).get("test_result") if isinstance(history.get("step1"), dict) else None
+        row["step1_test"] = {k: float(v) for k, v in step1_test.items()} if step1_test else None
         row["valid_curve"] = [float(v) for v in history.get("valid_score") or []]
         row["eval_step"] = ((rec or {}).get("config") or {}).get("eval_step") or 1
         row["record"] = os.path.relpath(paths["record"], study.output_dir)
@@ -1357,19 +1360,57 @@ def _csv_text(rows):
     import csv
     import io
 
-    test_keys, valid_keys = [], []
+    test_keys, valid_keys, step1_keys = [], [], []
     for r in rows:
         test_keys += [k for k in r["test"] if k not in test_keys]
         valid_keys += [k for k in r["valid"] if k not in valid_keys]
-    header = _CSV_FIXED + [f"test_{k}" for k in test_keys] + [f"valid_{k}" for k in valid_keys] + ["record", "log", "error"]
+        step1_keys += [k for k in (r.get("step1_test") or {}) if k not in step1_keys]
+    header = (_CSV_FIXED + [f"test_{k}" for k in test_keys] + [f"valid_{k}" for k in valid_keys]
+              + [f"step1_test_{k}" for k in step1_keys] + ["record", "log", "error"])
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for r in rows:
         writer.writerow([r.get(c) if r.get(c) is not None else "" for c in _CSV_FIXED]
                         + [r["test"].get(k, "") for k in test_keys] + [r["valid"].get(k, "") for k in valid_keys]
+                        + [(r.get("step1_test") or {}).get(k, "") for k in step1_keys]
                         + [r["record"], r["log"], r["error"] or ""])
     return buf.getvalue()
+
+
+def step1_table(study, rows, dataset, metrics):
+    """Markdown: each model whose records carry a step-1 test result (SICSRec) against that step-1
+    model, paired per seed (the same run's own ID-only SASRec); '' when no row has one."""
+    lines = []
+    for m in study.models:
+        cells = [r for r in rows if r["dataset"] == dataset and r["model"] == m and r["status"] == "finished"
+                 and r.get("step1_test")]
+        if not cells:
+            continue
+        if not lines:
+            lines += [f"### {dataset}: proposed model vs its own step-1 SASRec", "",
+                      "Each run's step-1 ID SASRec (trained in that run, same size and split) tested by the same "
+                      "evaluator: a paired ID-only baseline per seed. Mean ± std over seeds; relative difference "
+                      "of the means and a two-sided paired t-test over the seeds.", "",
+                      "| Model | n | " + " | ".join(_metric_label(k) for k in metrics) + " |",
+                      "|---|---|" + "---|" * len(metrics)]
+        ours, base, comp = [], [], []
+        for k in metrics:
+            a = [r["test"][k] for r in cells if k in r["test"] and k in r["step1_test"]]
+            b = [r["step1_test"][k] for r in cells if k in r["test"] and k in r["step1_test"]]
+            (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
+            ours.append("—" if ma is None else _fmt(ma) + (f" ± {_fmt(sa)}" if sa is not None else ""))
+            base.append("—" if mb is None else _fmt(mb) + (f" ± {_fmt(sb)}" if sb is not None else ""))
+            if ma is None or not mb:
+                comp.append("—")
+                continue
+            sign = -1 if _smaller_is_better(k) else 1
+            p, n = _paired_test(a, b)
+            comp.append(f"{sign * (ma - mb) / abs(mb) * 100:+.1f}% (p={_fmt_p(p)}, n={n})")
+        lines.append(f"| {m} step 1 (SASRec) | {len(cells)} | " + " | ".join(base) + " |")
+        lines.append(f"| {m} | {len(cells)} | " + " | ".join(ours) + " |")
+        lines.append(f"| {m} vs step 1 | | " + " | ".join(comp) + " |")
+    return "\n".join(lines + [""]) if lines else ""
 
 
 def write_report(study, rows=None):
@@ -1385,6 +1426,9 @@ def write_report(study, rows=None):
     sections, summaries = [], {}
     for d in study.datasets:
         text, summary = dataset_table(study, rows, d, metrics)
+        extra = step1_table(study, rows, d, metrics)
+        if extra:
+            text += "\n" + extra
         summaries[d] = summary
         table_path = os.path.join(out, "tables", f"{d}.md")
         _write_atomic(table_path, text + "\n")
