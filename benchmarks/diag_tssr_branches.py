@@ -4,7 +4,7 @@ For every attention block (ID / content unimodal encoders, the two cross stacks)
 learnt ReZero scale and the relative size of the scaled residual branches,
 ``||a * MHA(h)|| / ||h||`` and ``||a * FFN(h)|| / ||h||`` averaged over the valid positions of the
 validation histories; then the validation metrics with each stack's attention branches switched
-off (a = 0), which shows whether the model uses the history at all through that stack.
+off (its output replaced by zeros), which shows whether the model uses the history at all through that stack.
 
     python benchmarks/diag_tssr_branches.py --checkpoint saved/TSSR-....pth \\
         --dataset=Bili_Food --data_path=dataset [any --key=value the run used]
@@ -40,7 +40,8 @@ def main(argv=None):
         overrides[key] = value
     saved = ckpt["config"]
     config_dict = {k: saved[k] for k in ("MAX_ITEM_LIST_LENGTH", "hidden_size", "n_layers", "n_cross_layers",
-                                         "n_heads", "inner_size", "classifier", "content_modality", "seed")
+                                         "n_heads", "inner_size", "classifier", "content_modality", "seed", "rezero",
+                                         "rezero_init", "share_position_embedding", "text_feature")
                    if k in saved.final_config_dict}
     config_dict.update({"use_gpu": False, "show_progress": False, "eval_batch_size": 4096})
     config_dict.update(overrides)
@@ -90,16 +91,12 @@ def main(argv=None):
     print(f"valid, as trained: {dict(base)}")
     stacks = ("id_encoder", "content_encoder", "cross_id", "cross_content")
     for off in [(s,) for s in stacks] + [stacks]:
-        layers = [m for s in off for m in getattr(model, s).layers]
-        if any(m.scale_attn.alpha is None for m in layers):
-            print("rezero is off: attention branches have no scale to switch off")
-            break
-        saved_alpha = [m.scale_attn.alpha.detach().clone() for m in layers]
-        for m in layers:
-            m.scale_attn.alpha.data.zero_()
+        # the attention sublayers of these stacks output zeros: h <- LN(h + 0), the FFN still runs
+        silenced = [m.attn.register_forward_hook(lambda mod, inp, out: torch.zeros_like(out))
+                    for s in off for m in getattr(model, s).layers]
         result = trainer.evaluate(valid, load_best_model=False)
-        for m, a in zip(layers, saved_alpha):
-            m.scale_attn.alpha.data.copy_(a)
+        for h in silenced:
+            h.remove()
         name = off[0] if len(off) == 1 else "every"
         print(f"valid, {name} attention off: {dict(result)}")
 
