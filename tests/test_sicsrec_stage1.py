@@ -328,3 +328,16 @@ def test_sft_losses_follow_the_switches():
         rows.append(torch.logsumexp(r, 0) - ap[i, i])
     torch.testing.assert_close(fixed, torch.stack(rows).mean())
     assert torch.isclose(rows[0], torch.logsumexp(row0, 0) - ap[0, 0])
+
+
+def test_stage1_is_shared_by_seeds_unless_sft_seed_is_unset():
+    """A fixed sft_seed (default) makes stage 1 per-dataset preprocessing: runs with other seeds
+    use the same tables; sft_seed: ~ gives every run seed its own, under its own name."""
+    from recbole_mm.model.sicsrec_stage1 import sft_seed, stage1_feature_names
+
+    shared = [{"seed": s, "sft_seed": 2020, "content_modality": "text"} for s in (2020, 2021)]
+    assert {sft_seed(c) for c in shared} == {2020}
+    assert stage1_feature_names(shared[0]) == stage1_feature_names(shared[1]) == {"text": "text_sicsrec"}
+    own = [{"seed": s, "sft_seed": None, "content_modality": "both"} for s in (2020, 2021)]
+    assert [sft_seed(c) for c in own] == [2020, 2021]
+    assert stage1_feature_names(own[1]) == {"text": "text_sicsrec_seed2021", "image": "image_sicsrec_seed2021"}

@@ -62,7 +62,7 @@ SFT_KEYS = (
     "sft_text_pooling", "sft_text_export_pooling", "sft_image_pooling", "sft_export", "sft_max_length",
     "sft_proj_hidden", "sft_proj_dim", "sft_train_adapters", "sft_normalize", "sft_mask_self",
     "sft_mask_duplicates", "sft_tau", "sft_losses", "sft_optimizer", "sft_learning_rate", "sft_epochs",
-    "sft_batch_size", "seed",
+    "sft_batch_size",
 )
 
 
@@ -83,9 +83,22 @@ def base_feature_names(config):
     return {m: _cfg(config, f"{m}_feature", m) for m in modalities(config)}
 
 
+def sft_seed(config):
+    """Seed of stage 1: ``sft_seed``, or the run's ``seed`` when ``sft_seed`` is ``~``."""
+    value = _cfg(config, "sft_seed")
+    return int(_cfg(config, "seed", 2020) if value is None else value)
+
+
 def stage1_feature_names(config):
-    """modality -> feature-store name of the stage-1 (aligned) features."""
-    return {m: _cfg(config, f"stage1_{m}_feature", f"{m}_sicsrec") for m in modalities(config)}
+    """modality -> feature-store name of the stage-1 (aligned) features.
+
+    With a fixed ``sft_seed`` (default) stage 1 is per-dataset preprocessing: one table per
+    modality, shared by every run and seed. With ``sft_seed: ~`` each run seed fine-tunes its own
+    and the names get a ``_seed<N>`` suffix, so parallel or successive seeds never overwrite (or
+    rebuild) each other's tables.
+    """
+    suffix = f"_seed{sft_seed(config)}" if _cfg(config, "sft_seed") is None else ""
+    return {m: _cfg(config, f"stage1_{m}_feature", f"{m}_sicsrec") + suffix for m in modalities(config)}
 
 
 def _dist_info():
@@ -620,7 +633,7 @@ def train_alignment(aligner, pairs, valid, config, device, show_progress=False):
     if opt_name not in optimizers:
         raise ValueError(f"sft_optimizer must be one of {sorted(optimizers)}, got {opt_name!r}")
     optimizer = optimizers[opt_name](params, lr=lr)
-    gen = torch.Generator().manual_seed(int(_cfg(config, "seed", 2020)))
+    gen = torch.Generator().manual_seed(sft_seed(config))
     aligner.train()
     n = len(pairs)
     for epoch in range(epochs):
@@ -733,7 +746,7 @@ def run_stage1(dataset, show_progress=None):
         "type": "sicsrec_stage1", "stage1_version": STAGE1_VERSION, "modalities": mods,
         "dataset_tokens": sha256_strings(id2token),
         "pairs_checksum": sha256_strings(f"{id2token[a]}|{id2token[b]}" for a, b in pairs.tolist()),
-        "sft": {k: _cfg(config, k) for k in SFT_KEYS}, "encoders": {m: inputs[m]["key"] for m in mods},
+        "sft": dict({k: _cfg(config, k) for k in SFT_KEYS}, sft_seed=sft_seed(config)), "encoders": {m: inputs[m]["key"] for m in mods},
     }
     fresh = all(store.is_fresh(names[m], key) for m in mods)
     rank, world = _dist_info()
@@ -747,7 +760,7 @@ def run_stage1(dataset, show_progress=None):
         logger.info("SICSRec stage 1: features %s are up to date: reused", sorted(out))
         return out
     device = _device(config)
-    torch.manual_seed(int(_cfg(config, "seed", 2020)))
+    torch.manual_seed(sft_seed(config))
     aligner = build_aligner(dataset, inputs).to(device)
     valid = {m: inputs[m]["valid"] for m in mods}
     t1 = time.perf_counter()
