@@ -751,12 +751,8 @@ def complete_record(path, dataset=None, model=None, seed=None):
     return rec
 
 
-def _write_atomic(path, text, mode="w"):
-    return write_text_atomic(path, text, mode)
-
-
 def _write_json(path, payload):
-    return _write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 # ============================================================================ running cells
@@ -1281,7 +1277,7 @@ def _save_figure(fig, path):
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
-    return _write_atomic(path, buf.getvalue(), mode="wb")
+    return write_text_atomic(path, buf.getvalue(), mode="wb")
 
 
 def plot_metrics(study, summary, dataset, metrics, path):
@@ -1420,7 +1416,7 @@ def write_report(study, rows=None):
     metrics = _report_metrics(study, rows)
     paths = {"cells_csv": os.path.join(out, "cells.csv"), "cells_json": os.path.join(out, "cells.json"),
              "results_md": os.path.join(out, "results.md"), "tables": {}, "plots": []}
-    _write_atomic(paths["cells_csv"], _csv_text(rows))
+    write_text_atomic(paths["cells_csv"], _csv_text(rows))
     _write_json(paths["cells_json"], {"study": study.name, "source": study.source, "cells": rows})
 
     sections, summaries = [], {}
@@ -1431,7 +1427,7 @@ def write_report(study, rows=None):
             text += "\n" + extra
         summaries[d] = summary
         table_path = os.path.join(out, "tables", f"{d}.md")
-        _write_atomic(table_path, text + "\n")
+        write_text_atomic(table_path, text + "\n")
         paths["tables"][d] = table_path
         plots = []
         with contextlib.suppress(ImportError):
@@ -1478,7 +1474,7 @@ def write_report(study, rows=None):
     if failed:
         md += ["## Failed cells", ""] + [f"- {r['dataset']} / {r['model']} / seed {r['seed']}: {r['error']} "
                                          f"(log: `{r['log']}`)" for r in failed] + [""]
-    _write_atomic(paths["results_md"], "\n".join(md))
+    write_text_atomic(paths["results_md"], "\n".join(md))
     paths["summaries"] = summaries
     return paths
 

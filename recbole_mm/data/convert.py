@@ -170,7 +170,7 @@ def _fmt_num(value: float) -> str:
 
 @contextlib.contextmanager
 def _atomic_writer(path: Path, header: list[str]):
-    """Yield a csv writer on ``path.tmp``; ``os.replace`` it to ``path`` on success."""
+    """Yield a csv writer on a temporary file that replaces ``path`` on success (recbole_mm.atomic)."""
     with atomic_open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n",
                             quoting=csv.QUOTE_MINIMAL, quotechar='"',

@@ -124,10 +124,6 @@ def _check_matrix(matrix, where: str) -> np.ndarray:
     return matrix
 
 
-def _atomic_write_json(path: str, obj: dict) -> None:
-    write_json_atomic(path, obj, ensure_ascii=False, indent=1)
-
-
 atomic_save_npy = save_npy_atomic
 
 
@@ -282,7 +278,7 @@ class FeatureStore:
         if os.path.exists(man):
             os.remove(man)
         atomic_save_npy(npy, np.ascontiguousarray(matrix))
-        _atomic_write_json(man, full)  # LAST
+        write_json_atomic(man, full, ensure_ascii=False, indent=1)  # LAST
         logger.info("saved feature %r: %d items x %d (%s), %d missing -> %s",
                     name, len(tokens), matrix.shape[1], matrix.dtype, int(missing.sum()), npy)
         return self.load(name, mmap=True, check_finite=False)

@@ -435,7 +435,8 @@ class SICSRecTrainer(MMTrainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         state, info = self.prepare_step1(train_data, valid_data, verbose=verbose, show_progress=show_progress)
         self.model.load_id_encoder(state)
-        self._step1_state = state
+        # only the weights are kept for evaluate_step1 (not the checkpoint's optimizer state)
+        self._step1_state = state["state_dict"] if isinstance(state.get("state_dict"), dict) else state
         self.step1_info = info
         self._history()["step1"] = jsonable(info)
         # step 2 starts from the same random state whether step 1 was trained or reused
@@ -459,7 +460,7 @@ class SICSRecTrainer(MMTrainer):
             return None
         cfg = step1_config(self.config)
         model = SASRec(cfg, eval_data._dataset).to(self.device)
-        model.load_state_dict(state["state_dict"] if "state_dict" in state else state)
+        model.load_state_dict(state)
         trainer = get_trainer(cfg["MODEL_TYPE"], "SASRec")(cfg, model)
         result = trainer.evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         self._history().setdefault("step1", {})["test_result"] = jsonable(result)
