@@ -89,6 +89,10 @@ SOURCE_TYPES = {
 NINEREC_ENV = "RECBOLE_MM_NINEREC_DIR"
 CELL_LOCK_WAIT_S = 60
 EXIT_BUSY = 75
+EXIT_DEFAULTS_CHANGED = 76  # a cell refused to start: its defaults or config files changed since the study started
+# a cell process ended by SIGINT or SIGTERM (Popen's negative codes, or a shell's 128 + n) was interrupted,
+# not failed: it reruns on the next start, and no further cell starts after it
+INTERRUPTED_CODES = {-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM}
 METRIC_NAMES = {"hit": "HR", "ndcg": "NDCG", "mrr": "MRR", "recall": "Recall", "precision": "Precision",
                 "map": "MAP", "auc": "AUC", "gauc": "GAUC", "logloss": "LogLoss"}
 
@@ -307,6 +311,7 @@ class Study:
         self.source = source
         self.overrides = dict(overrides or {})
         self.errors = _Errors(source)
+        self.defaults = {}  # (dataset, model) -> default config values, snapshotted at validation
         self._validate(output_dir)
 
     # ------------------------------------------------------------------ validation
@@ -594,12 +599,7 @@ class Study:
         return cfg
 
     def _build_config(self, model, dataset, config_dict, files=True):
-        from recbole_mm.config import MMConfig
-
-        with _config_env():
-            return MMConfig(model=model, dataset=dataset,
-                            config_file_list=(self.config_files or None) if files else None,
-                            config_dict=config_dict)
+        return _build_mmconfig(model, dataset, config_dict, (self.config_files or None) if files else None)
 
     def _validate_config_keys_and_datasets(self):
         err = self.errors
@@ -644,7 +644,8 @@ class Study:
         if len(self.data_dirs) < len(self.datasets):
             return
 
-        # 2. config keys: each must be known to RecBole or the plugin for some cell it applies to
+        # 2. config keys: each must be known to RecBole or the plugin for some cell it applies to;
+        # each cell's defaults (RecBole's and the plugin's YAML files) are snapshotted on the way
         known = {}  # (dataset, model) -> keys RecBole and the plugin know for that cell
         for d in self.datasets:
             for m in self.models:
@@ -655,6 +656,7 @@ class Study:
                             f"RecBole cannot configure {m} on {d}: {type(exc).__name__}: {exc}")
                     return
                 known[d, m] = set(cfg.final_config_dict) | EXTRA_CONFIG_KEYS
+                self.defaults[d, m] = config_defaults(cfg)
         all_keys = set().union(*known.values()) if known else set()
 
         def check(path, mapping, keys):
@@ -705,8 +707,27 @@ class Study:
             "model": model, "dataset": dataset, "seed": seed,
             "config_files": list(self.config_files), "config_dict": forced,
             "user_config": config, "fingerprint": fingerprint,
+            # what the cell's configuration also depends on, as of this study start: the default
+            # values from RecBole's and the plugin's YAML files, and the config files' contents.
+            # Kept out of the fingerprint so that cells finished before these were recorded stay valid.
+            "defaults": self.defaults.get((dataset, model)),
+            "config_file_shas": [[f, _file_sha(f)] for f in self.config_files],
             "keep_checkpoints": self.keep_checkpoints, **paths,
         }
+
+
+def _build_mmconfig(model, dataset, config_dict, config_files=None):
+    from recbole_mm.config import MMConfig
+
+    with _config_env():
+        return MMConfig(model=model, dataset=dataset, config_file_list=config_files or None,
+                        config_dict=config_dict)
+
+
+def config_defaults(cfg):
+    """A config's default values (RecBole's and the plugin's YAML files, before any user
+    setting), as plain JSON values: what a cell's configuration depends on besides the study."""
+    return json.loads(json.dumps(cfg.internal_config_dict, sort_keys=True, default=str))
 
 
 def _file_sha(path):
@@ -800,6 +821,53 @@ def _prepare_datasets(study, log):
                              f"into {study.data_dirs[dataset]}")
 
 
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def config_changes(old, spec):
+    """How a finished cell's configuration (``old``, its cell file) differs from ``spec``'s now.
+
+    Cells that recorded their defaults are compared on the configuration in effect (the user's
+    settings over the defaults), so a default that changed is caught, and pinning the old value
+    in the study is not a change. Older cells (no defaults recorded) compare the fingerprint.
+    """
+    before, now = old.get("user_config") or {}, _jsonable(spec["user_config"])
+    diff = []
+    if old.get("config_files") != spec["config_files"]:
+        diff.append("config_files changed")
+    elif old.get("config_file_shas") not in (None, spec["config_file_shas"]):
+        diff.append("config file contents changed")
+    if isinstance(old.get("defaults"), dict) and isinstance(spec.get("defaults"), dict):
+        was, is_ = dict(old["defaults"], **before), dict(_jsonable(spec["defaults"]), **now)
+        missing = object()
+        for k in sorted(set(was) | set(is_), key=str):
+            if was.get(k, missing) != is_.get(k, missing):
+                where = "" if k in before or k in now else " (a default)"
+                diff.append(f"{k}: {was.get(k, '(none)')!r} -> {is_.get(k, '(none)')!r}{where}")
+        return diff
+    if old.get("fingerprint") in (None, spec["fingerprint"]):
+        return []
+    diff += [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now), key=str)
+             if before.get(k) != now.get(k)]
+    return diff or ["config file contents changed"]
+
+
+def changed_since_study_start(spec):
+    """What changed, between the study's start and now, in the files a cell's configuration is
+    read from when it starts: the config files, and RecBole's and the plugin's YAML defaults
+    (keys the study sets itself do not count). Empty when nothing did."""
+    changes = [f"config file {f} changed" for f, sha in spec.get("config_file_shas") or [] if _file_sha(f) != sha]
+    if isinstance(spec.get("defaults"), dict):
+        cfg = _build_mmconfig(spec["model"], spec["dataset"], {"data_path": spec["config_dict"]["data_path"]})
+        now, user = config_defaults(cfg), spec.get("user_config") or {}
+        missing = object()
+        changes += [f"default {k}: {spec['defaults'].get(k, '(none)')!r} -> {now.get(k, '(none)')!r}"
+                    for k in sorted(set(spec["defaults"]) | set(now), key=str)
+                    if k not in user and spec["defaults"].get(k, missing) != now.get(k, missing)]
+    return changes
+
+
 def _check_finished_specs(study):
     """A finished cell whose configuration changed since is an error (before any training)."""
     changed = []
@@ -808,19 +876,15 @@ def _check_finished_specs(study):
         if complete_record(spec["record"], d, m, s) is None:
             continue
         old = _read_json(spec["cell"])
-        if not isinstance(old, dict) or old.get("fingerprint") in (None, spec["fingerprint"]):
-            continue
-        before, now = old.get("user_config") or {}, spec["user_config"]
-        diff = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now), key=str)
-                if before.get(k) != now.get(k)]
-        if old.get("config_files") != spec["config_files"]:
-            diff.append("config_files changed")
-        changed.append(f"  {d} / {m} / seed {s}: " + ("; ".join(diff) or "config file contents changed"))
+        diff = config_changes(old, spec) if isinstance(old, dict) else []
+        if diff:
+            changed.append(f"  {d} / {m} / seed {s}: " + "; ".join(diff))
     if changed:
         raise StudyError(
             f"{study.source}: {len(changed)} finished cell(s) in {study.output_dir} were run with a different "
-            "configuration; a study never mixes configurations. Use another output_dir, or delete those "
-            "cells' records to rerun them:\n" + "\n".join(changed[:20])
+            "configuration; a study never mixes configurations. Use another output_dir, delete those "
+            "cells' records to rerun them, or, for a changed default (a value from RecBole's or the plugin's "
+            "properties/*.yaml), set its old value in the study's config or model_config:\n" + "\n".join(changed[:20])
             + (f"\n  ... and {len(changed) - 20} more" if len(changed) > 20 else ""))
 
 
@@ -892,6 +956,10 @@ def _run_cell(study, spec, log, stop=None):
             status = "finished"
         elif proc.returncode == EXIT_BUSY:
             status = "busy"
+        elif proc.returncode == EXIT_DEFAULTS_CHANGED:
+            status = "config changed"
+        elif proc.returncode in INTERRUPTED_CODES:
+            status = "interrupted"  # stopped by a signal (the study's stop, or one sent to the process group)
     attempt.update(ended=datetime.datetime.now().isoformat(timespec="seconds"), wall_s=round(wall, 3),
                    returncode=proc.returncode, status=status)
     _write_json(spec["cell"], state)
@@ -949,7 +1017,12 @@ def _run_cells_parallel(study, todo, jobs, live, bar, log):
     def one(cell):
         if stop.is_set():
             return cell, "not started"
-        return cell, _run_cell(study, study.cell_spec(*cell), log, stop=stop)
+        status = _run_cell(study, study.cell_spec(*cell), log, stop=stop)
+        if status == "interrupted":
+            # SIGTERM/SIGINT reached the cell (e.g. sent to the whole process group): the study is being
+            # stopped, and the signal may reach this process only after this thread would start the next cell
+            stop.set()
+        return cell, status
 
     pool = cf.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="study-cell")
     try:
@@ -1009,6 +1082,17 @@ def _cell_worker(cell_file):
         sys.argv = [sys.argv[0]]  # RecBole's Config reads --key=value from the command line
         import recbole_mm  # noqa: F401 - compatibility layer first
         from recbole_mm.quick_start import run_recbole_mm
+
+        changes = changed_since_study_start(spec)
+        if changes:
+            error = ("the cell's configuration changed since the study started, so it would not match the "
+                     "cells that already ran: " + "; ".join(changes) + ". A study never mixes configurations: "
+                     "restore the files, or stop the study and start it again (it then names the finished "
+                     "cells that used the old configuration)")
+            print(f"recbole_mm.study: {error}", file=sys.stderr)
+            _write_json(spec["failed"], {"status": "failed", "model": spec["model"], "dataset": spec["dataset"],
+                                        "seed": spec["seed"], "error": error})
+            return EXIT_DEFAULTS_CHANGED
 
         print(f"cell: {spec['dataset']} / {spec['model']} / seed {spec['seed']}", flush=True)
         result = run_recbole_mm(model=spec["model"], dataset=spec["dataset"],
@@ -1530,6 +1614,9 @@ def run_study(path_or_dict, output_dir=None, overrides=None, max_cells=None, pro
                         bar.set_postfix_str(f"{d} / {m} / seed {s}")
                         live[d, m, s] = _run_cell(study, study.cell_spec(d, m, s), log)
                         bar.update(1)
+                        if live[d, m, s] == "interrupted":
+                            log("a cell was stopped by a signal: not starting the next ones (run again to resume)")
+                            break
                 else:
                     _run_cells_parallel(study, todo, jobs, live, bar, log)
             finally:
@@ -1613,7 +1700,7 @@ def main(argv=None):
     counts = result["counts"]
     print(f"study {result['study'].name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     print(f"results: {result['results_md']}")
-    if counts.get("failed") or counts.get("timeout"):
+    if counts.get("failed") or counts.get("timeout") or counts.get("config changed"):
         return 1
     return 0
 

@@ -6,6 +6,7 @@ import glob
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -402,14 +403,17 @@ def test_parallel_study_runs_cells_at_once_and_reports(env):
     assert main(["--study", path, "--jobs", "0"]) == 2  # refused, clear message
 
 
-def test_sigterm_stops_a_parallel_study_keeping_finished_cells_and_the_report(env):
+@pytest.mark.parametrize("target", ["study", "process group"])
+def test_sigterm_stops_a_parallel_study_keeping_finished_cells_and_the_report(env, target):
+    """SIGTERM to the study process (``timeout``, ``kill``) or to its whole process group (a batch
+    scheduler, Ctrl-C's terminal): running cells are interrupted, not failed, and none starts after."""
     text = TINY_STUDY.replace("seeds: [1, 2]", "seeds: [1, 2, 3]")
     path = write(env / "tiny.yaml", text)
     out = str(env / "studies" / "tiny")
     first = os.path.join(out, "records", "tiny", "SASRec", "seed1.json")
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run_recbole_mm.py"), "--study", path,
                              "--jobs", "2", "--no-progress"], cwd=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240
     while not os.path.exists(first) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -418,7 +422,10 @@ def test_sigterm_stops_a_parallel_study_keeping_finished_cells_and_the_report(en
         logs = "".join(open(p).read()[-1500:] for p in glob.glob(os.path.join(out, "logs", "*", "*", "*.log")))
         pytest.fail(f"no record after the first cell; study exit {proc.poll()}; stderr:\n"
                     f"{proc.stderr.read().decode()[-2000:]}\ncell logs:\n{logs}")
-    proc.terminate()  # SIGTERM, as `timeout` or a batch scheduler sends it
+    if target == "study":
+        proc.terminate()  # SIGTERM, as `timeout` sends it
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)  # the cells get it too, possibly before the study does
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (0, 143), err.decode()[-2000:]  # 0 if every cell finished first
     deadline = time.monotonic() + 20
@@ -428,9 +435,84 @@ def test_sigterm_stops_a_parallel_study_keeping_finished_cells_and_the_report(en
     assert os.path.isfile(os.path.join(out, "results.md"))  # the report was still written
     rows = {(r["model"], r["seed"]): r["status"] for r in json.load(open(os.path.join(out, "cells.json")))["cells"]}
     assert rows[("SASRec", 1)] == "finished"
+    # every attempt ended finished or interrupted (stopped cells rerun; none failed or began after the signal)
+    attempts = [a for f in glob.glob(os.path.join(out, "records", "*", "*", "*.cell.json"))
+                for a in json.load(open(f))["attempts"]]
+    assert attempts and {a["status"] for a in attempts} <= {"finished", "interrupted"}, attempts
+    assert set(rows.values()) <= {"finished", "interrupted", "pending"}, rows
     before = open(first, "rb").read()
     r = run_study(path, progress=False, jobs=2)
     assert r["complete"] and open(first, "rb").read() == before
+
+
+def _finish_cell_as(study, cell, spec):
+    """Mark ``cell`` finished with ``spec`` as its recorded configuration (no training)."""
+    paths = study.cell_paths(*cell)
+    os.makedirs(os.path.dirname(paths["record"]), exist_ok=True)
+    d, m, s = cell
+    with open(paths["record"], "w") as f:
+        json.dump({"status": "finished", "dataset": d, "model": m, "seed": s, "test_result": {"hit@10": 0.5},
+                   "best_valid_result": {"hit@10": 0.5}}, f)
+    with open(paths["cell"], "w") as f:
+        json.dump(spec, f, default=str)
+
+
+def test_a_changed_default_is_refused_on_resume_unless_pinned_to_its_old_value(env):
+    """A default changed in a model YAML (plugin or RecBole) between runs of a study is caught:
+    the cells that ran with the old value are named, before anything runs."""
+    path = write(env / "tiny.yaml", TINY_STUDY)
+    study = validate_study(path)
+    cell = ("tiny", "SASRec", 1)
+    spec = study.cell_spec(*cell)
+    assert spec["defaults"]["hidden_dropout_prob"] == 0.5  # RecBole's SASRec.yaml
+
+    # unchanged: the study resumes (runs nothing here: max_cells=0)
+    _finish_cell_as(study, cell, spec)
+    assert run_study(path, max_cells=0, progress=False)["counts"]["finished"] == 1
+
+    # the cell ran when the default was 0.3 (as if SASRec.yaml changed since): refused, the key named
+    old = json.loads(json.dumps(spec, default=str))
+    old["defaults"]["hidden_dropout_prob"] = 0.3
+    _finish_cell_as(study, cell, old)
+    with pytest.raises(StudyError, match="different configuration") as exc:
+        run_study(path, max_cells=0, progress=False)
+    assert "tiny / SASRec / seed 1: hidden_dropout_prob: 0.3 -> 0.5 (a default)" in str(exc.value)
+    assert "set its old value" in str(exc.value)
+
+    # pinning the old value in the study makes the configurations equal again: accepted
+    pinned = write(env / "pinned.yaml", TINY_STUDY.replace("model_config:\n", "model_config:\n  SASRec: {hidden_dropout_prob: 0.3}\n"))
+    assert run_study(pinned, output_dir=str(env / "studies" / "tiny"), max_cells=0,
+                     progress=False)["counts"]["finished"] == 1
+
+    # cells recorded before defaults were snapshotted compare on the fingerprint, as before
+    legacy = {k: v for k, v in old.items() if k not in ("defaults", "config_file_shas")}
+    _finish_cell_as(study, cell, legacy)
+    assert run_study(path, max_cells=0, progress=False)["counts"]["finished"] == 1
+
+
+def test_a_cell_refuses_to_start_when_its_defaults_changed_since_the_study_started(env):
+    """Cells read the YAML files when they start: one that would see a default or config file
+    changed since the study started (and so differ from the cells already run) refuses, clearly."""
+    conf = write(env / "extra.yaml", "learning_rate: 0.002\n")
+    path = write(env / "tiny.yaml", TINY_STUDY.replace("name: tiny\n", f"name: tiny\nconfig_files: [{conf}]\n"))
+    study = validate_study(path)
+    spec = study.cell_spec("tiny", "SASRec", 1)
+    assert st.changed_since_study_start(spec) == []
+
+    spec["defaults"]["hidden_dropout_prob"] = 0.3  # the snapshot at study start said 0.3; the file says 0.5 now
+    spec["defaults"]["n_heads"] = 4  # set by the study itself: a change of its default does not matter
+    with open(conf, "a") as f:
+        f.write("weight_decay: 0.0\n")
+    assert st.changed_since_study_start(spec) == [f"config file {conf} changed", "default hidden_dropout_prob: 0.3 -> 0.5"]
+
+    # the cell process refuses before training; the study marks the cell and says why
+    status = st._run_cell(study, spec, log=lambda msg: None)
+    assert status == "config changed"
+    failed = json.load(open(spec["failed"]))
+    assert "hidden_dropout_prob: 0.3 -> 0.5" in failed["error"] and "never mixes configurations" in failed["error"]
+    assert not os.path.exists(spec["record"])
+    row = next(r for r in st.collect_cells(study) if (r["model"], r["seed"]) == ("SASRec", 1))
+    assert row["status"] == "config changed" and "hidden_dropout_prob" in row["error"]
 
 
 def test_step1_section_pairs_each_run_with_its_own_step1():
