@@ -1458,38 +1458,58 @@ def _csv_text(rows):
     return buf.getvalue()
 
 
+def _paired_rows(label, a_by_seed, b_by_seed, metrics):
+    """Table rows: model ``label`` against a baseline, paired by seed (seeds both have)."""
+    seeds = sorted(set(a_by_seed) & set(b_by_seed))
+    ours, comp = [], []
+    for k in metrics:
+        pairs = [(a_by_seed[s][k], b_by_seed[s][k]) for s in seeds if k in a_by_seed[s] and k in b_by_seed[s]]
+        a, b = [x for x, _ in pairs], [y for _, y in pairs]
+        (ma, sa), (mb, _) = _mean_std(a), _mean_std(b)
+        ours.append("—" if ma is None else _fmt(ma) + (f" ± {_fmt(sa)}" if sa is not None else ""))
+        if ma is None or not mb:
+            comp.append("—")
+            continue
+        sign = -1 if _smaller_is_better(k) else 1
+        p, n = _paired_test(a, b)
+        comp.append(f"{sign * (ma - mb) / abs(mb) * 100:+.1f}% (p={_fmt_p(p)}, n={n})")
+    return seeds, ours, comp
+
+
 def step1_table(study, rows, dataset, metrics):
     """Markdown: each model whose records carry a step-1 test result (SICSRec) against that step-1
-    model, paired per seed (the same run's own ID-only SASRec); '' when no row has one."""
+    model, paired per seed (the same run's own ID-only SASRec); '' when no row has one. The other
+    models of the study are compared with the same step-1 SASRec of the same seed (same config,
+    split and evaluator), so a study gets a SASRec baseline without a SASRec cell."""
     lines = []
-    for m in study.models:
-        cells = [r for r in rows if r["dataset"] == dataset and r["model"] == m and r["status"] == "finished"
-                 and r.get("step1_test")]
-        if not cells:
-            continue
+    finished = [r for r in rows if r["dataset"] == dataset and r["status"] == "finished"]
+    with_step1 = [m for m in study.models if any(r["model"] == m and r.get("step1_test") for r in finished)]
+    for m in with_step1:
+        cells = [r for r in finished if r["model"] == m and r.get("step1_test")]
         if not lines:
             lines += [f"### {dataset}: proposed model vs its own step-1 SASRec", "",
                       "Each run's step-1 ID SASRec (trained in that run, same size and split) tested by the same "
                       "evaluator: a paired ID-only baseline per seed. Mean ± std over seeds; relative difference "
-                      "of the means and a two-sided paired t-test over the seeds.", "",
+                      "of the means and a two-sided paired t-test over the seeds. Other models are paired with the "
+                      "step-1 SASRec of the same seed.", "",
                       "| Model | n | " + " | ".join(_metric_label(k) for k in metrics) + " |",
                       "|---|---|" + "---|" * len(metrics)]
-        ours, base, comp = [], [], []
-        for k in metrics:
-            a = [r["test"][k] for r in cells if k in r["test"] and k in r["step1_test"]]
-            b = [r["step1_test"][k] for r in cells if k in r["test"] and k in r["step1_test"]]
-            (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
-            ours.append("—" if ma is None else _fmt(ma) + (f" ± {_fmt(sa)}" if sa is not None else ""))
-            base.append("—" if mb is None else _fmt(mb) + (f" ± {_fmt(sb)}" if sb is not None else ""))
-            if ma is None or not mb:
-                comp.append("—")
-                continue
-            sign = -1 if _smaller_is_better(k) else 1
-            p, n = _paired_test(a, b)
-            comp.append(f"{sign * (ma - mb) / abs(mb) * 100:+.1f}% (p={_fmt_p(p)}, n={n})")
+        step1 = {r["seed"]: r["step1_test"] for r in cells}
+        ours_by_seed = {r["seed"]: r["test"] for r in cells}
+        _, base, _ = _paired_rows(m, step1, step1, metrics)
+        seeds, ours, comp = _paired_rows(m, ours_by_seed, step1, metrics)
         lines.append(f"| {m} step 1 (SASRec) | {len(cells)} | " + " | ".join(base) + " |")
-        lines.append(f"| {m} | {len(cells)} | " + " | ".join(ours) + " |")
+        lines.append(f"| {m} | {len(seeds)} | " + " | ".join(ours) + " |")
         lines.append(f"| {m} vs step 1 | | " + " | ".join(comp) + " |")
+        for other in study.models:
+            if other in with_step1:
+                continue
+            by_seed = {r["seed"]: r["test"] for r in finished if r["model"] == other}
+            seeds, theirs, comp = _paired_rows(other, by_seed, step1, metrics)
+            if not seeds:
+                continue
+            lines.append(f"| {other} | {len(seeds)} | " + " | ".join(theirs) + " |")
+            lines.append(f"| {other} vs {m} step 1 (same seed) | | " + " | ".join(comp) + " |")
     return "\n".join(lines + [""]) if lines else ""
 
 

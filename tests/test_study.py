@@ -521,7 +521,7 @@ def test_step1_section_pairs_each_run_with_its_own_step1():
 
     from recbole_mm.study import _csv_text, step1_table
 
-    study = SimpleNamespace(models=["SASRec", "SICSRec"])
+    study = SimpleNamespace(models=["SASRec", "SICSRec", "TSSR"])
     def row(model, seed, ndcg, step1):
         return {"dataset": "D", "model": model, "seed": seed, "status": "finished", "test": {"ndcg@10": ndcg},
                 "valid": {}, "step1_test": None if step1 is None else {"ndcg@10": step1},
@@ -534,6 +534,13 @@ def test_step1_section_pairs_each_run_with_its_own_step1():
     assert "0.1200 ± 0.0100" in lines["| SICSRec"]
     assert "+20.0% (p=" in lines["| SICSRec vs step 1"] and "n=3" in lines["| SICSRec vs step 1"]
     assert "SASRec step 1" not in text  # models without step-1 results get no row
+    # other models are paired with the step-1 SASRec of their seed (TSSR has seeds 1 and 3)
+    rows += [row("TSSR", 1, 0.11, None), row("TSSR", 3, 0.0935, None)]
+    text = step1_table(study, rows, "D", ["ndcg@10"])
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert lines["| TSSR"].startswith("| TSSR | 2 | 0.1018 ± 0.0117")
+    assert "+10.0% (p=" in lines["| TSSR vs SICSRec step 1 (same seed)"] and "n=2" in lines["| TSSR vs SICSRec step 1 (same seed)"]
+    assert lines["| SASRec"].startswith("| SASRec | 1 | 0.1000")
     assert step1_table(study, rows[:1], "D", ["ndcg@10"]) == ""
     header, *body = _csv_text([dict(r, **{c: None for c in ("role", "wall_time_s")}) for r in rows]).splitlines()
     assert "step1_test_ndcg@10" in header.split(",") and body[1].split(",")[header.split(",").index("step1_test_ndcg@10")] == "0.1"
