@@ -825,6 +825,13 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+def _dict_changes(before, after, skip=()):
+    """``(key, old, new)`` for each key whose value differs (``'(none)'`` where absent)."""
+    missing = object()
+    return [(k, before.get(k, "(none)"), after.get(k, "(none)")) for k in sorted(set(before) | set(after), key=str)
+            if k not in skip and before.get(k, missing) != after.get(k, missing)]
+
+
 def config_changes(old, spec):
     """How a finished cell's configuration (``old``, its cell file) differs from ``spec``'s now.
 
@@ -840,11 +847,8 @@ def config_changes(old, spec):
         diff.append("config file contents changed")
     if isinstance(old.get("defaults"), dict) and isinstance(spec.get("defaults"), dict):
         was, is_ = dict(old["defaults"], **before), dict(_jsonable(spec["defaults"]), **now)
-        missing = object()
-        for k in sorted(set(was) | set(is_), key=str):
-            if was.get(k, missing) != is_.get(k, missing):
-                where = "" if k in before or k in now else " (a default)"
-                diff.append(f"{k}: {was.get(k, '(none)')!r} -> {is_.get(k, '(none)')!r}{where}")
+        for k, a, b in _dict_changes(was, is_):
+            diff.append(f"{k}: {a!r} -> {b!r}" + ("" if k in before or k in now else " (a default)"))
         return diff
     if old.get("fingerprint") in (None, spec["fingerprint"]):
         return []
@@ -860,11 +864,8 @@ def changed_since_study_start(spec):
     changes = [f"config file {f} changed" for f, sha in spec.get("config_file_shas") or [] if _file_sha(f) != sha]
     if isinstance(spec.get("defaults"), dict):
         cfg = _build_mmconfig(spec["model"], spec["dataset"], {"data_path": spec["config_dict"]["data_path"]})
-        now, user = config_defaults(cfg), spec.get("user_config") or {}
-        missing = object()
-        changes += [f"default {k}: {spec['defaults'].get(k, '(none)')!r} -> {now.get(k, '(none)')!r}"
-                    for k in sorted(set(spec["defaults"]) | set(now), key=str)
-                    if k not in user and spec["defaults"].get(k, missing) != now.get(k, missing)]
+        changes += [f"default {k}: {a!r} -> {b!r}" for k, a, b in
+                    _dict_changes(spec["defaults"], config_defaults(cfg), skip=spec.get("user_config") or {})]
     return changes
 
 
