@@ -8,6 +8,7 @@ checkpoints (see ``docs/DISTRIBUTED.md``).
 """
 
 import datetime
+import functools
 import logging
 import os
 import platform
@@ -78,7 +79,10 @@ def library_versions():
     return versions
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit():
+    """The plugin's git commit (``-dirty`` with uncommitted changes), read once per process: a run
+    first asks at its start, so its record names the code it imported, not a later checkout."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(
@@ -176,6 +180,7 @@ def run_recbole_mm(
     ``test_result``, plus ``record_path`` (the JSON record) and ``timings_s``.
     """
     t_start = time.perf_counter()
+    git_commit()  # the code this process runs (the record is written at the end)
     config = MMConfig(
         model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict
     )

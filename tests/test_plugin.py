@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -172,3 +173,21 @@ def test_config_priority_with_shipped_tssr_yaml(workdir, tmp_path):
     sys.argv = ["run_recbole_mm.py", "--n_cross_layers=1"]
     c = MMConfig(model="TSSR", dataset="tiny", config_file_list=[str(user_yaml)], config_dict=base)
     assert c["n_cross_layers"] == 1 and c["tau_u"] == 0.5
+
+
+def test_record_git_commit_is_the_one_at_run_start(monkeypatch):
+    """A run's record names the commit of the code it imported, read at its start: checking out
+    another commit while it trains (e.g. a long study cell) does not relabel it."""
+    from recbole_mm import quick_start
+
+    quick_start.git_commit.cache_clear()
+    at_start = quick_start.git_commit()
+
+    def moved(*args, **kwargs):  # the checkout moved on after the run started
+        return types.SimpleNamespace(returncode=0, stdout="f" * 40 + "\n")
+
+    monkeypatch.setattr(quick_start.subprocess, "run", moved)
+    assert quick_start.git_commit() == at_start
+    quick_start.git_commit.cache_clear()
+    assert quick_start.git_commit().startswith("f" * 40)  # uncached, it would have read the new commit
+    quick_start.git_commit.cache_clear()
