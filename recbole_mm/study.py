@@ -724,10 +724,14 @@ def _build_mmconfig(model, dataset, config_dict, config_files=None):
                         config_dict=config_dict)
 
 
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
 def config_defaults(cfg):
     """A config's default values (RecBole's and the plugin's YAML files, before any user
     setting), as plain JSON values: what a cell's configuration depends on besides the study."""
-    return json.loads(json.dumps(cfg.internal_config_dict, sort_keys=True, default=str))
+    return _jsonable(cfg.internal_config_dict)
 
 
 def _file_sha(path):
@@ -821,10 +825,6 @@ def _prepare_datasets(study, log):
                              f"into {study.data_dirs[dataset]}")
 
 
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
 def _dict_changes(before, after, skip=()):
     """``(key, old, new)`` for each key whose value differs (``'(none)'`` where absent)."""
     missing = object()
@@ -852,8 +852,7 @@ def config_changes(old, spec):
         return diff
     if old.get("fingerprint") in (None, spec["fingerprint"]):
         return []
-    diff += [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now), key=str)
-             if before.get(k) != now.get(k)]
+    diff += [f"{k}: {a!r} -> {b!r}" for k, a, b in _dict_changes(before, now)]
     return diff or ["config file contents changed"]
 
 
@@ -1459,15 +1458,20 @@ def _csv_text(rows):
     return buf.getvalue()
 
 
-def _paired_rows(label, a_by_seed, b_by_seed, metrics):
-    """Table rows: model ``label`` against a baseline, paired by seed (seeds both have)."""
+def _fmt_mean_std(values):
+    mean, std = _mean_std(values)
+    return "—" if mean is None else _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
+
+
+def _paired_rows(a_by_seed, b_by_seed, metrics):
+    """Seeds both have, ``a``'s mean ± std per metric, and ``a`` against ``b`` paired by seed."""
     seeds = sorted(set(a_by_seed) & set(b_by_seed))
     ours, comp = [], []
     for k in metrics:
         pairs = [(a_by_seed[s][k], b_by_seed[s][k]) for s in seeds if k in a_by_seed[s] and k in b_by_seed[s]]
         a, b = [x for x, _ in pairs], [y for _, y in pairs]
-        (ma, sa), (mb, _) = _mean_std(a), _mean_std(b)
-        ours.append("—" if ma is None else _fmt(ma) + (f" ± {_fmt(sa)}" if sa is not None else ""))
+        ma, mb = _mean_std(a)[0], _mean_std(b)[0]
+        ours.append(_fmt_mean_std(a))
         if ma is None or not mb:
             comp.append("—")
             continue
@@ -1497,8 +1501,9 @@ def step1_table(study, rows, dataset, metrics):
                       "|---|---|" + "---|" * len(metrics)]
         step1 = {r["seed"]: r["step1_test"] for r in cells}
         ours_by_seed = {r["seed"]: r["test"] for r in cells}
-        _, base, _ = _paired_rows(m, step1, step1, metrics)
-        seeds, ours, comp = _paired_rows(m, ours_by_seed, step1, metrics)
+        seeds, ours, comp = _paired_rows(ours_by_seed, step1, metrics)
+        base = [_fmt_mean_std([step1[s][k] for s in seeds if k in step1[s] and k in ours_by_seed[s]])
+                for k in metrics]
         lines.append(f"| {m} step 1 (SASRec) | {len(cells)} | " + " | ".join(base) + " |")
         lines.append(f"| {m} | {len(seeds)} | " + " | ".join(ours) + " |")
         lines.append(f"| {m} vs step 1 | | " + " | ".join(comp) + " |")
@@ -1506,7 +1511,7 @@ def step1_table(study, rows, dataset, metrics):
             if other in with_step1:
                 continue
             by_seed = {r["seed"]: r["test"] for r in finished if r["model"] == other}
-            seeds, theirs, comp = _paired_rows(other, by_seed, step1, metrics)
+            seeds, theirs, comp = _paired_rows(by_seed, step1, metrics)
             if not seeds:
                 continue
             lines.append(f"| {other} | {len(seeds)} | " + " | ".join(theirs) + " |")
