@@ -308,6 +308,18 @@ def test_shipped_studies_validate(env):
         if path == bili:
             assert s.report == ["hit@5", "hit@10", "ndcg@5", "ndcg@10"] and s.seeds == [2020, 2021, 2022]
             assert set(s.to_build) == {"Bili_Food", "Bili_Dance", "Bili_Movie", "Bili_Cartoon"}
+    if os.path.isdir(shared) and have_sicsrec:
+        # bili_cpu.yaml is the bili study sized for a CPU: same models, seeds and metrics on two
+        # of its datasets, and the same cell config as sicsrec_bili_cpu.yaml (the docs say its
+        # SICSRec and TSSR cells are the same runs)
+        full, cpu = validate_study(bili), validate_study(os.path.join(REPO, "properties", "study", "bili_cpu.yaml"))
+        assert (cpu.models, cpu.seeds, cpu.report, cpu.proposed) == (full.models, full.seeds, full.report, full.proposed)
+        assert len(cpu.cells) == 42 and set(cpu.to_build) == {"Bili_Food", "Bili_Dance"}
+        assert cpu.config["valid_metric"] == full.config["valid_metric"] == "Hit@10"
+        sics = validate_study(os.path.join(REPO, "properties", "study", "sicsrec_bili_cpu.yaml"))
+        assert cpu.config == sics.config
+        for model in ("SICSRec", "TSSR"):
+            assert cpu.model_config[model] == sics.model_config[model]
 
 
 # ----------------------------------------------------------------------------- tables
