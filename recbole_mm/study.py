@@ -832,12 +832,18 @@ def _dict_changes(before, after, skip=()):
             if k not in skip and before.get(k, missing) != after.get(k, missing)]
 
 
+# where things are, not what runs: a study folder committed or copied to another machine, whose
+# datasets live elsewhere there, resumes (the dataset is still named by its name)
+LOCATION_KEYS = ("data_path",)
+
+
 def config_changes(old, spec):
     """How a finished cell's configuration (``old``, its cell file) differs from ``spec``'s now.
 
     Cells that recorded their defaults are compared on the configuration in effect (the user's
     settings over the defaults), so a default that changed is caught, and pinning the old value
-    in the study is not a change. Older cells (no defaults recorded) compare the fingerprint.
+    in the study is not a change. ``data_path`` (where the datasets are) is not compared. Older
+    cells (no defaults recorded) compare the fingerprint.
     """
     before, now = old.get("user_config") or {}, _jsonable(spec["user_config"])
     diff = []
@@ -847,7 +853,7 @@ def config_changes(old, spec):
         diff.append("config file contents changed")
     if isinstance(old.get("defaults"), dict) and isinstance(spec.get("defaults"), dict):
         was, is_ = dict(old["defaults"], **before), dict(_jsonable(spec["defaults"]), **now)
-        for k, a, b in _dict_changes(was, is_):
+        for k, a, b in _dict_changes(was, is_, skip=LOCATION_KEYS):
             diff.append(f"{k}: {a!r} -> {b!r}" + ("" if k in before or k in now else " (a default)"))
         return diff
     if old.get("fingerprint") in (None, spec["fingerprint"]):

@@ -482,6 +482,12 @@ def test_a_changed_default_is_refused_on_resume_unless_pinned_to_its_old_value(e
     _finish_cell_as(study, cell, spec)
     assert run_study(path, max_cells=0, progress=False)["counts"]["finished"] == 1
 
+    # the study folder came from a machine whose datasets were elsewhere: a location, not a change
+    moved = json.loads(json.dumps(spec, default=str))
+    moved["user_config"]["data_path"] = "/elsewhere/dataset"
+    _finish_cell_as(study, cell, moved)
+    assert run_study(path, max_cells=0, progress=False)["counts"]["finished"] == 1
+
     # the cell ran when the default was 0.3 (as if SASRec.yaml changed since): refused, the key named
     old = json.loads(json.dumps(spec, default=str))
     old["defaults"]["hidden_dropout_prob"] = 0.3
