@@ -1464,27 +1464,28 @@ def _csv_text(rows):
     return buf.getvalue()
 
 
-def _fmt_mean_std(values):
-    mean, std = _mean_std(values)
+def _fmt_mean_std(mean, std):
     return "—" if mean is None else _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
 
 
 def _paired_rows(a_by_seed, b_by_seed, metrics):
-    """Seeds both have, ``a``'s mean ± std per metric, and ``a`` against ``b`` paired by seed."""
+    """Seeds both have; ``a``'s and ``b``'s mean ± std per metric over those pairs; and ``a``
+    against ``b`` paired by seed."""
     seeds = sorted(set(a_by_seed) & set(b_by_seed))
-    ours, comp = [], []
+    ours, theirs, comp = [], [], []
     for k in metrics:
         pairs = [(a_by_seed[s][k], b_by_seed[s][k]) for s in seeds if k in a_by_seed[s] and k in b_by_seed[s]]
         a, b = [x for x, _ in pairs], [y for _, y in pairs]
-        ma, mb = _mean_std(a)[0], _mean_std(b)[0]
-        ours.append(_fmt_mean_std(a))
+        (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
+        ours.append(_fmt_mean_std(ma, sa))
+        theirs.append(_fmt_mean_std(mb, sb))
         if ma is None or not mb:
             comp.append("—")
             continue
         sign = -1 if _smaller_is_better(k) else 1
         p, n = _paired_test(a, b)
         comp.append(f"{sign * (ma - mb) / abs(mb) * 100:+.1f}% (p={_fmt_p(p)}, n={n})")
-    return seeds, ours, comp
+    return seeds, ours, theirs, comp
 
 
 def step1_table(study, rows, dataset, metrics):
@@ -1507,9 +1508,7 @@ def step1_table(study, rows, dataset, metrics):
                       "|---|---|" + "---|" * len(metrics)]
         step1 = {r["seed"]: r["step1_test"] for r in cells}
         ours_by_seed = {r["seed"]: r["test"] for r in cells}
-        seeds, ours, comp = _paired_rows(ours_by_seed, step1, metrics)
-        base = [_fmt_mean_std([step1[s][k] for s in seeds if k in step1[s] and k in ours_by_seed[s]])
-                for k in metrics]
+        seeds, ours, base, comp = _paired_rows(ours_by_seed, step1, metrics)
         lines.append(f"| {m} step 1 (SASRec) | {len(cells)} | " + " | ".join(base) + " |")
         lines.append(f"| {m} | {len(seeds)} | " + " | ".join(ours) + " |")
         lines.append(f"| {m} vs step 1 | | " + " | ".join(comp) + " |")
@@ -1517,7 +1516,7 @@ def step1_table(study, rows, dataset, metrics):
             if other in with_step1:
                 continue
             by_seed = {r["seed"]: r["test"] for r in finished if r["model"] == other}
-            seeds, theirs, comp = _paired_rows(by_seed, step1, metrics)
+            seeds, theirs, _, comp = _paired_rows(by_seed, step1, metrics)
             if not seeds:
                 continue
             lines.append(f"| {other} | {len(seeds)} | " + " | ".join(theirs) + " |")

@@ -297,12 +297,13 @@ def test_shipped_studies_validate(env):
     shared = os.path.join(REPO, "..", "shared", "data", "ninerec_bili", "Bili_Food")
     if os.path.isdir(shared):
         checks.append((bili, 84, ["SASRec", "BERT4Rec", "GRU4Rec", "ContentSASRec", "IDContentSASRec", "TSSR", "SICSRec"]))
+    validated = {}
     for path, n_cells, models in checks:
         if not have_sicsrec:  # SICSRec lands separately: until then the study names its line
             with pytest.raises(StudyError, match=rf"{os.path.basename(path)}:\d+: models\[\d\]: Unknown model 'SICSRec'"):
                 validate_study(path)
             continue
-        s = validate_study(path)
+        s = validated[path] = validate_study(path)
         assert len(s.cells) == n_cells and s.models == models and s.proposed == ["TSSR", "SICSRec"]
         assert not s.errors.warnings
         if path == bili:
@@ -312,7 +313,7 @@ def test_shipped_studies_validate(env):
         # bili_cpu.yaml is the bili study sized for a CPU: same models, seeds and metrics on two
         # of its datasets, and the same cell config as sicsrec_bili_cpu.yaml (the docs say its
         # SICSRec and TSSR cells are the same runs)
-        full, cpu = validate_study(bili), validate_study(os.path.join(REPO, "properties", "study", "bili_cpu.yaml"))
+        full, cpu = validated[bili], validate_study(os.path.join(REPO, "properties", "study", "bili_cpu.yaml"))
         assert (cpu.models, cpu.seeds, cpu.report, cpu.proposed) == (full.models, full.seeds, full.report, full.proposed)
         assert len(cpu.cells) == 42 and set(cpu.to_build) == {"Bili_Food", "Bili_Dance"}
         assert cpu.config["valid_metric"] == full.config["valid_metric"] == "Hit@10"
