@@ -1470,7 +1470,7 @@ def _fmt_mean_std(mean, std):
 
 def _paired_rows(a_by_seed, b_by_seed, metrics):
     """Seeds both have; ``a``'s and ``b``'s mean ± std per metric over those pairs; and ``a``
-    against ``b`` paired by seed."""
+    against ``b`` paired by seed ("identical on every seed" when every pair is equal)."""
     seeds = sorted(set(a_by_seed) & set(b_by_seed))
     ours, theirs, comp = [], [], []
     for k in metrics:
@@ -1481,6 +1481,9 @@ def _paired_rows(a_by_seed, b_by_seed, metrics):
         theirs.append(_fmt_mean_std(mb, sb))
         if ma is None or not mb:
             comp.append("—")
+            continue
+        if a == b:  # the same runs (e.g. a SASRec cell and SICSRec's step 1 of that seed): no test to do
+            comp.append(f"identical on every seed (n={len(a)})")
             continue
         sign = -1 if _smaller_is_better(k) else 1
         p, n = _paired_test(a, b)

@@ -560,6 +560,8 @@ def test_step1_section_pairs_each_run_with_its_own_step1():
     assert lines["| TSSR"].startswith("| TSSR | 2 | 0.1018 ± 0.0117")
     assert "+10.0% (p=" in lines["| TSSR vs SICSRec step 1 (same seed)"] and "n=2" in lines["| TSSR vs SICSRec step 1 (same seed)"]
     assert lines["| SASRec"].startswith("| SASRec | 1 | 0.1000")
+    # a SASRec cell equal to SICSRec's step 1 of its seed is the same run: said so, not "+0.0% (p=n/a)"
+    assert lines["| SASRec vs SICSRec step 1 (same seed)"].startswith("| SASRec vs SICSRec step 1 (same seed) | | identical on every seed (n=1)")
     assert step1_table(study, rows[:1], "D", ["ndcg@10"]) == ""
     header, *body = _csv_text([dict(r, **{c: None for c in ("role", "wall_time_s")}) for r in rows]).splitlines()
     assert "step1_test_ndcg@10" in header.split(",") and body[1].split(",")[header.split(",").index("step1_test_ndcg@10")] == "0.1"
