@@ -1161,7 +1161,15 @@ def collect_cells(study, live_status=None):
         row["run_time_s"] = round(timings["total"], 3) if "total" in timings else None
         row["train_time_s"] = round(timings["train"], 3) if "train" in timings else None
         history = (rec or {}).get("history") or {}
+        config = (rec or {}).get("config") or {}
         row["epochs"] = len(history.get("train_loss") or []) if rec else None
+        row["max_epochs"] = config.get("epochs")
+        # a two-step run (SICSRec): its step 1's epochs (None when step 1 was reused, not trained)
+        step1 = history.get("step1") if isinstance(history.get("step1"), dict) else None
+        step1_history = (step1 or {}).get("history") if isinstance((step1 or {}).get("history"), dict) else None
+        row["step1_epochs"] = len(step1_history.get("train_loss") or []) if step1_history else None
+        row["step1_max_epochs"] = ((config.get("step1_config") or {}).get("epochs", config.get("epochs"))
+                                   if step1 else None)
         row["device"] = (rec or {}).get("device")
         row["host"] = (rec or {}).get("host")
         row["torch"] = ((rec or {}).get("versions") or {}).get("torch")
@@ -1170,10 +1178,10 @@ def collect_cells(study, live_status=None):
         row["test"] = {k: float(v) for k, v in ((rec or {}).get("test_result") or {}).items()}
         row["valid"] = {k: float(v) for k, v in ((rec or {}).get("best_valid_result") or {}).items()}
         # SICSRec: its step-1 ID SASRec tested on the same split (None for other models)
-        step1_test = (history.get("step1") or {}).get("test_result") if isinstance(history.get("step1"), dict) else None
+        step1_test = (step1 or {}).get("test_result")
         row["step1_test"] = {k: float(v) for k, v in step1_test.items()} if step1_test else None
         row["valid_curve"] = [float(v) for v in history.get("valid_score") or []]
-        row["eval_step"] = ((rec or {}).get("config") or {}).get("eval_step") or 1
+        row["eval_step"] = config.get("eval_step") or 1
         row["record"] = os.path.relpath(paths["record"], study.output_dir)
         row["log"] = os.path.relpath(paths["log"], study.output_dir)
         row["error"] = None
@@ -1263,6 +1271,36 @@ def _fmt_p(p):
     return f"{p:.3g}" if p >= 0.001 else f"{p:.1e}"
 
 
+def _range_text(values, unit=""):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    lo, hi = min(values), max(values)
+    return f"{lo}{unit}" if lo == hi else f"{lo}-{hi}{unit}"
+
+
+def _epochs_part(cells, key, cap_key):
+    text = _range_text([r.get(key) for r in cells])
+    if text != "—" and all(r.get(key) is not None and r.get(key) == r.get(cap_key) for r in cells):
+        text += " (cap)"
+    return text
+
+
+def _epochs_text(cells):
+    """Epochs over a model's finished cells: "12 (cap)", "25-28", "12 (cap) + 9-12" (step 1 + step 2)."""
+    if not cells:
+        return "—"
+    text = _epochs_part(cells, "epochs", "max_epochs")
+    if any("step1_epochs" in r and r.get("step1_max_epochs") is not None for r in cells):
+        step1 = _epochs_part(cells, "step1_epochs", "step1_max_epochs")
+        text = f"{'reused' if step1 == '—' else step1} + {text}"
+    return text
+
+
+def _wall_text(cells):
+    return _range_text([None if r.get("wall_time_s") is None else round(r["wall_time_s"]) for r in cells], " s")
+
+
 def dataset_table(study, rows, dataset, metrics):
     """Markdown table (and comparison) for one dataset."""
     summary = dataset_summary(study, rows, dataset, metrics)
@@ -1275,9 +1313,10 @@ def dataset_table(study, rows, dataset, metrics):
                  f"Baselines: {', '.join(m for m in study.models if m not in study.proposed) or 'none'}; "
                  f"proposed: {', '.join(study.proposed) or 'none'}.")
     lines.append("")
-    lines.append("| Model | Role | n | " + " | ".join(labels) + " |")
-    lines.append("|---|---|---|" + "---|" * len(labels))
+    lines.append("| Model | Role | n | " + " | ".join(labels) + " | epochs | wall time / cell |")
+    lines.append("|---|---|---|" + "---|" * len(labels) + "---|---|")
     for m in study.models:
+        finished = [r for r in rows if r["dataset"] == dataset and r["model"] == m and r["status"] == "finished"]
         cells = []
         for k in metrics:
             mean, std = pm[m]["stats"][k]
@@ -1288,7 +1327,13 @@ def dataset_table(study, rows, dataset, metrics):
             if summary["best"][k] is not None and mean == summary["best"][k]:
                 text = f"**{text}**"
             cells.append(text)
-        lines.append(f"| {m} | {_model_role(m, study.proposed)} | {pm[m]['n']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {_model_role(m, study.proposed)} | {pm[m]['n']} | " + " | ".join(cells)
+                     + f" | {_epochs_text(finished)} | {_wall_text(finished)} |")
+    lines.append("")
+    lines.append("epochs: training epochs run, the range over seeds; (cap) when every seed ran to its `epochs` "
+                 "limit instead of stopping early; two-step runs (SICSRec) show step 1 + step 2. wall time: the "
+                 "cell's process, shortest-longest over seeds (cells that ran at the same time shared the "
+                 "machine).")
     lines.append("")
     if study.proposed:
         lines.append("Relative improvement of each proposed model over the best baseline per metric (difference "
@@ -1439,7 +1484,7 @@ def plot_valid_curves(study, rows, dataset, path):
 
 
 _CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "run_time_s", "train_time_s", "epochs",
-              "device", "host", "torch", "valid_metric", "best_valid_score"]
+              "max_epochs", "step1_epochs", "device", "host", "torch", "valid_metric", "best_valid_score"]
 
 
 def _csv_text(rows):

@@ -129,7 +129,9 @@ def test_tiny_study_killed_and_resumed_without_rerunning_and_reports(env):
 
     # the table: mean ± std, best in bold, improvement over the best baseline with a paired t-test
     table = open(os.path.join(out, "tables", "tiny.md")).read()
-    assert "| Model | Role | n | HR@5 | HR@10 | NDCG@5 | NDCG@10 |" in table
+    assert "| Model | Role | n | HR@5 | HR@10 | NDCG@5 | NDCG@10 | epochs | wall time / cell |" in table
+    sas_line = next(line for line in table.splitlines() if line.startswith("| SASRec |"))
+    assert sas_line.split(" | ")[-2] == "1 (cap)" and sas_line.endswith(" s |")  # epochs 1 of 1; seconds per cell
     assert "±" in table and table.count("**") >= 8  # 4 metrics, each best value bold
     assert "vs SASRec (p=" in table and ", n=2)" in table
     results = open(os.path.join(out, "results.md")).read()
@@ -532,6 +534,25 @@ def test_a_cell_refuses_to_start_when_its_defaults_changed_since_the_study_start
     assert not os.path.exists(spec["record"])
     row = next(r for r in st.collect_cells(study) if (r["model"], r["seed"]) == ("SASRec", 1))
     assert row["status"] == "config changed" and "hidden_dropout_prob" in row["error"]
+
+
+def test_epochs_and_wall_time_columns():
+    """The table says how long each model trained (and whether the epoch cap, not early stopping,
+    ended it) and how long its cells took."""
+    def cell(epochs, wall, cap=12, step1=None, step1_cap=None):
+        row = {"epochs": epochs, "max_epochs": cap, "wall_time_s": wall}
+        if step1_cap is not None:  # a two-step run: step1 None = reused, not trained
+            row.update(step1_epochs=step1, step1_max_epochs=step1_cap)
+        return row
+
+    assert st._epochs_text([cell(12, 366.4), cell(12, 378.2)]) == "12 (cap)"
+    assert st._wall_text([cell(12, 366.4), cell(12, 378.2)]) == "366-378 s"
+    assert st._epochs_text([cell(25, 1), cell(28, 1)]) == "25-28"
+    assert st._epochs_text([cell(12, 1), cell(9, 1)]) == "9-12"  # one seed stopped early: no (cap)
+    assert st._epochs_text([cell(12, 1, step1=12, step1_cap=12), cell(10, 1, step1=12, step1_cap=12)]) == "12 (cap) + 10-12"
+    assert st._epochs_text([cell(7, 1, step1=None, step1_cap=12)]) == "reused + 7"
+    assert st._epochs_text([]) == "—" and st._wall_text([cell(3, None)]) == "—"
+    assert st._wall_text([cell(3, 41.6)]) == "42 s"
 
 
 def test_step1_section_pairs_each_run_with_its_own_step1():
