@@ -1152,11 +1152,13 @@ def collect_cells(study, live_status=None):
         else:
             row["status"] = "pending"
         timings = (rec or {}).get("timings_s") or {}
-        if rec is not None:
-            # the cell process's wall time; the run's own total when the study was killed before noting it
-            wall = last.get("wall_s") if last.get("status") == "finished" else timings.get("total")
-        else:
-            wall = last.get("wall_s")  # a failed or timed-out attempt
+        # the cell processes' wall time, summed over attempts: a cell interrupted and resumed from its
+        # checkpoint cost all of them; the run's own total when the study was killed before noting it
+        walls = [a["wall_s"] for a in attempts if isinstance(a, dict) and a.get("wall_s") is not None]
+        if rec is not None and last.get("wall_s") is None and timings.get("total") is not None:
+            walls.append(timings["total"])
+        wall = sum(walls) if walls else None
+        row["attempts"] = len(attempts)
         row["wall_time_s"] = round(wall, 3) if wall is not None else None
         row["run_time_s"] = round(timings["total"], 3) if "total" in timings else None
         row["train_time_s"] = round(timings["train"], 3) if "train" in timings else None
@@ -1332,8 +1334,8 @@ def dataset_table(study, rows, dataset, metrics):
     lines.append("")
     lines.append("epochs: training epochs run, the range over seeds; (cap) when every seed ran to its `epochs` "
                  "limit instead of stopping early; two-step runs (SICSRec) show step 1 + step 2. wall time: the "
-                 "cell's process, shortest-longest over seeds (cells that ran at the same time shared the "
-                 "machine).")
+                 "cell's processes (summed over its attempts when it was interrupted and resumed), shortest-longest "
+                 "over seeds; cells that ran at the same time shared the machine.")
     lines.append("")
     if study.proposed:
         lines.append("Relative improvement of each proposed model over the best baseline per metric (difference "
@@ -1483,7 +1485,7 @@ def plot_valid_curves(study, rows, dataset, path):
 # ============================================================================ report
 
 
-_CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "run_time_s", "train_time_s", "epochs",
+_CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "attempts", "run_time_s", "train_time_s", "epochs",
               "max_epochs", "step1_epochs", "device", "host", "torch", "valid_metric", "best_valid_score"]
 
 

@@ -555,6 +555,34 @@ def test_epochs_and_wall_time_columns():
     assert st._wall_text([cell(3, 41.6)]) == "42 s"
 
 
+def test_collected_wall_time_sums_the_attempts_of_a_resumed_cell(env):
+    """A cell interrupted and resumed from its checkpoint cost both attempts; a study killed before
+    noting a finished attempt's end falls back on the run's own total; step-1 epochs come from
+    the record's step-1 history."""
+    study = validate_study(write(env / "tiny.yaml", TINY_STUDY))
+    def put(model, seed, attempts, history, total=50.0):
+        paths = study.cell_paths("tiny", model, seed)
+        os.makedirs(os.path.dirname(paths["record"]), exist_ok=True)
+        st._write_json(paths["cell"], {"attempts": attempts})
+        st._write_json(paths["record"], {"status": "finished", "dataset": "tiny", "model": model, "seed": seed,
+                                         "test_result": {"hit@10": 0.1}, "best_valid_result": {"hit@10": 0.2},
+                                         "timings_s": {"total": total}, "config": {"epochs": 12},
+                                         "history": history})
+    put("SASRec", 1, [{"started": "a", "ended": "b", "wall_s": 559.4, "status": "interrupted"},
+                      {"started": "c", "ended": "d", "wall_s": 200.1, "status": "finished"}],
+        {"train_loss": [1.0] * 12})
+    put("SASRec", 2, [{"started": "a"}], {"train_loss": [1.0] * 9}, total=77.0)  # killed before noting the end
+    put("GRU4Rec", 1, [{"started": "a", "ended": "b", "wall_s": 30.0, "status": "finished"}],
+        {"train_loss": [1.0] * 5, "step1": {"reused": False, "history": {"train_loss": [1.0] * 12}}})
+    rows = {(r["model"], r["seed"]): r for r in st.collect_cells(study)}
+    assert rows["SASRec", 1]["wall_time_s"] == pytest.approx(759.5) and rows["SASRec", 1]["attempts"] == 2
+    assert rows["SASRec", 2]["wall_time_s"] == 77.0 and rows["SASRec", 2]["epochs"] == 9
+    gru = rows["GRU4Rec", 1]
+    assert (gru["epochs"], gru["max_epochs"], gru["step1_epochs"], gru["step1_max_epochs"]) == (5, 12, 12, 12)
+    assert st._epochs_text([gru]) == "12 (cap) + 5"
+    assert st._epochs_text([rows["SASRec", 1], rows["SASRec", 2]]) == "9-12"
+
+
 def test_step1_section_pairs_each_run_with_its_own_step1():
     """SICSRec records carry their step-1 SASRec's test metrics; the report pairs them per seed."""
     from types import SimpleNamespace
