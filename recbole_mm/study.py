@@ -894,12 +894,20 @@ def _check_finished_specs(study):
             + (f"\n  ... and {len(changed) - 20} more" if len(changed) > 20 else ""))
 
 
-def _child_env():
+# read by recbole_mm.model.sicsrec (publish_step1 / SICSRecTrainer.prepare_step1)
+STEP1_SHARE_ENV = "RECBOLE_MM_STEP1_SHARE"
+
+
+def _child_env(study=None):
     env = dict(os.environ)
     root = _repo_root()
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     env["RECBOLE_MM_STUDY_PARENT"] = str(os.getpid())
+    if study is not None and study.keep_checkpoints:
+        # SASRec cells publish their best checkpoint here; a SICSRec cell of the same data, seed and
+        # step-1 settings loads it as its step 1 instead of training the same SASRec again
+        env[STEP1_SHARE_ENV] = os.path.join(study.output_dir, "saved", "step1")
     return env
 
 
@@ -936,7 +944,7 @@ def _run_cell(study, spec, log, stop=None):
         proc = subprocess.Popen(
             [sys.executable, "-m", "recbole_mm.study", "--run-cell", spec["cell"]],
             cwd=study.output_dir, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=_child_env(),
+            env=_child_env(study),
         )
         try:
             if stop is None:

@@ -583,6 +583,15 @@ def test_collected_wall_time_sums_the_attempts_of_a_resumed_cell(env):
     assert st._epochs_text([rows["SASRec", 1], rows["SASRec", 2]]) == "9-12"
 
 
+def test_cells_get_a_step1_share_folder_only_when_checkpoints_are_kept(monkeypatch):
+    """SASRec cells publish their best checkpoint for the SICSRec cells (tests/test_sicsrec.py);
+    a study that deletes checkpoints gets no share folder."""
+    monkeypatch.delenv(st.STEP1_SHARE_ENV, raising=False)
+    keep = types.SimpleNamespace(keep_checkpoints=True, output_dir="/studies/s")
+    assert st._child_env(keep)[st.STEP1_SHARE_ENV] == os.path.join("/studies/s", "saved", "step1")
+    assert st.STEP1_SHARE_ENV not in st._child_env(types.SimpleNamespace(keep_checkpoints=False, output_dir="/s"))
+
+
 def test_step1_section_pairs_each_run_with_its_own_step1():
     """SICSRec records carry their step-1 SASRec's test metrics; the report pairs them per seed."""
     from types import SimpleNamespace
