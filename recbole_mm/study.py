@@ -1558,7 +1558,8 @@ def step1_table(study, rows, dataset, metrics):
         cells = [r for r in finished if r["model"] == m and r.get("step1_test")]
         if not lines:
             lines += [f"### {dataset}: proposed model vs its own step-1 SASRec", "",
-                      "Each run's step-1 ID SASRec (trained in that run, same size and split) tested by the same "
+                      "Each run's step-1 ID SASRec (same size and split; trained in that run, or the study's SASRec "
+                      "cell of the same seed when it was the same run and was loaded instead) tested by the same "
                       "evaluator: a paired ID-only baseline per seed. Mean ± std over seeds; relative difference "
                       "of the means and a two-sided paired t-test over the seeds. Other models are paired with the "
                       "step-1 SASRec of the same seed.", "",
@@ -1631,16 +1632,18 @@ def write_report(study, rows=None):
            f"RecBole {info.get('recbole')}", ""]
     md += sections
     md += ["## Wall time per cell", "",
-           "Wall time: the cell's process from start to end (imports, data, training, test); "
-           "train: `timings_s.train` of the run record.", "",
-           "| Dataset | Model | Seed | Status | Device | Epochs | Train (s) | Wall time (s) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "Wall time: the cell's process from start to end (imports, data, training, test), summed over "
+           "its attempts when it was interrupted and resumed; train: `timings_s.train` of the run record "
+           "(the last attempt).", "",
+           "| Dataset | Model | Seed | Status | Device | Epochs | Attempts | Train (s) | Wall time (s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     total = 0.0
     for r in rows:
         if r["wall_time_s"] is not None:
             total += r["wall_time_s"]
         md.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {r['status']} | {r['device'] or '—'} | "
-                  f"{r['epochs'] if r['epochs'] is not None else '—'} | {_fmt(r['train_time_s'], 1)} | "
+                  f"{_epochs_text([r]) if r['epochs'] is not None else '—'} | {r.get('attempts') or '—'} | "
+                  f"{_fmt(r['train_time_s'], 1)} | "
                   f"{_fmt(r['wall_time_s'], 1)} |")
     md += ["", f"Total wall time of the finished cells: {total:.1f} s ({total / 3600:.2f} h).", ""]
     failed = [r for r in rows if r["error"]]
