@@ -128,6 +128,8 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": {k: config.final_config_dict[k] for k in sorted(config.final_config_dict)},
     }
+    if result.get("step1_published"):
+        record["step1_published"] = result["step1_published"]  # offered to SICSRec runs as their step 1
     if error is not None:
         record["error"] = error
     return jsonable(record)
@@ -228,6 +230,12 @@ def run_recbole_mm(
         timings["test"] = time.perf_counter() - t0
         if hasattr(trainer, "evaluate_step1"):  # SICSRec: its step-1 SASRec on the same test split
             result["step1_test_result"] = trainer.evaluate_step1(test_data, show_progress=config["show_progress"])
+        if saved and global_rank(config) == 0:
+            from recbole_mm.model.sicsrec import publish_step1
+
+            # a SASRec run inside a study: offered to the study's SICSRec runs as their step 1
+            result["step1_published"] = publish_step1(config, trainer, train_data, valid_data,
+                                                      best_valid_score, best_valid_result)
         timings["total"] = time.perf_counter() - t_start
         if hasattr(trainer, "remove_last_checkpoint"):
             trainer.remove_last_checkpoint()  # the run is complete: nothing left to resume

@@ -894,12 +894,20 @@ def _check_finished_specs(study):
             + (f"\n  ... and {len(changed) - 20} more" if len(changed) > 20 else ""))
 
 
-def _child_env():
+# read by recbole_mm.model.sicsrec (publish_step1 / SICSRecTrainer.prepare_step1)
+STEP1_SHARE_ENV = "RECBOLE_MM_STEP1_SHARE"
+
+
+def _child_env(study=None):
     env = dict(os.environ)
     root = _repo_root()
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     env["RECBOLE_MM_STUDY_PARENT"] = str(os.getpid())
+    if study is not None and study.keep_checkpoints:
+        # SASRec cells publish their best checkpoint here; a SICSRec cell of the same data, seed and
+        # step-1 settings loads it as its step 1 instead of training the same SASRec again
+        env[STEP1_SHARE_ENV] = os.path.join(study.output_dir, "saved", "step1")
     return env
 
 
@@ -936,7 +944,7 @@ def _run_cell(study, spec, log, stop=None):
         proc = subprocess.Popen(
             [sys.executable, "-m", "recbole_mm.study", "--run-cell", spec["cell"]],
             cwd=study.output_dir, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=_child_env(),
+            env=_child_env(study),
         )
         try:
             if stop is None:
@@ -1152,16 +1160,26 @@ def collect_cells(study, live_status=None):
         else:
             row["status"] = "pending"
         timings = (rec or {}).get("timings_s") or {}
-        if rec is not None:
-            # the cell process's wall time; the run's own total when the study was killed before noting it
-            wall = last.get("wall_s") if last.get("status") == "finished" else timings.get("total")
-        else:
-            wall = last.get("wall_s")  # a failed or timed-out attempt
+        # the cell processes' wall time, summed over attempts: a cell interrupted and resumed from its
+        # checkpoint cost all of them; the run's own total when the study was killed before noting it
+        walls = [a["wall_s"] for a in attempts if isinstance(a, dict) and a.get("wall_s") is not None]
+        if rec is not None and last.get("wall_s") is None and timings.get("total") is not None:
+            walls.append(timings["total"])
+        wall = sum(walls) if walls else None
+        row["attempts"] = len(attempts)
         row["wall_time_s"] = round(wall, 3) if wall is not None else None
         row["run_time_s"] = round(timings["total"], 3) if "total" in timings else None
         row["train_time_s"] = round(timings["train"], 3) if "train" in timings else None
         history = (rec or {}).get("history") or {}
+        config = (rec or {}).get("config") or {}
         row["epochs"] = len(history.get("train_loss") or []) if rec else None
+        row["max_epochs"] = config.get("epochs")
+        # a two-step run (SICSRec): its step 1's epochs (None when step 1 was reused, not trained)
+        step1 = history.get("step1") if isinstance(history.get("step1"), dict) else None
+        step1_history = (step1 or {}).get("history") if isinstance((step1 or {}).get("history"), dict) else None
+        row["step1_epochs"] = len(step1_history.get("train_loss") or []) if step1_history else None
+        row["step1_max_epochs"] = ((config.get("step1_config") or {}).get("epochs", config.get("epochs"))
+                                   if step1 else None)
         row["device"] = (rec or {}).get("device")
         row["host"] = (rec or {}).get("host")
         row["torch"] = ((rec or {}).get("versions") or {}).get("torch")
@@ -1170,10 +1188,10 @@ def collect_cells(study, live_status=None):
         row["test"] = {k: float(v) for k, v in ((rec or {}).get("test_result") or {}).items()}
         row["valid"] = {k: float(v) for k, v in ((rec or {}).get("best_valid_result") or {}).items()}
         # SICSRec: its step-1 ID SASRec tested on the same split (None for other models)
-        step1_test = (history.get("step1") or {}).get("test_result") if isinstance(history.get("step1"), dict) else None
+        step1_test = (step1 or {}).get("test_result")
         row["step1_test"] = {k: float(v) for k, v in step1_test.items()} if step1_test else None
         row["valid_curve"] = [float(v) for v in history.get("valid_score") or []]
-        row["eval_step"] = ((rec or {}).get("config") or {}).get("eval_step") or 1
+        row["eval_step"] = config.get("eval_step") or 1
         row["record"] = os.path.relpath(paths["record"], study.output_dir)
         row["log"] = os.path.relpath(paths["log"], study.output_dir)
         row["error"] = None
@@ -1263,6 +1281,36 @@ def _fmt_p(p):
     return f"{p:.3g}" if p >= 0.001 else f"{p:.1e}"
 
 
+def _range_text(values, unit=""):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    lo, hi = min(values), max(values)
+    return f"{lo}{unit}" if lo == hi else f"{lo}-{hi}{unit}"
+
+
+def _epochs_part(cells, key, cap_key):
+    text = _range_text([r.get(key) for r in cells])
+    if text != "—" and all(r.get(key) is not None and r.get(key) == r.get(cap_key) for r in cells):
+        text += " (cap)"
+    return text
+
+
+def _epochs_text(cells):
+    """Epochs over a model's finished cells: "12 (cap)", "25-28", "12 (cap) + 9-12" (step 1 + step 2)."""
+    if not cells:
+        return "—"
+    text = _epochs_part(cells, "epochs", "max_epochs")
+    if any("step1_epochs" in r and r.get("step1_max_epochs") is not None for r in cells):
+        step1 = _epochs_part(cells, "step1_epochs", "step1_max_epochs")
+        text = f"{'reused' if step1 == '—' else step1} + {text}"
+    return text
+
+
+def _wall_text(cells):
+    return _range_text([None if r.get("wall_time_s") is None else round(r["wall_time_s"]) for r in cells], " s")
+
+
 def dataset_table(study, rows, dataset, metrics):
     """Markdown table (and comparison) for one dataset."""
     summary = dataset_summary(study, rows, dataset, metrics)
@@ -1275,9 +1323,10 @@ def dataset_table(study, rows, dataset, metrics):
                  f"Baselines: {', '.join(m for m in study.models if m not in study.proposed) or 'none'}; "
                  f"proposed: {', '.join(study.proposed) or 'none'}.")
     lines.append("")
-    lines.append("| Model | Role | n | " + " | ".join(labels) + " |")
-    lines.append("|---|---|---|" + "---|" * len(labels))
+    lines.append("| Model | Role | n | " + " | ".join(labels) + " | epochs | wall time / cell |")
+    lines.append("|---|---|---|" + "---|" * len(labels) + "---|---|")
     for m in study.models:
+        finished = [r for r in rows if r["dataset"] == dataset and r["model"] == m and r["status"] == "finished"]
         cells = []
         for k in metrics:
             mean, std = pm[m]["stats"][k]
@@ -1288,7 +1337,13 @@ def dataset_table(study, rows, dataset, metrics):
             if summary["best"][k] is not None and mean == summary["best"][k]:
                 text = f"**{text}**"
             cells.append(text)
-        lines.append(f"| {m} | {_model_role(m, study.proposed)} | {pm[m]['n']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {_model_role(m, study.proposed)} | {pm[m]['n']} | " + " | ".join(cells)
+                     + f" | {_epochs_text(finished)} | {_wall_text(finished)} |")
+    lines.append("")
+    lines.append("epochs: training epochs run, the range over seeds; (cap) when every seed ran to its `epochs` "
+                 "limit instead of stopping early; two-step runs (SICSRec) show step 1 + step 2. wall time: the "
+                 "cell's processes (summed over its attempts when it was interrupted and resumed), shortest-longest "
+                 "over seeds; cells that ran at the same time shared the machine.")
     lines.append("")
     if study.proposed:
         lines.append("Relative improvement of each proposed model over the best baseline per metric (difference "
@@ -1438,8 +1493,8 @@ def plot_valid_curves(study, rows, dataset, path):
 # ============================================================================ report
 
 
-_CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "run_time_s", "train_time_s", "epochs",
-              "device", "host", "torch", "valid_metric", "best_valid_score"]
+_CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "attempts", "run_time_s", "train_time_s", "epochs",
+              "max_epochs", "step1_epochs", "device", "host", "torch", "valid_metric", "best_valid_score"]
 
 
 def _csv_text(rows):
@@ -1470,7 +1525,7 @@ def _fmt_mean_std(mean, std):
 
 def _paired_rows(a_by_seed, b_by_seed, metrics):
     """Seeds both have; ``a``'s and ``b``'s mean ± std per metric over those pairs; and ``a``
-    against ``b`` paired by seed."""
+    against ``b`` paired by seed ("identical on every seed" when every pair is equal)."""
     seeds = sorted(set(a_by_seed) & set(b_by_seed))
     ours, theirs, comp = [], [], []
     for k in metrics:
@@ -1481,6 +1536,9 @@ def _paired_rows(a_by_seed, b_by_seed, metrics):
         theirs.append(_fmt_mean_std(mb, sb))
         if ma is None or not mb:
             comp.append("—")
+            continue
+        if a == b:  # the same runs (e.g. a SASRec cell and SICSRec's step 1 of that seed): no test to do
+            comp.append(f"identical on every seed (n={len(a)})")
             continue
         sign = -1 if _smaller_is_better(k) else 1
         p, n = _paired_test(a, b)
@@ -1500,7 +1558,8 @@ def step1_table(study, rows, dataset, metrics):
         cells = [r for r in finished if r["model"] == m and r.get("step1_test")]
         if not lines:
             lines += [f"### {dataset}: proposed model vs its own step-1 SASRec", "",
-                      "Each run's step-1 ID SASRec (trained in that run, same size and split) tested by the same "
+                      "Each run's step-1 ID SASRec (same size and split; trained in that run, or the study's SASRec "
+                      "cell of the same seed when it was the same run and was loaded instead) tested by the same "
                       "evaluator: a paired ID-only baseline per seed. Mean ± std over seeds; relative difference "
                       "of the means and a two-sided paired t-test over the seeds. Other models are paired with the "
                       "step-1 SASRec of the same seed.", "",
@@ -1573,16 +1632,18 @@ def write_report(study, rows=None):
            f"RecBole {info.get('recbole')}", ""]
     md += sections
     md += ["## Wall time per cell", "",
-           "Wall time: the cell's process from start to end (imports, data, training, test); "
-           "train: `timings_s.train` of the run record.", "",
-           "| Dataset | Model | Seed | Status | Device | Epochs | Train (s) | Wall time (s) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "Wall time: the cell's process from start to end (imports, data, training, test), summed over "
+           "its attempts when it was interrupted and resumed; train: `timings_s.train` of the run record "
+           "(the last attempt).", "",
+           "| Dataset | Model | Seed | Status | Device | Epochs | Attempts | Train (s) | Wall time (s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     total = 0.0
     for r in rows:
         if r["wall_time_s"] is not None:
             total += r["wall_time_s"]
         md.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {r['status']} | {r['device'] or '—'} | "
-                  f"{r['epochs'] if r['epochs'] is not None else '—'} | {_fmt(r['train_time_s'], 1)} | "
+                  f"{_epochs_text([r]) if r['epochs'] is not None else '—'} | {r.get('attempts') or '—'} | "
+                  f"{_fmt(r['train_time_s'], 1)} | "
                   f"{_fmt(r['wall_time_s'], 1)} |")
     md += ["", f"Total wall time of the finished cells: {total:.1f} s ({total / 3600:.2f} h).", ""]
     failed = [r for r in rows if r["error"]]

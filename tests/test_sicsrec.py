@@ -292,3 +292,39 @@ def test_content_spread_diagnostic(built):
         n = c.size(0)
         brute = float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
     assert abs(model.content_spread(batch_size=7) - brute) < 1e-5
+
+
+def test_a_sasrec_run_published_in_the_share_folder_is_reused_as_step1(workdir, monkeypatch):
+    """In a study, a SASRec cell publishes its best checkpoint under its step-1 key; the SICSRec cell
+    of the same data, seed and step-1 settings loads it instead of training step 1 and gets exactly
+    the result it gets when it trains step 1 itself. Another seed is another key: not reused."""
+    from recbole_mm.study import STEP1_SHARE_ENV
+
+    write_tiny_dataset(workdir / "data")
+    base = dict(FAST, data_path=str(workdir / "data"), epochs=2)
+    sics = dict(stage1=False)
+    monkeypatch.delenv(STEP1_SHARE_ENV, raising=False)
+    own = recbole_mm.run_recbole_mm(model="SICSRec", dataset="tiny",
+                                    config_dict=dict(base, **sics, checkpoint_dir=str(workdir / "own")))
+    assert json.load(open(own["record_path"]))["history"]["step1"]["reused"] is False
+
+    share = workdir / "share"
+    monkeypatch.setenv(STEP1_SHARE_ENV, str(share))
+    sas = recbole_mm.run_recbole_mm(model="SASRec", dataset="tiny", config_dict=dict(base, checkpoint_dir=str(workdir / "sas")))
+    published = glob.glob(str(share / "SICSRec-step1-tiny-*.pth"))
+    assert len(published) == 1 and json.load(open(sas["record_path"]))["step1_published"] == published[0]
+    other_seed = recbole_mm.run_recbole_mm(model="SASRec", dataset="tiny",
+                                           config_dict=dict(base, seed=8, checkpoint_dir=str(workdir / "sas8")))
+    assert len(glob.glob(str(share / "SICSRec-step1-tiny-*.pth"))) == 2 and other_seed["step1_published"]
+
+    sic = recbole_mm.run_recbole_mm(model="SICSRec", dataset="tiny",
+                                    config_dict=dict(base, **sics, checkpoint_dir=str(workdir / "sic")))
+    step1 = json.load(open(sic["record_path"]))["history"]["step1"]
+    assert step1["reused"] is True and step1["checkpoint"] == published[0] and STEP1_SHARE_ENV in step1["source"]
+    assert step1["history"]["train_loss"] == json.load(open(sas["record_path"]))["history"]["train_loss"]
+    assert not glob.glob(str(workdir / "sic" / "SICSRec-step1-*"))  # step 1 was not trained again
+    # the same numbers as when SICSRec trains its own step 1; its step 1 is that SASRec run
+    for k, v in own["test_result"].items():
+        assert abs(float(sic["test_result"][k]) - float(v)) < 1e-6, k
+    for k, v in sas["test_result"].items():
+        assert abs(float(sic["step1_test_result"][k]) - float(v)) < 1e-6, k

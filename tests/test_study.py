@@ -129,7 +129,9 @@ def test_tiny_study_killed_and_resumed_without_rerunning_and_reports(env):
 
     # the table: mean ± std, best in bold, improvement over the best baseline with a paired t-test
     table = open(os.path.join(out, "tables", "tiny.md")).read()
-    assert "| Model | Role | n | HR@5 | HR@10 | NDCG@5 | NDCG@10 |" in table
+    assert "| Model | Role | n | HR@5 | HR@10 | NDCG@5 | NDCG@10 | epochs | wall time / cell |" in table
+    sas_line = next(line for line in table.splitlines() if line.startswith("| SASRec |"))
+    assert sas_line.split(" | ")[-2] == "1 (cap)" and sas_line.endswith(" s |")  # epochs 1 of 1; seconds per cell
     assert "±" in table and table.count("**") >= 8  # 4 metrics, each best value bold
     assert "vs SASRec (p=" in table and ", n=2)" in table
     results = open(os.path.join(out, "results.md")).read()
@@ -534,6 +536,62 @@ def test_a_cell_refuses_to_start_when_its_defaults_changed_since_the_study_start
     assert row["status"] == "config changed" and "hidden_dropout_prob" in row["error"]
 
 
+def test_epochs_and_wall_time_columns():
+    """The table says how long each model trained (and whether the epoch cap, not early stopping,
+    ended it) and how long its cells took."""
+    def cell(epochs, wall, cap=12, step1=None, step1_cap=None):
+        row = {"epochs": epochs, "max_epochs": cap, "wall_time_s": wall}
+        if step1_cap is not None:  # a two-step run: step1 None = reused, not trained
+            row.update(step1_epochs=step1, step1_max_epochs=step1_cap)
+        return row
+
+    assert st._epochs_text([cell(12, 366.4), cell(12, 378.2)]) == "12 (cap)"
+    assert st._wall_text([cell(12, 366.4), cell(12, 378.2)]) == "366-378 s"
+    assert st._epochs_text([cell(25, 1), cell(28, 1)]) == "25-28"
+    assert st._epochs_text([cell(12, 1), cell(9, 1)]) == "9-12"  # one seed stopped early: no (cap)
+    assert st._epochs_text([cell(12, 1, step1=12, step1_cap=12), cell(10, 1, step1=12, step1_cap=12)]) == "12 (cap) + 10-12"
+    assert st._epochs_text([cell(7, 1, step1=None, step1_cap=12)]) == "reused + 7"
+    assert st._epochs_text([]) == "—" and st._wall_text([cell(3, None)]) == "—"
+    assert st._wall_text([cell(3, 41.6)]) == "42 s"
+
+
+def test_collected_wall_time_sums_the_attempts_of_a_resumed_cell(env):
+    """A cell interrupted and resumed from its checkpoint cost both attempts; a study killed before
+    noting a finished attempt's end falls back on the run's own total; step-1 epochs come from
+    the record's step-1 history."""
+    study = validate_study(write(env / "tiny.yaml", TINY_STUDY))
+    def put(model, seed, attempts, history, total=50.0):
+        paths = study.cell_paths("tiny", model, seed)
+        os.makedirs(os.path.dirname(paths["record"]), exist_ok=True)
+        st._write_json(paths["cell"], {"attempts": attempts})
+        st._write_json(paths["record"], {"status": "finished", "dataset": "tiny", "model": model, "seed": seed,
+                                         "test_result": {"hit@10": 0.1}, "best_valid_result": {"hit@10": 0.2},
+                                         "timings_s": {"total": total}, "config": {"epochs": 12},
+                                         "history": history})
+    put("SASRec", 1, [{"started": "a", "ended": "b", "wall_s": 559.4, "status": "interrupted"},
+                      {"started": "c", "ended": "d", "wall_s": 200.1, "status": "finished"}],
+        {"train_loss": [1.0] * 12})
+    put("SASRec", 2, [{"started": "a"}], {"train_loss": [1.0] * 9}, total=77.0)  # killed before noting the end
+    put("GRU4Rec", 1, [{"started": "a", "ended": "b", "wall_s": 30.0, "status": "finished"}],
+        {"train_loss": [1.0] * 5, "step1": {"reused": False, "history": {"train_loss": [1.0] * 12}}})
+    rows = {(r["model"], r["seed"]): r for r in st.collect_cells(study)}
+    assert rows["SASRec", 1]["wall_time_s"] == pytest.approx(759.5) and rows["SASRec", 1]["attempts"] == 2
+    assert rows["SASRec", 2]["wall_time_s"] == 77.0 and rows["SASRec", 2]["epochs"] == 9
+    gru = rows["GRU4Rec", 1]
+    assert (gru["epochs"], gru["max_epochs"], gru["step1_epochs"], gru["step1_max_epochs"]) == (5, 12, 12, 12)
+    assert st._epochs_text([gru]) == "12 (cap) + 5"
+    assert st._epochs_text([rows["SASRec", 1], rows["SASRec", 2]]) == "9-12"
+
+
+def test_cells_get_a_step1_share_folder_only_when_checkpoints_are_kept(monkeypatch):
+    """SASRec cells publish their best checkpoint for the SICSRec cells (tests/test_sicsrec.py);
+    a study that deletes checkpoints gets no share folder."""
+    monkeypatch.delenv(st.STEP1_SHARE_ENV, raising=False)
+    keep = types.SimpleNamespace(keep_checkpoints=True, output_dir="/studies/s")
+    assert st._child_env(keep)[st.STEP1_SHARE_ENV] == os.path.join("/studies/s", "saved", "step1")
+    assert st.STEP1_SHARE_ENV not in st._child_env(types.SimpleNamespace(keep_checkpoints=False, output_dir="/s"))
+
+
 def test_step1_section_pairs_each_run_with_its_own_step1():
     """SICSRec records carry their step-1 SASRec's test metrics; the report pairs them per seed."""
     from types import SimpleNamespace
@@ -560,6 +618,8 @@ def test_step1_section_pairs_each_run_with_its_own_step1():
     assert lines["| TSSR"].startswith("| TSSR | 2 | 0.1018 ± 0.0117")
     assert "+10.0% (p=" in lines["| TSSR vs SICSRec step 1 (same seed)"] and "n=2" in lines["| TSSR vs SICSRec step 1 (same seed)"]
     assert lines["| SASRec"].startswith("| SASRec | 1 | 0.1000")
+    # a SASRec cell equal to SICSRec's step 1 of its seed is the same run: said so, not "+0.0% (p=n/a)"
+    assert lines["| SASRec vs SICSRec step 1 (same seed)"].startswith("| SASRec vs SICSRec step 1 (same seed) | | identical on every seed (n=1)")
     assert step1_table(study, rows[:1], "D", ["ndcg@10"]) == ""
     header, *body = _csv_text([dict(r, **{c: None for c in ("role", "wall_time_s")}) for r in rows]).splitlines()
     assert "step1_test_ndcg@10" in header.split(",") and body[1].split(",")[header.split(",").index("step1_test_ndcg@10")] == "0.1"

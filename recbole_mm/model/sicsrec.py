@@ -37,6 +37,7 @@ from recbole.utils import init_seed, set_color
 from recbole_mm.compat import torch_load
 from recbole_mm.atomic import torch_save_atomic
 from recbole_mm.quick_start import jsonable
+from recbole_mm.study import STEP1_SHARE_ENV
 from recbole_mm.model.layers import (
     AttentionStack,
     LowRankAdapter,
@@ -423,9 +424,45 @@ def _barrier(ddp):
         dist.barrier()
 
 
-def step1_path(config, key):
+def step1_path(config, key, folder=None):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    return os.path.join(config["checkpoint_dir"], f"SICSRec-step1-{config['dataset']}-{digest}.pth")
+    return os.path.join(folder or config["checkpoint_dir"], f"SICSRec-step1-{config['dataset']}-{digest}.pth")
+
+
+# A folder shared by the runs of one study (set by ``recbole_mm.study`` for its cells): a finished
+# RecBole SASRec run (CE loss) publishes its best checkpoint there under the step-1 name its
+# settings and data give; a SICSRec run whose step 1 has the same key loads it instead of training
+# the same SASRec again. The key (data checksum + every step-1 setting, seed included) decides, so
+# a published SASRec is only ever used where SICSRec would have trained exactly that model.
+def _step1_share_dir():
+    return os.environ.get(STEP1_SHARE_ENV) or None
+
+
+def _history_of(trainer):
+    history = getattr(trainer, "history", None) or {}
+    return {k: jsonable(history[k]) for k in ("train_loss", "valid_score", "valid_result") if k in history}
+
+
+def publish_step1(config, trainer, train_data, valid_data, best_valid_score, best_valid_result):
+    """After a SASRec run (CE loss) with a saved best checkpoint: write it, with its step-1 key,
+    to ``$RECBOLE_MM_STEP1_SHARE`` for the SICSRec runs of the same study; returns the path or None
+    (no share folder, another model or loss, or already published)."""
+    folder = _step1_share_dir()
+    best = getattr(trainer, "saved_model_file", None)
+    if not folder or config["model"] != "SASRec" or config["loss_type"] != "CE" or not best or not os.path.isfile(best):
+        return None
+    key = step1_key(config, train_data, valid_data)
+    path = step1_path(config, key, folder)
+    if os.path.isfile(path):
+        return None  # the same key: the same run, published before
+    ckpt = torch_load(best, map_location="cpu")
+    ckpt["sicsrec_step1"] = {"key": jsonable(key), "best_valid_score": jsonable(best_valid_score),
+                             "best_valid_result": jsonable(best_valid_result), "history": _history_of(trainer),
+                             "published_by": "SASRec run"}
+    os.makedirs(folder, exist_ok=True)
+    torch_save_atomic(ckpt, path)
+    getLogger().info(set_color("SICSRec step 1", "green") + f": this SASRec published as a step 1 for SICSRec -> {path}")
+    return path
 
 
 class SICSRecTrainer(MMTrainer):
@@ -494,15 +531,26 @@ class SICSRecTrainer(MMTrainer):
             return ckpt, {"checkpoint": os.path.abspath(given), "reused": True, "source": "pretrained_id_encoder"}
         key = step1_key(config, train_data, valid_data)
         path = step1_path(config, key)
-        if os.path.isfile(path) and not _opt(config, "step1_retrain", False):
-            ckpt = torch_load(path, map_location=self.device)
+        share = _step1_share_dir()
+        candidates = [(path, None)] + ([(step1_path(config, key, share), "shared")] if share else [])
+        for candidate, source in candidates:
+            if not os.path.isfile(candidate) or _opt(config, "step1_retrain", False):
+                continue
+            ckpt = torch_load(candidate, map_location=self.device)
             meta = ckpt.get("sicsrec_step1", {})
-            if meta.get("key") == jsonable(key):
-                self.logger.info(set_color("SICSRec step 1", "green") + f": reusing {path} (best valid "
-                                 f"{meta.get('best_valid_score')})")
-                return ckpt, {"checkpoint": path, "reused": True, "best_valid_score": meta.get("best_valid_score"),
-                              "best_valid_result": meta.get("best_valid_result")}
-            self.logger.warning(f"SICSRec step 1: {path} was written for other settings; training step 1 again")
+            if meta.get("key") != jsonable(key):
+                self.logger.warning(f"SICSRec step 1: {candidate} was written for other settings; not used")
+                continue
+            what = f"the step 1 published by a {meta['published_by']}" if meta.get("published_by") else "step 1"
+            self.logger.info(set_color("SICSRec step 1", "green") + f": reusing {what}, {candidate} (best valid "
+                             f"{meta.get('best_valid_score')})")
+            info = {"checkpoint": candidate, "reused": True, "best_valid_score": meta.get("best_valid_score"),
+                    "best_valid_result": meta.get("best_valid_result")}
+            if meta.get("history"):
+                info["history"] = meta["history"]  # the epochs it was trained for, when it was trained
+            if source:
+                info["source"] = f"{STEP1_SHARE_ENV} ({meta.get('published_by', 'a SICSRec run')})"
+            return ckpt, info
         return self.train_step1(train_data, valid_data, key, path, verbose, show_progress)
 
     def train_step1(self, train_data, valid_data, key, path, verbose=True, show_progress=False):
@@ -532,7 +580,8 @@ class SICSRecTrainer(MMTrainer):
             if writer:
                 ckpt = torch_load(partial, map_location=self.device)
                 ckpt["sicsrec_step1"] = {"key": jsonable(key), "best_valid_score": jsonable(best_score),
-                                         "best_valid_result": jsonable(best_result)}
+                                         "best_valid_result": jsonable(best_result),
+                                         "history": _history_of(trainer)}
                 torch_save_atomic(ckpt, path)
             _barrier(ddp)
             ckpt = torch_load(path, map_location=self.device)
