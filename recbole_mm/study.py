@@ -1301,7 +1301,7 @@ def _epochs_text(cells):
     if not cells:
         return "—"
     text = _epochs_part(cells, "epochs", "max_epochs")
-    if any("step1_epochs" in r and r.get("step1_max_epochs") is not None for r in cells):
+    if any(r.get("step1_max_epochs") is not None for r in cells):
         step1 = _epochs_part(cells, "step1_epochs", "step1_max_epochs")
         text = f"{'reused' if step1 == '—' else step1} + {text}"
     return text
@@ -1642,7 +1642,7 @@ def write_report(study, rows=None):
         if r["wall_time_s"] is not None:
             total += r["wall_time_s"]
         md.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {r['status']} | {r['device'] or '—'} | "
-                  f"{_epochs_text([r]) if r['epochs'] is not None else '—'} | {r.get('attempts') or '—'} | "
+                  f"{_epochs_text([r])} | {r.get('attempts') or '—'} | "
                   f"{_fmt(r['train_time_s'], 1)} | "
                   f"{_fmt(r['wall_time_s'], 1)} |")
     md += ["", f"Total wall time of the finished cells: {total:.1f} s ({total / 3600:.2f} h).", ""]

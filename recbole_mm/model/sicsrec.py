@@ -533,8 +533,10 @@ class SICSRecTrainer(MMTrainer):
         path = step1_path(config, key)
         share = _step1_share_dir()
         candidates = [(path, None)] + ([(step1_path(config, key, share), "shared")] if share else [])
+        if _opt(config, "step1_retrain", False):
+            candidates = []
         for candidate, source in candidates:
-            if not os.path.isfile(candidate) or _opt(config, "step1_retrain", False):
+            if not os.path.isfile(candidate):
                 continue
             ckpt = torch_load(candidate, map_location=self.device)
             meta = ckpt.get("sicsrec_step1", {})
