@@ -32,7 +32,45 @@ def build_parser():
     parser.add_argument("--resume", nargs="?", const="true", default=None, choices=("auto", "true", "false"),
                         help="--resume: continue this run from its last checkpoint (it must exist); "
                              "--resume=auto (the default): when it exists; --resume=false: start afresh")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start afresh even if this run has a last checkpoint (same as --resume=false)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1); by default "
+                             "one line says what is wrong and names the run's .failed.json")
     return parser
+
+
+DEBUG_ENV = "RECBOLE_MM_DEBUG"
+
+
+def debug_enabled(argv=()):
+    import os
+
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def report_error(exc, argv=()):
+    """One line (two with the record's path) for an error a run stopped on; the traceback only with
+    --debug. Returns the exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        message = str(exc) or "interrupted (Ctrl-C)"
+        print(f"interrupted: {message}", file=sys.stderr)
+        code = 130
+    else:
+        text = str(exc).strip() or type(exc).__name__
+        known = {"ConfigError", "DataFileError", "DuplicateInteractionsError", "UnknownModelError",
+                 "FileNotFoundError", "ValueError", "KeyError", "NotADirectoryError", "PermissionError"}
+        prefix = "" if type(exc).__name__ in known else f"{type(exc).__name__}: "
+        if isinstance(exc, KeyError) and text.startswith(("'", '"')):
+            text = text.strip("'\"")
+        print(f"error: {prefix}{text}", file=sys.stderr)
+        code = 1
+    record = getattr(exc, "recbole_mm_record", None)
+    if record:
+        print(f"record: {record} (the traceback is in it; --debug prints it here)", file=sys.stderr)
+    elif code != 130:
+        print(f"(--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+    return code
 
 
 # launcher options: given to quick_start.run, never to the Config as overrides
@@ -67,6 +105,11 @@ def main(argv=None):
 
     from recbole_mm.quick_start import run
 
+    if args.fresh:
+        if args.resume not in (None, "false"):
+            print("error: --fresh and --resume contradict each other; give one", file=sys.stderr)
+            return 2
+        args.resume = "false"
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
     # RecBole's Config reads --key=value overrides from sys.argv itself and refuses a key given
     # twice; here the last value wins, as in most command lines.
@@ -83,6 +126,10 @@ def main(argv=None):
             config_dict=config_dict, nproc=args.nproc, world_size=args.world_size, ip=args.ip,
             port=args.port, group_offset=args.group_offset,
         )
+    except BaseException as exc:  # noqa: BLE001 - one clear line; the traceback with --debug
+        if debug_enabled(argv) or isinstance(exc, SystemExit):
+            raise
+        return report_error(exc, argv)
     finally:
         sys.argv = saved_argv
     if result is None:  # a node whose processes returned nothing (its first process failed)

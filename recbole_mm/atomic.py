@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from typing import Any, Iterator
 
 __all__ = [
@@ -28,20 +29,44 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     The temporary file is named ``.tmp-<random><extension>`` in the target's folder (created if
     needed), so the rename never crosses file systems and concurrent writers never share it. On
     any exception (including KeyboardInterrupt) the temporary file is removed and ``path`` is left
-    as it was.
+    as it was. A new file gets ``0o666 & ~umask`` like ``open(path, "w")``; overwriting an existing
+    file keeps its mode.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
+    tmp = _create_temporary(directory, os.path.splitext(path)[1])
     try:
         yield tmp
+        _keep_mode(path, tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _create_temporary(directory: str, suffix: str) -> str:
+    # Not tempfile.mkstemp: it creates 0600 files. Created with 0666 here, the kernel applies the
+    # umask (and a folder's default ACL), exactly as for open(path, "w"), with no os.umask()
+    # round trip (process-wide, not thread-safe).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}{suffix}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _keep_mode(path: str, tmp: str) -> None:
+    # Overwriting an existing file keeps its permission bits, as open(path, "w") would.
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(tmp, mode)
 
 
 @contextlib.contextmanager

@@ -64,7 +64,35 @@ def materialize_builtin_dataset(name, target_dir):
 
 
 class MMConfig(Config):
-    """RecBole ``Config`` that finds plugin models and reads the plugin's YAML defaults."""
+    """RecBole ``Config`` that finds plugin models and reads the plugin's YAML defaults.
+
+    The user's settings are checked when it is built, before any data is loaded
+    (:func:`recbole_mm.validate.validate_config`: unknown keys with "did you mean", wrong types,
+    non-positive budgets, a ``valid_metric`` that is not computed); config files must exist and
+    parse (errors name the file and line). ``validate=False`` skips the settings check (a study
+    validates its own files with their line numbers).
+    """
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, validate=True):
+        self.config_file_lines = {}
+        super().__init__(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+        if validate:
+            from recbole_mm.validate import validate_config
+
+            validate_config(self, self.config_file_lines)
+
+    def _load_config_files(self, file_list):
+        from recbole_mm.validate import check_config_files
+
+        import yaml
+
+        # RecBole's own loop, after the files were checked; an empty file is an empty mapping
+        self.config_file_lines = check_config_files(file_list, loader=self.yaml_loader)
+        file_config_dict = {}
+        for path in file_list or []:
+            with open(path, "r", encoding="utf-8") as f:
+                file_config_dict.update(yaml.load(f.read(), Loader=self.yaml_loader) or {})
+        return file_config_dict
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:

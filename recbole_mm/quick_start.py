@@ -7,16 +7,20 @@ JSON record next to its log; under DDP only global rank 0 writes logs, records a
 checkpoints (see ``docs/DISTRIBUTED.md``).
 """
 
+import contextlib
 import datetime
 import functools
 import logging
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from logging import getLogger
 
 import torch
@@ -47,11 +51,17 @@ def _log_file():
 
 
 def create_dataset(config):
-    """The model's own dataset class (e.g. multimodal), else RecBole's choice."""
-    dataset_class = get_dataset_class(config)
-    if dataset_class is None:
+    """The model's own dataset class (e.g. multimodal), else RecBole's choice, with the plugin's
+    interaction checks (duplicates: :mod:`recbole_mm.data.checks`)."""
+    from recbole_mm.data.checks import recbole_dataset_class, with_interaction_checks
+
+    if config["dataset_save_path"]:  # a dataset RecBole saved earlier: its own loader
         return recbole_create_dataset(config)
-    return dataset_class(config)
+    dataset_class = get_dataset_class(config) or recbole_dataset_class(config)
+    dataset = with_interaction_checks(dataset_class)(config)
+    if config["save_dataset"]:
+        dataset.save()
+    return dataset
 
 
 def jsonable(value):
@@ -128,6 +138,8 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": {k: config.final_config_dict[k] for k in sorted(config.final_config_dict)},
     }
+    if result.get("data_checks"):
+        record["data_checks"] = result["data_checks"]  # duplicates found (and dropped) at load
     if result.get("step1_published"):
         record["step1_published"] = result["step1_published"]  # offered to SICSRec runs as their step 1
     if error is not None:
@@ -168,6 +180,86 @@ def record_path_for(config, log_file):
     return None
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler) or SIGHUP reached a run: it stops like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt():
+    """SIGTERM and SIGHUP raise :class:`RunInterrupted` in the main thread while a run is in progress,
+    so that the run writes an ``interrupted`` record (SIGKILL cannot be caught: see ``records``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise RunInterrupted(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _writable_or_error(path, what, fix):
+    """Raise a ConfigError unless ``path`` (or its nearest existing parent) can be written."""
+    from recbole_mm.validate import ConfigError
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {what} to {os.path.abspath(path)} ({probe} is not writable). {fix}")
+
+
+def preflight(config, saved=True):
+    """Everything that can be checked before data loading: the dataset's atomic files (header
+    types, id columns, encodings, float values, ...) and the folders the run writes to."""
+    from recbole_mm.data.preflight import check_atomic_files
+
+    check_atomic_files(config)
+    if global_rank(config) != 0:
+        return
+    _writable_or_error("log", "RecBole's log", "Run from a writable working directory.")
+    _writable_or_error("log_tensorboard", "RecBole's tensorboard log", "Run from a writable working directory.")
+    if saved:
+        _writable_or_error(config["checkpoint_dir"] or "saved", "checkpoints",
+                           "Set checkpoint_dir to a writable folder (--checkpoint_dir=...).")
+    if config["record_path"]:
+        _writable_or_error(os.path.dirname(os.path.abspath(config["record_path"])), "the run record",
+                           "Set record_path to a writable location.")
+
+
+def announce_resume(config, logger, saved=True):
+    """A rerun of the same command continues the earlier run: say so first, and how to start afresh."""
+    from recbole_mm.trainer import last_checkpoint_path, resume_mode
+
+    if not saved or config["save_last_checkpoint"] is False or resume_mode(config) == "false":
+        return None
+    path = last_checkpoint_path(config)
+    if not os.path.isfile(path):
+        return None
+    when = datetime.datetime.fromtimestamp(os.path.getmtime(path)).isoformat(timespec="seconds")
+    logger.warning(set_color("RESUMING", "red") + f": this exact run was interrupted earlier; training continues "
+                   f"from its last checkpoint {path} (written {when}). To start afresh instead: --fresh "
+                   "(or --resume=false).")
+    return path
+
+
+def _last_finished_epoch(trainer):
+    history = getattr(trainer, "history", None) or {}
+    losses = history.get("train_loss") or []
+    return len(losses) - 1 if losses else None
+
+
 def run_recbole_mm(
     model=None,
     dataset=None,
@@ -180,87 +272,123 @@ def run_recbole_mm(
 
     Keys: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
     ``test_result``, plus ``record_path`` (the JSON record) and ``timings_s``.
+
+    Before any data is loaded the config is validated (``MMConfig``) and the data files and
+    output folders are checked (:func:`preflight`). A ``<record>.running.json`` marker exists
+    while the run is in progress; the run ends with ``<record>.json`` (finished),
+    ``<record>.failed.json`` or ``<record>.interrupted.json`` (Ctrl-C, SIGTERM, SIGHUP, with the
+    last finished epoch). A failed run never touches an earlier run's files.
     """
     t_start = time.perf_counter()
     git_commit()  # the code this process runs (the record is written at the end)
     config = MMConfig(
         model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict
     )
+    preflight(config, saved)
     init_seed(config["seed"], config["reproducibility"])
     forget_last_checkpoints()
     _prepare_dirs(config)
     _init_rank_logger(config)
     logger = getLogger()
     log_file = _log_file()
+    resuming = announce_resume(config, logger, saved) if global_rank(config) == 0 else None
     logger.info(sys.argv)
     logger.info(config)
     timings = {}
     trainer = None
+    dataset_obj = None
     result = {"saved": saved}
     record_file = record_path_for(config, log_file) if config["record_runs"] is not False else None
+    if record_file and global_rank(config) == 0:
+        from recbole_mm import records
+
+        records.collect_dead_runs(os.path.dirname(os.path.abspath(record_file)), logger)
+        records.write_running(record_file, model=config["model"], dataset=config["dataset"],
+                              seed=config["seed"], log_file=log_file, command=sys.argv,
+                              resuming_from=resuming)
     try:
-        t0 = time.perf_counter()
-        dataset_obj = create_dataset(config)
-        logger.info(dataset_obj)
-        train_data, valid_data, test_data = data_preparation(config, dataset_obj)
-        timings["data"] = time.perf_counter() - t0
+        with _signals_as_interrupt():
+            t0 = time.perf_counter()
+            dataset_obj = create_dataset(config)
+            logger.info(dataset_obj)
+            train_data, valid_data, test_data = data_preparation(config, dataset_obj)
+            timings["data"] = time.perf_counter() - t0
 
-        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-        t0 = time.perf_counter()
-        model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-        logger.info(model_obj)
-        timings["model_init"] = time.perf_counter() - t0
+            init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+            t0 = time.perf_counter()
+            model_obj = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+            logger.info(model_obj)
+            timings["model_init"] = time.perf_counter() - t0
 
-        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
-        trainer.keep_finished_last_checkpoint = True  # removed below, once the test is done
-        t0 = time.perf_counter()
-        best_valid_score, best_valid_result = trainer.fit(
-            train_data, valid_data, saved=saved, show_progress=config["show_progress"]
-        )
-        timings["train"] = time.perf_counter() - t0
-        if not config["single_spec"] and config["ddp_check_replicas"] is not False:
-            digests = trainer.replica_digests()
-            result["replica_digests"] = digests
-            if len(set(digests)) != 1:
-                logger.error(f"DDP replicas differ after training: {digests}")
-        t0 = time.perf_counter()
-        test_result = trainer.evaluate(
-            test_data, load_best_model=saved, show_progress=config["show_progress"]
-        )
-        timings["test"] = time.perf_counter() - t0
-        if hasattr(trainer, "evaluate_step1"):  # SICSRec: its step-1 SASRec on the same test split
-            result["step1_test_result"] = trainer.evaluate_step1(test_data, show_progress=config["show_progress"])
-        if saved and global_rank(config) == 0:
-            from recbole_mm.model.sicsrec import publish_step1
+            trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model_obj)
+            trainer.keep_finished_last_checkpoint = True  # removed below, once the test is done
+            t0 = time.perf_counter()
+            best_valid_score, best_valid_result = trainer.fit(
+                train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+            )
+            timings["train"] = time.perf_counter() - t0
+            if _last_finished_epoch(trainer) is None and not getattr(trainer, "resumed_from", None) \
+                    and getattr(trainer, "history", None) is not None:
+                raise RuntimeError(f"no training epoch ran (epochs={config['epochs']}); nothing to test")
+            if not config["single_spec"] and config["ddp_check_replicas"] is not False:
+                digests = trainer.replica_digests()
+                result["replica_digests"] = digests
+                if len(set(digests)) != 1:
+                    logger.error(f"DDP replicas differ after training: {digests}")
+            t0 = time.perf_counter()
+            test_result = trainer.evaluate(
+                test_data, load_best_model=saved, show_progress=config["show_progress"]
+            )
+            timings["test"] = time.perf_counter() - t0
+            if hasattr(trainer, "evaluate_step1"):  # SICSRec: its step-1 SASRec on the same test split
+                result["step1_test_result"] = trainer.evaluate_step1(test_data, show_progress=config["show_progress"])
+            if saved and global_rank(config) == 0:
+                from recbole_mm.model.sicsrec import publish_step1
 
-            # a SASRec run inside a study: offered to the study's SICSRec runs as their step 1
-            result["step1_published"] = publish_step1(config, trainer, train_data, valid_data,
-                                                      best_valid_score, best_valid_result)
-        timings["total"] = time.perf_counter() - t_start
-        if hasattr(trainer, "remove_last_checkpoint"):
-            trainer.remove_last_checkpoint()  # the run is complete: nothing left to resume
-        remove_last_checkpoints()  # nested trainers' too (e.g. SICSRec's step 1)
+                # a SASRec run inside a study: offered to the study's SICSRec runs as their step 1
+                result["step1_published"] = publish_step1(config, trainer, train_data, valid_data,
+                                                          best_valid_score, best_valid_result)
+            timings["total"] = time.perf_counter() - t_start
+            if hasattr(trainer, "remove_last_checkpoint"):
+                trainer.remove_last_checkpoint()  # the run is complete: nothing left to resume
+            remove_last_checkpoints()  # nested trainers' too (e.g. SICSRec's step 1)
 
-        logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
-        logger.info(set_color("test result", "yellow") + f": {test_result}")
-        result.update(
-            best_valid_score=best_valid_score,
-            valid_score_bigger=config["valid_metric_bigger"],
-            best_valid_result=best_valid_result,
-            test_result=test_result,
-        )
+            logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+            logger.info(set_color("test result", "yellow") + f": {test_result}")
+            result.update(
+                best_valid_score=best_valid_score,
+                valid_score_bigger=config["valid_metric_bigger"],
+                best_valid_result=best_valid_result,
+                test_result=test_result,
+            )
+            result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
     except BaseException as exc:
         if record_file and global_rank(config) == 0:
+            from recbole_mm import records
+
             timings["total"] = time.perf_counter() - t_start
-            failed = os.path.splitext(record_file)[0] + ".failed.json"
-            write_json_atomic(
-                failed,
-                build_record(config, result, timings, trainer, log_file, status="failed",
-                             error=f"{type(exc).__name__}: {exc}"),
-            )
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
+            status = "interrupted" if interrupted else "failed"
+            path = records.sibling(record_file, status)
+            rec = build_record(config, result, timings, trainer, log_file, status=status,
+                               error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            rec["last_finished_epoch"] = _last_finished_epoch(trainer)
+            rec["traceback"] = traceback.format_exc()
+            if interrupted and saved and config["save_last_checkpoint"] is not False:
+                rec["resume"] = "rerun the same command: it continues from the last checkpoint (resume: auto)"
+            try:
+                write_json_atomic(path, rec)
+                exc.recbole_mm_record = path  # the CLI names it in its one-line error
+            except OSError as write_error:
+                logger.error(f"could not write the {status} record {path}: {write_error}")
+            records.remove_running(record_file)
         raise
     if record_file and global_rank(config) == 0:
+        from recbole_mm import records
+
         write_json_atomic(record_file, build_record(config, result, timings, trainer, log_file))
+        records.remove_running(record_file)
         logger.info(set_color("run record", "blue") + f": {record_file}")
     result.pop("saved", None)
     result["record_path"] = record_file if global_rank(config) == 0 else None

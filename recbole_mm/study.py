@@ -40,6 +40,7 @@ import time
 import yaml
 
 from recbole_mm.atomic import write_text_atomic
+from recbole_mm.validate import known_keys, value_problems
 
 try:  # POSIX only: cell and study locks
     import fcntl
@@ -655,11 +656,14 @@ class Study:
                     err.add(self._model_lines.get(m), f"models ({m} on {d})",
                             f"RecBole cannot configure {m} on {d}: {type(exc).__name__}: {exc}")
                     return
-                known[d, m] = set(cfg.final_config_dict) | EXTRA_CONFIG_KEYS
+                known[d, m] = known_keys(cfg) | EXTRA_CONFIG_KEYS  # the validator single runs use
                 self.defaults[d, m] = config_defaults(cfg)
         all_keys = set().union(*known.values()) if known else set()
+        some_defaults = next(iter(self.defaults.values()), {}) or {}
 
         def check(path, mapping, keys):
+            for key, message in value_problems(some_defaults, mapping):
+                err.add(_key_line(mapping, key), f"{path}.{key}", message)
             for key in mapping:
                 if key in keys or key in RESERVED_CONFIG_KEYS:
                     continue
@@ -672,6 +676,8 @@ class Study:
             check(f"dataset_config.{d}", mapping, set().union(*(known[d, m] for m in self.models)))
         for m, mapping in self.model_config.items():
             check(f"model_config.{m}", mapping, set().union(*(known[d, m] for d in self.datasets)))
+        for key, message in value_problems(some_defaults, self.overrides):
+            err.add(None, f"command line --{key}", message)
         for key in self.overrides:
             if key not in all_keys and key not in RESERVED_CONFIG_KEYS:
                 (err.add if self.strict_keys else err.warn)(
@@ -702,6 +708,8 @@ class Study:
                  "config_files": [[f, _file_sha(f)] for f in self.config_files]}
         fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
         forced = dict(config, seed=seed, record_path=paths["record"], record_runs=True)
+        if not self.strict_keys:  # the study allowed unknown keys (with warnings): so does the cell's run
+            forced["strict_config_keys"] = False
         forced.setdefault("checkpoint_dir", os.path.join(self.output_dir, "saved", dataset, model))
         return {
             "model": model, "dataset": dataset, "seed": seed,
@@ -719,9 +727,10 @@ class Study:
 def _build_mmconfig(model, dataset, config_dict, config_files=None):
     from recbole_mm.config import MMConfig
 
+    # the study checks its own keys and values (with its file's line numbers), below
     with _config_env():
         return MMConfig(model=model, dataset=dataset, config_file_list=config_files or None,
-                        config_dict=config_dict)
+                        config_dict=config_dict, validate=False)
 
 
 def _jsonable(obj):

@@ -330,6 +330,9 @@ def tune(model, dataset, params_file=None, algo="exhaustive", max_evals=None, ea
     finally:
         sys.argv = saved_argv
     valid_metric = probe["valid_metric"] if probe is not None else fixed.get("valid_metric", "valid score")
+    from recbole_mm.validate import check_keys, known_keys
+
+    check_keys(searcher.space, known_keys(probe), f"{params_file} (searched parameter)")  # the runs' validator
     command = command or f"tune --model={model} --dataset={dataset} --params_file={params_file} --algo={algo}"
     # RecBole's Config reads --key=value from sys.argv, which would beat every trial's
     # parameters: trials see a clean command line (the fixed settings come as config_dict).

@@ -43,3 +43,41 @@ def test_a_writer_that_dies_keeps_the_previous_file(tmp_path, exc):
         write_json_atomic(target, {"result": object()})
     assert json.loads(target.read_text()) == {"result": 1}
     assert sorted(os.listdir(tmp_path)) == ["record.json"]
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, restoring the previous one afterwards."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_new_files_honour_the_umask(tmp_path, umask, mask, expected):
+    umask(mask)
+    write_text_atomic(tmp_path / "t.md", "x")
+    write_json_atomic(tmp_path / "c.json", {})
+    save_npy_atomic(tmp_path / "d.npy", np.zeros(2))
+    torch_save_atomic({"w": torch.ones(1)}, tmp_path / "e.pth")
+    copy_file_atomic(tmp_path / "c.json", tmp_path / "f.json")
+    for name in ("t.md", "c.json", "d.npy", "e.pth", "f.json"):
+        assert _mode(tmp_path / name) == expected, name
+
+
+def test_overwriting_keeps_the_existing_mode(tmp_path, umask):
+    umask(0o022)
+    target = tmp_path / "record.json"
+    target.write_text("{}")
+    os.chmod(target, 0o640)
+    write_json_atomic(target, {"result": 1})
+    assert _mode(target) == 0o640
+    torch_save_atomic({"w": torch.ones(1)}, tmp_path / "e.pth")
+    os.chmod(tmp_path / "e.pth", 0o600)
+    torch_save_atomic({"w": torch.zeros(1)}, tmp_path / "e.pth")
+    assert _mode(tmp_path / "e.pth") == 0o600
+    assert torch.equal(torch_load(str(tmp_path / "e.pth"))["w"], torch.zeros(1))
