@@ -55,7 +55,7 @@ def report_error(exc, argv=()):
     if isinstance(exc, KeyboardInterrupt):
         message = str(exc) or "interrupted (Ctrl-C)"
         print(f"interrupted: {message}", file=sys.stderr)
-        code = 130
+        code = getattr(exc, "exit_code", 130)  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM
     else:
         text = str(exc).strip() or type(exc).__name__
         known = {"ConfigError", "DataFileError", "DuplicateInteractionsError", "UnknownModelError",
@@ -68,7 +68,7 @@ def report_error(exc, argv=()):
     record = getattr(exc, "recbole_mm_record", None)
     if record:
         print(f"record: {record} (the traceback is in it; --debug prints it here)", file=sys.stderr)
-    elif code != 130:
+    elif not isinstance(exc, KeyboardInterrupt):
         print(f"(--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
     return code
 

@@ -180,8 +180,16 @@ def record_path_for(config, log_file):
     return None
 
 
+_WRITING_RECORD = [False]  # set while a stopping run writes its record (a second signal waits for it)
+
+
 class RunInterrupted(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, a batch scheduler) or SIGHUP reached a run: it stops like Ctrl-C."""
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler) or SIGHUP reached a run: it stops like Ctrl-C.
+    ``exit_code`` is the shell's 128 + signal number."""
+
+    def __init__(self, message, signum=signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 @contextlib.contextmanager
@@ -192,8 +200,17 @@ def _signals_as_interrupt():
         yield
         return
 
+    received = []
+
     def handler(signum, frame):
-        raise RunInterrupted(f"stopped by {signal.Signals(signum).name}")
+        if received:
+            if _WRITING_RECORD[0]:
+                return  # the run is writing its interrupted record: let it finish
+            # the first one was swallowed (raised inside a __del__ or a callback): die at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        received.append(signum)
+        raise RunInterrupted(f"stopped by {signal.Signals(signum).name}", signum)
 
     previous = {}
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
@@ -306,8 +323,8 @@ def run_recbole_mm(
         records.write_running(record_file, model=config["model"], dataset=config["dataset"],
                               seed=config["seed"], log_file=log_file, command=sys.argv,
                               resuming_from=resuming)
-    try:
-        with _signals_as_interrupt():
+    with _signals_as_interrupt():  # SIGTERM/SIGHUP -> RunInterrupted, until the record is written
+        try:
             t0 = time.perf_counter()
             dataset_obj = create_dataset(config)
             logger.info(dataset_obj)
@@ -362,28 +379,30 @@ def run_recbole_mm(
                 test_result=test_result,
             )
             result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
-    except BaseException as exc:
-        if record_file and global_rank(config) == 0:
-            from recbole_mm import records
+        except BaseException as exc:
+            _WRITING_RECORD[0] = True
+            if record_file and global_rank(config) == 0:
+                from recbole_mm import records
 
-            timings["total"] = time.perf_counter() - t_start
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
-            status = "interrupted" if interrupted else "failed"
-            path = records.sibling(record_file, status)
-            rec = build_record(config, result, timings, trainer, log_file, status=status,
-                               error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            rec["last_finished_epoch"] = _last_finished_epoch(trainer)
-            rec["traceback"] = traceback.format_exc()
-            if interrupted and saved and config["save_last_checkpoint"] is not False:
-                rec["resume"] = "rerun the same command: it continues from the last checkpoint (resume: auto)"
-            try:
-                write_json_atomic(path, rec)
-                exc.recbole_mm_record = path  # the CLI names it in its one-line error
-            except OSError as write_error:
-                logger.error(f"could not write the {status} record {path}: {write_error}")
-            records.remove_running(record_file)
-        raise
+                timings["total"] = time.perf_counter() - t_start
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
+                status = "interrupted" if interrupted else "failed"
+                path = records.sibling(record_file, status)
+                rec = build_record(config, result, timings, trainer, log_file, status=status,
+                                   error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                rec["last_finished_epoch"] = _last_finished_epoch(trainer)
+                rec["traceback"] = traceback.format_exc()
+                if interrupted and saved and config["save_last_checkpoint"] is not False:
+                    rec["resume"] = "rerun the same command: it continues from the last checkpoint (resume: auto)"
+                try:
+                    write_json_atomic(path, rec)
+                    exc.recbole_mm_record = path  # the CLI names it in its one-line error
+                except OSError as write_error:
+                    logger.error(f"could not write the {status} record {path}: {write_error}")
+                records.remove_running(record_file)
+            _WRITING_RECORD[0] = False
+            raise
     if record_file and global_rank(config) == 0:
         from recbole_mm import records
 

@@ -40,6 +40,7 @@ import time
 import yaml
 
 from recbole_mm.atomic import write_text_atomic
+from recbole_mm.records import dead_run
 from recbole_mm.validate import known_keys, value_problems
 
 try:  # POSIX only: cell and study locks
@@ -846,6 +847,28 @@ def _dict_changes(before, after, skip=()):
 LOCATION_KEYS = ("data_path",)
 
 
+# defaults added after cells may have been run, which leave a run on clean data as it was (issue 15:
+# duplicate/repeat checks that only act on duplicated data, a key check done before the run, and
+# text values read as missing, which the feature's input checksum already covers): a cell whose
+# recorded defaults lack them is not "run with a different configuration"
+BEHAVIOUR_KEEPING_DEFAULTS = ("duplicate_interactions", "consecutive_repeats", "strict_config_keys")
+BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values",)
+
+
+def _without_added_defaults(old_defaults, new_defaults):
+    """``new_defaults`` less the behaviour-keeping defaults that ``old_defaults`` did not have yet."""
+    new = {k: v for k, v in new_defaults.items()
+           if not (k in BEHAVIOUR_KEEPING_DEFAULTS and k not in old_defaults)}
+    old_specs, new_specs = old_defaults.get("mm_features"), new.get("mm_features")
+    if isinstance(old_specs, dict) and isinstance(new_specs, dict):
+        new["mm_features"] = {
+            name: ({k: v for k, v in spec.items() if not (k in BEHAVIOUR_KEEPING_FEATURE_KEYS and k not in
+                                                          (old_specs.get(name) or {}))}
+                   if isinstance(spec, dict) else spec)
+            for name, spec in new_specs.items()}
+    return new
+
+
 def config_changes(old, spec):
     """How a finished cell's configuration (``old``, its cell file) differs from ``spec``'s now.
 
@@ -861,7 +884,8 @@ def config_changes(old, spec):
     elif old.get("config_file_shas") not in (None, spec["config_file_shas"]):
         diff.append("config file contents changed")
     if isinstance(old.get("defaults"), dict) and isinstance(spec.get("defaults"), dict):
-        was, is_ = dict(old["defaults"], **before), dict(_jsonable(spec["defaults"]), **now)
+        was = dict(old["defaults"], **before)
+        is_ = dict(_without_added_defaults(old["defaults"], _jsonable(spec["defaults"])), **now)
         for k, a, b in _dict_changes(was, is_, skip=LOCATION_KEYS):
             diff.append(f"{k}: {a!r} -> {b!r}" + ("" if k in before or k in now else " (a default)"))
         return diff
@@ -879,7 +903,8 @@ def changed_since_study_start(spec):
     if isinstance(spec.get("defaults"), dict):
         cfg = _build_mmconfig(spec["model"], spec["dataset"], {"data_path": spec["config_dict"]["data_path"]})
         changes += [f"default {k}: {a!r} -> {b!r}" for k, a, b in
-                    _dict_changes(spec["defaults"], config_defaults(cfg), skip=spec.get("user_config") or {})]
+                    _dict_changes(spec["defaults"], _without_added_defaults(spec["defaults"], config_defaults(cfg)),
+                                  skip=spec.get("user_config") or {})]
     return changes
 
 
@@ -946,7 +971,7 @@ def _run_cell(study, spec, log, stop=None):
     attempt = {"started": started, "host": socket.gethostname()}
     state = dict(spec, attempts=attempts + [attempt])
     _write_json(spec["cell"], state)
-    status, t0 = "failed", time.perf_counter()
+    status, t0, stopped = "failed", time.perf_counter(), False
     with open(spec["log"], "a", encoding="utf-8") as logf:
         logf.write(f"\n===== {spec['dataset']} / {spec['model']} / seed {spec['seed']}: attempt at {started}\n")
         logf.flush()
@@ -963,6 +988,7 @@ def _run_cell(study, spec, log, stop=None):
                 while proc.poll() is None:
                     if stop.is_set():
                         _stop(proc)
+                        stopped = True
                         break
                     if deadline is not None and time.monotonic() > deadline:
                         raise subprocess.TimeoutExpired(proc.args, study.cell_timeout_s)
@@ -981,7 +1007,7 @@ def _run_cell(study, spec, log, stop=None):
             status = "busy"
         elif proc.returncode == EXIT_DEFAULTS_CHANGED:
             status = "config changed"
-        elif proc.returncode in INTERRUPTED_CODES:
+        elif proc.returncode in INTERRUPTED_CODES or stopped:  # a cell the study stopped itself: interrupted
             status = "interrupted"  # stopped by a signal (the study's stop, or one sent to the process group)
     attempt.update(ended=datetime.datetime.now().isoformat(timespec="seconds"), wall_s=round(wall, 3),
                    returncode=proc.returncode, status=status)
@@ -1118,9 +1144,13 @@ def _cell_worker(cell_file):
             return EXIT_DEFAULTS_CHANGED
 
         print(f"cell: {spec['dataset']} / {spec['model']} / seed {spec['seed']}", flush=True)
-        result = run_recbole_mm(model=spec["model"], dataset=spec["dataset"],
-                                config_file_list=spec["config_files"] or None,
-                                config_dict=spec["config_dict"], saved=True)
+        try:
+            result = run_recbole_mm(model=spec["model"], dataset=spec["dataset"],
+                                    config_file_list=spec["config_files"] or None,
+                                    config_dict=spec["config_dict"], saved=True)
+        except KeyboardInterrupt as exc:  # SIGTERM/SIGHUP/Ctrl-C: the run wrote its interrupted record
+            print(f"recbole_mm.study: cell interrupted ({exc or 'Ctrl-C'})", file=sys.stderr)
+            return getattr(exc, "exit_code", 128 + signal.SIGINT)
         rec = _read_json(result.get("record_path") or spec["record"]) or {}
         if not spec.get("keep_checkpoints", True) and rec.get("checkpoint"):
             with contextlib.suppress(OSError):
@@ -1158,10 +1188,13 @@ def collect_cells(study, live_status=None):
         attempts = state.get("attempts", []) if isinstance(state, dict) else []
         last = attempts[-1] if attempts else {}
         row = {"dataset": d, "model": m, "seed": s, "role": _model_role(m, study.proposed)}
+        dead = dead_run(paths["record"]) if rec is None else None
         if rec is not None:
             row["status"] = "finished"
         elif (d, m, s) in live_status:
             row["status"] = live_status[d, m, s]
+        elif dead is not None:  # its process died without a record: SIGKILL, the OOM killer
+            row["status"] = "killed"
         elif last and "ended" not in last:
             row["status"] = "interrupted"
         elif last:
@@ -1208,6 +1241,9 @@ def collect_cells(study, live_status=None):
             failed = _read_json(paths["failed"])
             if isinstance(failed, dict) and failed.get("error") and row["status"] != "pending":
                 row["error"] = failed["error"]
+            if dead is not None:
+                row["error"] = (f"the run (pid {dead.get('pid')}, started {dead.get('started_at')}) died without "
+                                "a record: killed by SIGKILL or the OOM killer")
         rows.append(row)
     return rows
 

@@ -313,10 +313,29 @@ def test_sigterm_leaves_an_interrupted_record(workdir):
     assert (workdir / "rec" / "run.running.json").exists()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signal.SIGTERM, err
     rec = json.load(open(workdir / "rec" / "run.interrupted.json"))
     assert rec["status"] == "interrupted" and "SIGTERM" in rec["error"]
     assert rec["last_finished_epoch"] >= 1
     assert "rerun the same command" in rec["resume"]
     assert not record.exists() and not (workdir / "rec" / "run.running.json").exists()
     assert "interrupted: stopped by SIGTERM" in err and "Traceback" not in err
+
+
+def test_study_report_names_a_killed_cell(workdir):
+    from recbole_mm import records
+    from recbole_mm.study import collect_cells, validate_study
+
+    write_tiny_dataset(workdir / "data")
+    study = validate_study({"datasets": ["tiny"], "models": ["SASRec"], "seeds": [1],
+                            "config": {"data_path": str(workdir / "data"), "epochs": 1}},
+                           output_dir=str(workdir / "study"))
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    record = study.cell_paths("tiny", "SASRec", 1)["record"]
+    path = records.write_running(record)
+    data = json.load(open(path))
+    data["pid"] = proc.pid  # gone, as after the OOM killer
+    json.dump(data, open(path, "w"))
+    row = collect_cells(study)[0]
+    assert row["status"] == "killed" and "OOM killer" in row["error"]

@@ -2,6 +2,7 @@
 resumable chunks, images with a tiny random ViT (real, truncated, corrupt and absent files), CLI."""
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from recbole_mm.data.extract import (  # noqa: E402
     read_item_texts,
 )
 from recbole_mm.data.features import FeatureStore, align_to_dataset  # noqa: E402
+from test_features import make_read_only  # noqa: E402,F401 - fixture
 
 ML100K_DIR = os.path.join(os.path.dirname(recbole.__file__), "dataset_example", "ml-100k")
 ML100K_ITEM = os.path.join(ML100K_DIR, "ml-100k.item")
@@ -96,12 +98,15 @@ def test_read_item_texts(tmp_path):
     with pytest.raises(ValueError, match=r"ml-100k\.item: duplicate item ids.*'2'"):
         read_item_texts(os.path.join(d, "ml-100k.item"))
 
-    # quotes, 'NA'-like values and empty fields are kept verbatim; all-empty -> "" (missing)
+    # quotes are kept verbatim; 'NA'-like field values are missing (an item token 'NA' is just a
+    # token); all-empty -> "" (missing)
     p = tmp_path / "q.item"
     p.write_text('item_id:token\ttitle:token_seq\tscore:float\n'
                  'a\t"Quoted" title\t1.0\nNA\tNA\t2.0\nc\t\t3.0\n', encoding="utf-8")
     tokens, texts = read_item_texts(p)
     assert tokens == ["a", "NA", "c"]
+    assert texts == ['"Quoted" title', "", ""]
+    _, texts = read_item_texts(p, missing_values=[])  # no markers: 'NA' is a title
     assert texts == ['"Quoted" title', "NA", ""]
 
 
@@ -462,3 +467,170 @@ def test_concurrent_extractions_of_one_feature_build_it_once(tmp_path):
     a, b = (_json.load(open(o)) for o in outs)
     assert a == b and a["rows"] == 30  # the same build: one manifest (creation time, build seconds)
     assert not os.path.exists(FeatureStore(folder, "tiny").chunk_dir("text"))
+
+
+# ----------------------------------------------------------------------------- trustworthy caches
+
+
+def _counting_encoder(monkeypatch):
+    calls = []
+    real_encode = extract.encode_texts
+
+    def counting_encode(texts, **kw):
+        calls.append(len(texts))
+        return real_encode(texts, **kw)
+
+    monkeypatch.setattr(extract, "encode_texts", counting_encode)
+    return calls
+
+
+def test_imported_matrix_survives_extraction(tmp_path, monkeypatch, caplog):
+    """A matrix the user imported is used as is by extract_features (its spec is ignored) and
+    never overwritten, not even with force=True."""
+    d = _ml100k_subset(tmp_path, 6)
+    store = FeatureStore(d, "ml-100k")
+    tokens, _ = read_item_texts(os.path.join(d, "ml-100k.item"))
+    mine = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    store.import_matrix("text", tokens, mine, source="my_clip_run")
+    calls = _counting_encoder(monkeypatch)
+    for spec in (SPEC, {"type": "text", "fields": ["movie_title"], "pooling": "cls"}):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="recbole_mm"):
+            fm = extract_features(d, "ml-100k", "text", spec, show_progress=False)
+        assert calls == []
+        np.testing.assert_array_equal(np.asarray(fm.matrix), mine)
+        assert fm.manifest["type"] == "user" and fm.manifest["source"] == "my_clip_run"
+        assert "user-supplied" in caplog.text and "spec is ignored" in caplog.text
+    with pytest.raises(ValueError) as e:
+        extract_features(d, "ml-100k", "text", SPEC, show_progress=False, force=True)
+    assert "imported by the user" in str(e.value) and "FeatureStore.delete('text')" in str(e.value)
+    assert calls == []
+    np.testing.assert_array_equal(np.asarray(store.load("text").matrix), mine)
+
+
+def test_hand_replaced_matrix_is_an_error_not_reextracted(tmp_path, monkeypatch):
+    """A .npy swapped by hand (other shape, or same shape with rows reordered) no longer matches
+    its manifest: a clear error naming both files and the fixes, never a silent re-extraction."""
+    d = _ml100k_subset(tmp_path, 6)
+    store = FeatureStore(d, "ml-100k")
+    fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    m = np.array(fm.matrix)
+    npy, man = store.paths("text")
+    calls = _counting_encoder(monkeypatch)
+
+    hand_made = np.ones((5, 384), dtype=np.float32)
+    np.save(npy, hand_made)
+    for spec in (SPEC, {"type": "text", "template": "{movie_title}"}):  # up to date, or stale
+        with pytest.raises(ValueError) as e:
+            extract_features(d, "ml-100k", "text", spec, show_progress=False)
+        msg = str(e.value)
+        assert npy in msg and man in msg and "shape: matrix (5, 384), manifest (6, 384)" in msg
+        assert "import_matrix" in msg and "delete both files" in msg
+    assert calls == []
+    np.testing.assert_array_equal(np.load(npy), hand_made)  # left alone
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        store.load("text")
+
+    np.save(npy, m[::-1].copy())  # same shape and dtype, rows reordered
+    for spec in (SPEC, {"type": "text", "template": "{movie_title}"}):
+        with pytest.raises(ValueError, match=r"ml-100k\.text\.npy does not match its manifest.*checksum"):
+            extract_features(d, "ml-100k", "text", spec, show_progress=False)
+    with pytest.raises(ValueError, match="checksum"):
+        store.load("text")
+    assert calls == []
+    np.testing.assert_array_equal(np.load(npy), m[::-1])
+
+
+def test_stale_feature_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog):
+    d = _ml100k_subset(tmp_path, 6)
+    store = FeatureStore(d, "ml-100k")
+    extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    calls = _counting_encoder(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="recbole_mm"):
+        fm = extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}"},
+                              show_progress=False)
+    assert calls == [6] and fm.manifest["template"] == "{movie_title}"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "out of date" in text and "template" in text and "-> '{movie_title}'" in text
+    assert "input_checksum" in text and "ml-100k.text.npy" in text
+
+    # a cache written before missing_values existed (no such key, no matrix checksum) whose input
+    # checksum (of the texts encoded) still matches is up to date: not rebuilt, no warning
+    _, man = store.paths("text")
+    old = json.load(open(man))
+    del old["missing_values"], old["matrix_sha256"]
+    json.dump(old, open(man, "w"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recbole_mm"):
+        extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}"}, show_progress=False)
+    assert calls == [6] and not caplog.text
+    # ... but when its inputs differ it is rebuilt, with the warning
+    old["input_checksum"] = "0" * 64
+    json.dump(old, open(man, "w"))
+    with caplog.at_level(logging.WARNING, logger="recbole_mm"):
+        extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}"}, show_progress=False)
+    assert calls == [6, 6] and "input_checksum" in caplog.text
+
+
+NAN_ITEMS = """item_id:token\ttitle:token_seq\tgenre:token_seq
+1\tToy Story\tComedy
+2\tNaN\tnan
+3\tNone\t
+4\tnull\tNULL
+5\tN/A\tn/a
+6\t  na \tNone
+7\tHeat\tnan
+8\tNancy\tnone more
+"""
+
+
+def test_nan_like_titles_are_missing(tmp_path, caplog):
+    item = tmp_path / "toy.item"
+    item.write_text(NAN_ITEMS, encoding="utf-8")
+    tokens, texts = read_item_texts(item)
+    assert texts == ["Toy Story. Comedy", "", "", "", "", "", "Heat", "Nancy. none more"]
+    _, texts = read_item_texts(item, template="{title}. Genres: {genre}")
+    assert texts[6] == "Heat. Genres:" and texts[1] == ""  # the missing field is dropped, not 'nan'
+    _, texts = read_item_texts(item, missing_values=["N/A"])  # only 'n/a' (and empty)
+    assert texts[1] == "NaN. nan" and texts[4] == "" and texts[2] == "None"
+
+    with caplog.at_level(logging.INFO, logger="recbole_mm"):
+        fm = extract_features(tmp_path, "toy", "text", {"type": "text"}, show_progress=False)
+    assert "read as missing" in caplog.text
+    assert fm.missing.tolist() == [False, True, True, True, True, True, False, False]
+    np.testing.assert_array_equal(np.asarray(fm.matrix)[fm.missing], 0)
+    man = fm.manifest
+    assert man["n_missing"] == 5 and man["n_empty_text"] == 5 and man["missing"] == ["2", "3", "4", "5", "6"]
+    assert man["missing_value_counts"] == {"title": 5, "genre": 5}
+    _, _, stats = align_to_dataset(fm, np.array(["[PAD]"] + [str(i) for i in range(1, 9)]))
+    assert stats["no_content"] == 5 and stats["covered"] == 3
+
+    # the markers are part of the cache key: another list rebuilds the feature
+    fm2 = extract_features(tmp_path, "toy", "text", {"type": "text", "missing_values": []}, show_progress=False)
+    assert fm2.missing.tolist() == [False] * 5 + [False, False, False] and fm2.manifest["missing_values"] == [""]
+    args = extract.build_parser().parse_args(["--dataset_dir", "x", "--dataset", "y", "--name", "t",
+                                              "--missing_values"])
+    assert extract.spec_from_args(args)["missing_values"] == []
+
+
+def test_read_only_dataset_folder(tmp_path, monkeypatch, make_read_only):
+    """An up-to-date feature loads from an unwritable folder; one that must be rebuilt fails
+    before encoding with an error naming the folder and the fix."""
+    d = _ml100k_subset(tmp_path / "ds", 6)
+    extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    lock = os.path.join(d, ".ml-100k.text.lock")
+    os.remove(lock)  # e.g. a dataset shipped with its features
+    before = sorted(os.listdir(d))
+    make_read_only(d)
+    calls = _counting_encoder(monkeypatch)
+    fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
+    assert fm.matrix.shape == (6, 384) and calls == []
+    with pytest.raises(PermissionError) as e:
+        extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}"}, show_progress=False)
+    msg = str(e.value)
+    assert f"dataset folder {d} is not writable" in msg
+    assert "not writable" in msg and "data_path" in msg and "make the folder writable" in msg
+    assert calls == []  # failed before encoding
+    assert sorted(os.listdir(d)) == before

@@ -1,5 +1,6 @@
 """Feature store: atomic save/load, validation errors, alignment to RecBole ids, user files."""
 
+import builtins
 import json
 import os
 
@@ -11,6 +12,7 @@ from recbole_mm.data.features import (
     FeatureStore,
     align_to_dataset,
     load_user_features,
+    matrix_sha256,
 )
 
 
@@ -70,10 +72,14 @@ def test_is_fresh(store):
     assert not store.is_fresh("text", dict(key, encoder="other"))
     assert not store.is_fresh("text", dict(key, fields=["t"]))
     assert not store.is_fresh("text", dict(key, template="{t}"))
-    # a matrix that disagrees with its manifest is never fresh
+    status = store.freshness("text", dict(key, template="{t}"))
+    assert status.state == "stale" and status.changes == [("template", None, "{t}")]
+    assert "template: None -> '{t}'" in status.describe()
+    # a matrix that disagrees with its manifest is an error, not "stale" (it would be overwritten)
     npy, _ = store.paths("text")
     np.save(npy, _matrix(n=4))
-    assert not store.is_fresh("text", key)
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        store.is_fresh("text", key)
 
 
 def test_nan_inf_rejected_on_save_naming_file_and_item(store):
@@ -217,3 +223,123 @@ def test_import_matrix_and_user_files(store, tmp_path):
     np.save(tmp_path / "bad.npy", bad)
     with pytest.raises(ValueError, match=r"bad\.npy.*'z'"):
         load_user_features(tmp_path / "bad.npy", tmp_path / "mine.txt")
+
+
+# ----------------------------------------------------------------------------- trustworthy files
+
+
+@pytest.fixture
+def make_read_only(monkeypatch):
+    """``make_read_only(folder)`` makes ``folder`` unwritable: chmod 0o555 (restored at teardown),
+    or -- as root, whom permissions do not stop -- every write into it (open for writing, os.open
+    with write/create flags, mkdir, replace, rename, remove) raises PermissionError, as a
+    read-only folder would."""
+    chmodded = []
+
+    def make(folder):
+        folder = os.path.realpath(os.fspath(folder))
+        if os.geteuid() != 0:
+            os.chmod(folder, 0o555)
+            chmodded.append(folder)
+            return
+
+        def inside(path):
+            return not isinstance(path, int) and os.path.dirname(os.path.realpath(os.fspath(path))) == folder
+
+        def deny(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+
+        real_open, real_os_open = builtins.open, os.open
+
+        def fake_open(file, mode="r", *a, **kw):
+            if inside(file) and any(c in mode for c in "wax+"):
+                deny(file)
+            return real_open(file, mode, *a, **kw)
+
+        def fake_os_open(path, flags, *a, **kw):
+            if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                deny(path)
+            return real_os_open(path, flags, *a, **kw)
+
+        def guard(real, last=False):
+            def wrapped(*args, **kw):
+                target = args[-1] if last else args[0]
+                if inside(target):
+                    deny(target)
+                return real(*args, **kw)
+            return wrapped
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(os, "open", fake_os_open)
+        for fn, last in (("mkdir", False), ("replace", True), ("rename", True), ("remove", False),
+                         ("unlink", False)):
+            monkeypatch.setattr(os, fn, guard(getattr(os, fn), last))
+
+    yield make
+    for folder in chmodded:
+        os.chmod(folder, 0o755)
+
+
+def test_manifest_checksum_catches_reordered_rows(store):
+    m = _matrix(n=4)
+    store.save("text", list("abcd"), m, None, {"encoder": "enc", "input_checksum": "x"})
+    npy, man = store.paths("text")
+    assert json.load(open(man))["matrix_sha256"] == matrix_sha256(m)
+    store.load("text")  # verified: fine
+    np.save(npy, m[::-1].copy())  # same shape and dtype, rows reordered by hand
+    for action in (lambda: store.load("text"), lambda: store.is_fresh("text", {"encoder": "enc"})):
+        with pytest.raises(ValueError) as e:
+            action()
+        msg = str(e.value)
+        assert "toy.text.npy" in msg and "toy.text.json" in msg and "checksum" in msg
+        assert "import_matrix" in msg and "delete both files" in msg
+    with pytest.raises(ValueError, match="checksum"):
+        store.verify("text")
+
+
+def test_manifest_dtype_mismatch_is_an_error(store):
+    m = _matrix(n=3)
+    store.save("text", list("abc"), m, None, {})
+    npy, _ = store.paths("text")
+    np.save(npy, m.astype(np.float16))  # same shape, other dtype
+    with pytest.raises(ValueError, match=r"dtype: matrix float16, manifest float32"):
+        store.load("text")
+
+
+def test_old_manifest_without_checksum_is_accepted(store):
+    m = _matrix(n=3)
+    store.save("text", list("abc"), m, None, {"encoder": "enc"})
+    _, man = store.paths("text")
+    d = json.load(open(man))
+    del d["matrix_sha256"]  # written before checksums existed
+    json.dump(d, open(man, "w"))
+    np.testing.assert_array_equal(np.asarray(store.load("text").matrix), m)
+    assert store.is_fresh("text", {"encoder": "enc"})
+
+
+def test_user_feature_is_not_overwritten_by_a_computed_one(store):
+    mine = _matrix(n=3, seed=7)
+    store.import_matrix("text", list("abc"), mine, source="my_run")
+    with pytest.raises(ValueError) as e:
+        store.save("text", list("abc"), _matrix(n=3), None, {"type": "text", "encoder": "enc"})
+    msg = str(e.value)
+    assert "imported by the user" in msg and "'my_run'" in msg and "FeatureStore.delete('text')" in msg
+    np.testing.assert_array_equal(np.asarray(store.load("text").matrix), mine)
+    assert store.freshness("text", {"encoder": "enc"}).state == "user"
+    store.import_matrix("text", list("abc"), mine * 2, source="my_run_2")  # re-importing is fine
+    store.save("text", list("abc"), _matrix(n=3), None, {"type": "text"}, replace_user=True)
+    assert store.load("text").manifest["type"] == "text"
+
+
+def test_build_lock_in_a_read_only_folder(tmp_path, make_read_only):
+    store = FeatureStore(tmp_path, "toy")
+    store.save("text", list("abc"), _matrix(n=3), None, {"encoder": "enc"})
+    make_read_only(tmp_path)
+    with store.build_lock("text"):  # no lock file can be created: proceeds without the lock
+        fm = store.load("text")
+    assert fm.tokens == list("abc")
+    assert not os.path.exists(tmp_path / ".toy.text.lock")
+    with pytest.raises(PermissionError) as e:
+        store.check_writable("text")
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "not writable" in msg and "data_path" in msg

@@ -87,7 +87,8 @@ class MultiModalSequentialDataset(SequentialDataset):
 
         spec = self.feature_spec(name)
         item_file = os.path.join(self.config["data_path"], f"{self.dataset_name}.item")
-        tokens, texts = read_item_texts(item_file, spec.get("fields"), spec.get("template"))
+        tokens, texts = read_item_texts(item_file, spec.get("fields"), spec.get("template"),
+                                        missing_values=spec.get("missing_values"))
         id2token = self.field2id_token[self.iid_field]
         rows = pd.Index([str(t) for t in tokens]).get_indexer([str(t) for t in id2token])
         aligned = [texts[r] if (r >= 0 and i > 0) else "" for i, r in enumerate(rows)]

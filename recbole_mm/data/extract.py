@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .features import FeatureMatrix, FeatureStore
+from .features import USER_TYPE, FeatureMatrix, FeatureStore
 from recbole_mm.atomic import atomic_open, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,10 @@ DEFAULT_IMAGE_CHUNK = 1024
 _MAX_PROBLEM_WARNINGS = 20  # per reason; the rest are summarised
 
 TEXT_SPEC_KEYS = {"type", "fields", "template", "encoder", "pooling", "max_length", "batch_size",
-                  "normalize", "dtype", "id_field", "chunk_size", "fp16"}
+                  "normalize", "dtype", "id_field", "chunk_size", "fp16", "missing_values"}
+# text field values read as "no value" (compared stripped and case-insensitively); an item whose
+# every text field is missing has no text: zero row, flagged missing
+DEFAULT_MISSING_VALUES = ("nan", "none", "null", "n/a", "na", "")
 CONSUMER_SPEC_KEYS = {"dim"}  # read by the dataset/model side (expected feature dim), not by extraction
 IMAGE_SPEC_KEYS = {"type", "image_dir", "image_field", "encoder", "pooling", "batch_size", "dtype",
                    "id_field", "chunk_size", "fp16"}
@@ -438,8 +441,27 @@ def _template_fields(template: str) -> list:
     return fields
 
 
-def _build_item_texts(item_file, fields=None, template=None, id_field=None):
-    """(tokens, texts, fields, template) -- see :func:`read_item_texts`."""
+def normalize_missing_values(values=None) -> list:
+    """The sorted, lower-cased missing-value markers of a text spec (``None``: the default
+    ``nan, none, null, n/a, na`` and the empty string; the empty string is always included).
+    YAML turns an unquoted ``null`` into None and ``.nan`` into a float: both are understood."""
+    if values is None:
+        values = DEFAULT_MISSING_VALUES
+    elif isinstance(values, str):
+        values = [values]
+    out = {""}
+    for v in values:
+        if v is None:
+            v = "null"
+        elif isinstance(v, float) and v != v:
+            v = "nan"
+        out.add(str(v).strip().lower())
+    return sorted(out)
+
+
+def _build_item_texts(item_file, fields=None, template=None, id_field=None, missing_values=None):
+    """(tokens, texts, fields, template, marker_counts) -- see :func:`read_item_texts`;
+    ``marker_counts``: per field, how many values were missing-value markers such as 'NaN'."""
     item_file = os.fspath(item_file)
     df, types = _read_atomic_file(item_file)
     id_col = _id_column(df, types, id_field, item_file)
@@ -462,6 +484,13 @@ def _build_item_texts(item_file, fields=None, template=None, id_field=None):
         raise ValueError(f"{item_file}: no text column to use; available columns: {list(df.columns)}")
     tokens = _item_tokens(df, id_col, item_file)
     values = df[fields].apply(lambda s: s.str.strip())
+    markers = set(normalize_missing_values(missing_values))
+    is_marker = values.apply(lambda s: s.str.lower().isin(markers)) & (values != "")
+    marker_counts = {f: int(n) for f, n in is_marker.sum(axis=0).items() if n}
+    if marker_counts:
+        values = values.mask(is_marker, "")  # a missing field is dropped from the text, never rendered
+        logger.info("%s: %d field value(s) read as missing (%s): %s", item_file, sum(marker_counts.values()),
+                    ", ".join(repr(m) for m in sorted(markers) if m), marker_counts)
     has_content = (values != "").any(axis=1).to_numpy()
     if template is None:
         # join the non-empty field values with '. '
@@ -478,19 +507,22 @@ def _build_item_texts(item_file, fields=None, template=None, id_field=None):
     if n_empty:
         logger.info("%s: %d/%d items have no text in %s (they will be marked missing)",
                     item_file, n_empty, len(texts), fields)
-    return tokens, texts, fields, template
+    return tokens, texts, fields, template, marker_counts
 
 
-def read_item_texts(item_file, fields=None, template=None, id_field=None):
+def read_item_texts(item_file, fields=None, template=None, id_field=None, missing_values=None):
     """Item tokens and texts from a RecBole ``.item`` file.
 
     ``fields``: columns to use (default: every non-id ``token``/``token_seq`` column; with a
     template, the fields it names).  ``template``: e.g.
     ``"{movie_title} ({release_year}). Genres: {class}"``; default: the non-empty field values
-    joined with ``". "``.  Items whose fields are all empty get the text ``""`` (missing).
-    ``id_field`` defaults to ``item_id`` (else the first ``token`` column).
+    joined with ``". "``.  ``missing_values``: field values that mean "no value" (compared
+    stripped, case-insensitively; default ``nan, none, null, n/a, na`` and empty): such a field
+    is dropped from the text (a template renders it as empty), and items whose fields are all
+    missing get the text ``""`` (missing).  ``id_field`` defaults to ``item_id`` (else the first
+    ``token`` column).
     """
-    tokens, texts, _, _ = _build_item_texts(item_file, fields, template, id_field)
+    tokens, texts, _, _, _ = _build_item_texts(item_file, fields, template, id_field, missing_values)
     return tokens, texts
 
 
@@ -755,7 +787,8 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
     """Extract (or reuse) the feature ``name`` of a RecBole dataset; returns it memory-mapped.
 
     ``spec`` keys -- text: ``type="text"``, ``fields``, ``template``, ``encoder`` ("default"),
-    ``pooling`` ("mean"), ``max_length`` (128), ``batch_size`` (64), ``normalize`` (False);
+    ``pooling`` ("mean"), ``max_length`` (128), ``batch_size`` (64), ``normalize`` (False),
+    ``missing_values`` (field values read as missing, default nan/none/null/n/a/na/empty);
     image: ``type="image"``, ``encoder`` (required), ``image_dir`` (default ``images``, relative
     to ``dataset_dir``) or ``image_field`` (a column of the .item file holding paths),
     ``pooling`` ("pooler"), ``batch_size`` (32); both: ``dtype`` (float32|float16),
@@ -765,7 +798,13 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
 
     The inputs are hashed; if ``<dataset>.<name>.json`` matches, the cached matrix is returned.
     Otherwise the encoding runs in resumable chunks under ``<dataset_dir>/.<dataset>.<name>.chunks/``
-    (removed after success) and the result is saved atomically.
+    (removed after success) and the result is saved atomically; a feature built from other
+    inputs/settings is rebuilt with a warning naming what changed.
+
+    A feature imported by the user (:meth:`FeatureStore.import_matrix`, manifest ``type: user``)
+    is used as is, whatever the spec, and never overwritten (``force`` refuses).  A matrix that
+    disagrees with its manifest (shape, dtype, checksum) raises ValueError.  An unwritable
+    dataset folder is fine while the feature is up to date; a build there fails before encoding.
     """
     t0 = time.perf_counter()
     dataset_dir = os.fspath(dataset_dir)
@@ -784,15 +823,32 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
     if out_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise ValueError(f"feature {name!r}: dtype must be float32 or float16, got {out_dtype}")
     chunk_dir = store.chunk_dir(name)
+    npy_path, manifest_path = store.paths(name)
+
+    existing = store.read_manifest(name)
+    if existing is not None and existing.get("type") == USER_TYPE:
+        # a feature the user brought: used as is (verified against its manifest), never rebuilt
+        if force:
+            raise ValueError(
+                f"feature {name!r} of {dataset_name} ({npy_path}) was imported by the user (source "
+                f"{existing.get('source')!r}); force=True does not overwrite it. To extract it instead, "
+                f"delete {npy_path} and {manifest_path} (or FeatureStore.delete({name!r})) first.")
+        fm = store.load(name)
+        logger.info("feature %r of %s is user-supplied (source %r, %d items x %d, %d missing): using %s as is; "
+                    "its extraction spec is ignored", name, dataset_name, existing.get("source"), len(fm.tokens),
+                    fm.dim, int(fm.missing.sum()), npy_path)
+        return fm
 
     if ftype == "text":
         encoder = spec.get("encoder") or DEFAULT_TEXT_ENCODER
-        tokens, texts, fields, template = _build_item_texts(item_file, spec.get("fields"), spec.get("template"),
-                                                            spec.get("id_field"))
+        missing_values = normalize_missing_values(spec.get("missing_values"))
+        tokens, texts, fields, template, marker_counts = _build_item_texts(
+            item_file, spec.get("fields"), spec.get("template"), spec.get("id_field"), missing_values)
         present = np.array([bool(t) for t in texts], dtype=bool)
         key = {
             "type": "text", "encoder": str(encoder), "encoder_fingerprint": encoder_fingerprint(resolve_encoder(encoder)),
-            "fields": fields, "template": template, "pooling": spec.get("pooling", "mean"),
+            "fields": fields, "template": template, "missing_values": missing_values,
+            "pooling": spec.get("pooling", "mean"),
             "max_length": int(spec.get("max_length", 128)), "normalize": bool(spec.get("normalize", False)),
             "dtype": str(out_dtype), "input_checksum": sha256_strings(x for pair in zip(tokens, texts) for x in pair),
         }
@@ -812,7 +868,11 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
     # shards are gathered once, rank 0 saves the feature and the others load it.
     rank, world = _dist_rank_world()
     sharded = world > 1
-    fresh = not force and store.is_fresh(name, key)
+    status = None
+    if not force:
+        # shape/dtype vs manifest checked here; the data checksum by load (fresh) or verify (stale)
+        status = store.freshness(name, key, verify_checksum=False)
+    fresh = status is not None and status.fresh
     if sharded:
         fresh = _dist_same_as_rank0(fresh)  # every rank takes the same branch
     if fresh:
@@ -822,6 +882,15 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
                     time.perf_counter() - t0)
         return fm
 
+    if status is not None and status.state == "stale":
+        store.verify(name)  # never overwrite a matrix replaced by hand (checksum mismatch)
+        logger.warning("feature %r of %s is out of date (%s): re-extracting %s", name, dataset_name,
+                       status.describe(), npy_path)
+    elif status is not None and status.note:
+        logger.warning("feature %r of %s: %s; extracting it", name, dataset_name, status.note)
+    elif force and store.exists(name):
+        logger.info("feature %r of %s: force=True, re-extracting %s", name, dataset_name, npy_path)
+    store.check_writable(name)  # before encoding: a read-only dataset folder fails now, clearly
     logger.info("extracting feature %r of %s (%s, encoder %s, %d items%s)", name, dataset_name, ftype, encoder,
                 len(tokens), f", sharded over {world} processes" if sharded else "")
     extra = {}
@@ -848,6 +917,7 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
         matrix[idx] = emb
         missing = ~present
         extra["n_empty_text"] = int(missing.sum())
+        extra["missing_value_counts"] = marker_counts
     else:
         sel = np.arange(len(paths))[rank::world] if sharded else np.arange(len(paths))
         matrix, missing, problems = encode_images(
@@ -924,13 +994,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
                    help="half precision (default: on CUDA only)")
-    p.add_argument("--force", action="store_true", help="re-extract even if the cached feature is up to date")
+    p.add_argument("--force", action="store_true",
+                   help="re-extract even if the cached feature is up to date (never overwrites a user-imported one)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     t = p.add_argument_group("text")
     t.add_argument("--fields", nargs="+", default=None, help="columns of the .item file to use")
     t.add_argument("--template", default=None, help='e.g. "{movie_title} ({release_year}). Genres: {class}"')
     t.add_argument("--max_length", type=int, default=None)
     t.add_argument("--normalize", action="store_true", help="L2-normalise the text embeddings")
+    t.add_argument("--missing_values", nargs="*", default=None,
+                   help="field values read as missing (case-insensitive; default: nan none null n/a na, "
+                        "and empty); pass the flag alone for empty fields only")
     i = p.add_argument_group("image")
     i.add_argument("--image_dir", default=None, help="folder of <item_token>.<ext> files (default: images/)")
     i.add_argument("--image_field", default=None, help="column of the .item file holding image paths")
@@ -940,7 +1014,8 @@ def build_parser() -> argparse.ArgumentParser:
 def spec_from_args(args) -> dict:
     spec = {"type": args.type}
     common = ("encoder", "pooling", "batch_size", "dtype", "id_field", "chunk_size", "fp16")
-    per_type = ("fields", "template", "max_length") if args.type == "text" else ("image_dir", "image_field")
+    per_type = (("fields", "template", "max_length", "missing_values") if args.type == "text"
+                else ("image_dir", "image_field"))
     for k in common + per_type:
         v = getattr(args, k)
         if v is not None:
@@ -964,6 +1039,7 @@ def main(argv=None) -> int:
 
 __all__ = [
     "default_text_encoder", "resolve_encoder", "encoder_fingerprint", "read_item_texts", "find_item_images",
+    "normalize_missing_values", "DEFAULT_MISSING_VALUES",
     "encode_texts", "encode_images", "extract_features", "clear_model_cache", "build_parser", "main",
 ]
 

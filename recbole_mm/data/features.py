@@ -5,8 +5,12 @@ A feature called ``<name>`` of dataset ``<dataset>`` lives next to the dataset a
 * ``<dataset_dir>/<dataset>.<name>.npy``  -- the (n_items, dim) matrix, float32 or float16
 * ``<dataset_dir>/<dataset>.<name>.json`` -- the manifest: encoder, type, fields/template or
   image source, pooling, dim, dtype, n_items, the item tokens (row order), the sha256 of the
-  inputs, the tokens that had no usable content (``missing``; their rows are zeros), the format
-  version and the creation time.
+  inputs, the sha256 of the matrix data (``matrix_sha256``, verified on load), the tokens that had
+  no usable content (``missing``; their rows are zeros), the format version and the creation time.
+
+A matrix that disagrees with its manifest (shape, dtype or checksum: it was replaced or edited by
+hand) is an error, never silently used or overwritten.  A feature imported with
+:meth:`FeatureStore.import_matrix` (manifest ``type: user``) is never overwritten by extraction.
 
 Rows are keyed by the raw item token (the string in the dataset's ``.item``/``.inter`` files),
 never by RecBole's remapped integer ids, so a feature file stays valid whatever filtering RecBole
@@ -21,9 +25,11 @@ leaves a matrix that looks valid.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -36,8 +42,13 @@ from recbole_mm.atomic import save_npy_atomic, write_json_atomic
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# key fields that only change the encoder's inputs: a manifest from before such a key existed is
+# still fresh when its input checksum (of the texts actually encoded) matches
+KEYS_DECIDED_BY_INPUTS = ("missing_values",)
 ALLOWED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 _FINITE_CHECK_ROWS = 65536  # rows checked per block when scanning for NaN/inf
+_SCAN_BLOCK_BYTES = 32 << 20  # at most this many bytes per block when hashing/scanning a matrix
+USER_TYPE = "user"  # manifest ``type`` of features imported by the user: never overwritten by extraction
 
 
 @dataclass
@@ -79,36 +90,18 @@ def _check_unique(tokens: Sequence[str], where: str) -> None:
         )
 
 
-def _first_nonfinite_rows(matrix: np.ndarray, limit: int = 5) -> np.ndarray:
-    """Indices of (up to ``limit``) rows holding NaN or inf; scanned in blocks (mmap friendly)."""
-    bad: list = []
-    for start in range(0, matrix.shape[0], _FINITE_CHECK_ROWS):
-        block = np.asarray(matrix[start:start + _FINITE_CHECK_ROWS])
-        rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
-        if rows.size:
-            bad.extend((rows + start).tolist())
-            if len(bad) >= limit:
-                break
-    return np.asarray(bad[:limit], dtype=np.int64)
-
-
-def _count_nonfinite_rows(matrix: np.ndarray) -> int:
-    n = 0
-    for start in range(0, matrix.shape[0], _FINITE_CHECK_ROWS):
-        block = np.asarray(matrix[start:start + _FINITE_CHECK_ROWS])
-        n += int((~np.isfinite(block).all(axis=1)).sum())
-    return n
-
-
 def _check_finite(matrix: np.ndarray, tokens: Sequence[str], where: str) -> None:
-    bad = _first_nonfinite_rows(matrix)
+    _, bad, n_bad = _scan(matrix, want_sha=False, want_finite=True)
     if bad.size:
-        n_bad = _count_nonfinite_rows(matrix)
-        names = [tokens[i] for i in bad] if len(tokens) == matrix.shape[0] else bad.tolist()
-        raise ValueError(
-            f"{where}: {n_bad} row(s) contain NaN or inf values; first bad item tokens: {names}. "
-            "Re-extract the features (e.g. without fp16 if the encoder overflows) or fix the file."
-        )
+        _raise_nonfinite(where, tokens, bad, n_bad)
+
+
+def _raise_nonfinite(where: str, tokens, bad, n_bad) -> None:
+    names = [tokens[i] for i in bad] if len(tokens) > int(np.max(bad)) else np.asarray(bad).tolist()
+    raise ValueError(
+        f"{where}: {n_bad} row(s) contain NaN or inf values; first bad item tokens: {names}. "
+        "Re-extract the features (e.g. without fp16 if the encoder overflows) or fix the file."
+    )
 
 
 def _check_matrix(matrix, where: str) -> np.ndarray:
@@ -122,6 +115,75 @@ def _check_matrix(matrix, where: str) -> np.ndarray:
         else:
             raise ValueError(f"{where}: the feature matrix must be float32 or float16, got {matrix.dtype}")
     return matrix
+
+
+def _block_rows(matrix) -> int:
+    row_bytes = max(1, int(matrix.shape[1]) * matrix.dtype.itemsize) if matrix.ndim == 2 else 1
+    return max(1, min(_FINITE_CHECK_ROWS, _SCAN_BLOCK_BYTES // row_bytes))
+
+
+def matrix_sha256(matrix) -> str:
+    """sha256 of a matrix's data (C order), read in blocks of rows (memory-map friendly)."""
+    h = hashlib.sha256()
+    step = _block_rows(matrix)
+    for start in range(0, matrix.shape[0], step):
+        h.update(np.ascontiguousarray(matrix[start:start + step]).data)
+    return h.hexdigest()
+
+
+def _scan(matrix, want_sha: bool, want_finite: bool, limit: int = 5):
+    """One pass over ``matrix``: (sha256 or None, first ``limit`` non-finite row indices, count)."""
+    h = hashlib.sha256() if want_sha else None
+    bad: list = []
+    n_bad = 0
+    step = _block_rows(matrix)
+    if want_sha or want_finite:
+        for start in range(0, matrix.shape[0], step):
+            block = np.ascontiguousarray(matrix[start:start + step])
+            if h is not None:
+                h.update(block.data)
+            if want_finite:
+                rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+                n_bad += int(rows.size)
+                if len(bad) < limit:
+                    bad.extend((rows[:limit - len(bad)] + start).tolist())
+    return (h.hexdigest() if h is not None else None), np.asarray(bad, dtype=np.int64), n_bad
+
+
+def _short(value, width: int = 60) -> str:
+    """A short printable form of a manifest value (checksums cut to 12 hex digits)."""
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "..."
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def describe_changes(changes) -> str:
+    """``"template: 'a' -> 'b'; input_checksum: 1f2e.. -> 9a8b.."`` from ``[(key, old, new), ...]``."""
+    return "; ".join(f"{key}: {_short(old)} -> {_short(new)}" for key, old, new in changes)
+
+
+@dataclass
+class FeatureStatus:
+    """What :meth:`FeatureStore.freshness` found.
+
+    ``state``: ``"absent"`` (no usable manifest/matrix: build it), ``"fresh"`` (up to date),
+    ``"stale"`` (built from other inputs/settings: ``changes`` lists ``(key, old, new)``) or
+    ``"user"`` (imported by the user: used as is, never rebuilt).  ``note`` explains an
+    ``"absent"`` state that still has files (e.g. a matrix without a manifest).
+    """
+
+    state: str
+    changes: list = field(default_factory=list)
+    manifest: dict | None = None
+    note: str = ""
+
+    @property
+    def fresh(self) -> bool:
+        return self.state == "fresh"
+
+    def describe(self) -> str:
+        return describe_changes(self.changes) if self.changes else self.note
 
 
 atomic_save_npy = save_npy_atomic
@@ -183,9 +245,22 @@ class FeatureStore:
         if fcntl is None or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             yield
             return
-        os.makedirs(self.dataset_dir, exist_ok=True)
         path = os.path.join(self.dataset_dir, f".{self.dataset_name}.{name}.lock")
-        with open(path, "a+") as handle:
+        handle = None
+        try:
+            os.makedirs(self.dataset_dir, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as e:
+            try:  # a read-only folder may still hold the lock file: flock works on a read handle
+                handle = open(path, "r")
+            except OSError:
+                # Reading a fresh feature needs no lock; a build checks that it can write first
+                # (check_writable) and fails with a clear message.
+                logger.debug("cannot open the build lock %s (%s): proceeding without it", path, e)
+        if handle is None:
+            yield
+            return
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -203,6 +278,76 @@ class FeatureStore:
         npy, man = self.paths(name)
         return os.path.isfile(npy) and os.path.isfile(man)
 
+    def check_writable(self, name: str) -> None:
+        """Raise a clear PermissionError when feature ``name`` could not be written here (call it
+        BEFORE a long extraction, not after)."""
+        npy, man = self.paths(name)
+        try:
+            os.makedirs(self.dataset_dir, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.dataset_dir, prefix=f".{self.dataset_name}.{name}.write-test-")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            raise PermissionError(
+                f"feature {name!r} of dataset {self.dataset_name!r} has to be (re)built, but the dataset "
+                f"folder {self.dataset_dir} is not writable ({type(e).__name__}: {e}); it would be saved "
+                f"there as {os.path.basename(npy)} + {os.path.basename(man)}. Fix: make the folder "
+                "writable, or copy the dataset to a writable place and set data_path to it (or build "
+                "the feature elsewhere and copy the two files in)."
+            ) from None
+
+    def _mismatch_error(self, name: str, what: str) -> ValueError:
+        npy, man = self.paths(name)
+        return ValueError(
+            f"{npy} does not match its manifest {man}: {what}. The matrix was replaced or edited "
+            "after it was written, so its rows can no longer be trusted to belong to the manifest's "
+            "item tokens. Fix: if you replaced the matrix on purpose, import it with "
+            f"FeatureStore({self.dataset_dir!r}, {self.dataset_name!r}).import_matrix({name!r}, tokens, "
+            "matrix) (it writes a matching manifest; a user feature is then used as is); otherwise "
+            f"delete both files (or FeatureStore.delete({name!r})) to re-extract the feature."
+        )
+
+    def _check_header(self, name: str, manifest: dict, shape, dtype) -> None:
+        """Raise when the matrix's shape/dtype disagree with the manifest."""
+        tokens = manifest.get("tokens")
+        n_tokens = len(tokens) if isinstance(tokens, list) else None
+        expected = (manifest.get("n_items", n_tokens), manifest.get("dim", shape[1] if len(shape) == 2 else None))
+        problems = []
+        if len(shape) != 2:
+            problems.append(f"shape: the matrix has shape {tuple(shape)}, expected a 2-D (n_items, dim) matrix")
+        elif tuple(shape) != tuple(expected) or (n_tokens is not None and shape[0] != n_tokens):
+            problems.append(f"shape: matrix {tuple(shape)}, manifest ({expected[0]}, {expected[1]}) "
+                            f"with {n_tokens} item tokens")
+        if manifest.get("dtype") is not None and str(dtype) != manifest.get("dtype"):
+            problems.append(f"dtype: matrix {dtype}, manifest {manifest.get('dtype')}")
+        if problems:
+            raise self._mismatch_error(name, "; ".join(problems))
+
+    def _check_checksum(self, name: str, manifest: dict, digest) -> None:
+        expected = manifest.get("matrix_sha256")
+        if expected is None:
+            logger.debug("feature %r of %s: the manifest has no matrix checksum (written by an older "
+                         "version): not verified", name, self.dataset_name)
+            return
+        if digest != expected:
+            raise self._mismatch_error(
+                name, f"checksum: matrix data sha256 {_short(digest)}, manifest matrix_sha256 "
+                      f"{_short(expected)} (same shape and dtype: rows reordered or values changed)")
+
+    def verify(self, name: str) -> None:
+        """Raise ValueError when the matrix disagrees with its manifest (shape, dtype, checksum)."""
+        npy, _ = self.paths(name)
+        manifest = self.read_manifest(name)
+        if manifest is None or not os.path.isfile(npy):
+            return
+        try:
+            matrix = np.load(npy, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{npy}: unreadable feature matrix ({e}); delete it and re-extract") from None
+        self._check_header(name, manifest, matrix.shape, matrix.dtype)
+        if manifest.get("matrix_sha256") is not None:
+            self._check_checksum(name, manifest, matrix_sha256(matrix))
+
     def read_manifest(self, name: str):
         """The manifest dict, or None when absent/unreadable."""
         _, man = self.paths(name)
@@ -213,38 +358,81 @@ class FeatureStore:
             return None
 
     # -- freshness ------------------------------------------------------------
-    def is_fresh(self, name: str, manifest_key: dict) -> bool:
-        """True when the cached feature exists and its manifest matches every field of ``manifest_key``.
+    def freshness(self, name: str, manifest_key: dict, verify_checksum: bool = True) -> FeatureStatus:
+        """Compare the cached feature with ``manifest_key`` (what determines it: encoder, fields,
+        template, pooling, the input checksum, ...).
 
-        ``manifest_key`` holds what determines the features (encoder, fields, template, pooling,
-        the input checksum, ...); any difference, an unreadable manifest, a missing matrix or a
-        matrix whose shape/dtype disagrees with the manifest means "not fresh".
+        Returns a :class:`FeatureStatus`.  A matrix that disagrees with its manifest (shape, dtype,
+        and with ``verify_checksum`` the data checksum) raises ValueError naming both files and the
+        fixes: such a file was replaced by hand and is neither used nor overwritten silently.
         """
-        npy, _ = self.paths(name)
+        npy, man = self.paths(name)
+        has_npy = os.path.isfile(npy)
         manifest = self.read_manifest(name)
-        if manifest is None or not os.path.isfile(npy):
-            return False
-        if manifest.get("format_version") != FORMAT_VERSION:
-            return False
-        for key, value in manifest_key.items():
-            if _jsonable(manifest.get(key)) != _jsonable(value):
-                logger.info("feature %r is stale: %r changed", name, key)
-                return False
+        if manifest is None:
+            if os.path.isfile(man):
+                return FeatureStatus("absent", note=f"its manifest {man} is unreadable")
+            if has_npy:
+                return FeatureStatus("absent", note=f"{npy} has no manifest {os.path.basename(man)} "
+                                                    "(an interrupted build, or a matrix put there by hand: "
+                                                    "import your own matrices with FeatureStore.import_matrix)")
+            return FeatureStatus("absent")
+        if not has_npy:
+            return FeatureStatus("absent", manifest=manifest, note=f"its matrix {npy} is missing")
         try:
             shape, dtype = _read_npy_header(npy)
-        except (OSError, ValueError):
-            return False
-        return shape == (manifest.get("n_items"), manifest.get("dim")) and str(dtype) == manifest.get("dtype")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{npy}: unreadable feature matrix ({e}); delete it and its manifest {man} "
+                             "to re-extract, or import your own with FeatureStore.import_matrix") from None
+        self._check_header(name, manifest, shape, dtype)
+        if verify_checksum and manifest.get("matrix_sha256") is not None:
+            self._check_checksum(name, manifest, matrix_sha256(np.load(npy, mmap_mode="r", allow_pickle=False)))
+        if manifest.get("type") == USER_TYPE:
+            return FeatureStatus("user", manifest=manifest)
+        changes = []
+        if manifest.get("format_version") != FORMAT_VERSION:
+            changes.append(("format_version", manifest.get("format_version"), FORMAT_VERSION))
+        for key, value in manifest_key.items():
+            if key in KEYS_DECIDED_BY_INPUTS and key not in manifest and "input_checksum" in manifest_key:
+                continue  # written before the key existed: the input checksum already tells
+            old = _jsonable(manifest.get(key))
+            if old != _jsonable(value):
+                changes.append((key, old, _jsonable(value)))
+        return FeatureStatus("stale" if changes else "fresh", changes=changes, manifest=manifest)
+
+    def is_fresh(self, name: str, manifest_key: dict, verify_checksum: bool = True) -> bool:
+        """True when the cached feature exists and its manifest matches every field of ``manifest_key``.
+
+        A missing/unreadable manifest, a missing matrix, a user-imported feature or any key
+        difference means "not fresh".  A matrix that disagrees with its manifest (shape, dtype,
+        checksum) raises ValueError (see :meth:`freshness`).
+        """
+        status = self.freshness(name, manifest_key, verify_checksum=verify_checksum)
+        if status.state == "stale":
+            logger.info("feature %r is stale: %s", name, status.describe())
+        return status.fresh
 
     # -- write ----------------------------------------------------------------
-    def save(self, name: str, tokens, matrix, missing=None, manifest: dict | None = None) -> FeatureMatrix:
+    def save(self, name: str, tokens, matrix, missing=None, manifest: dict | None = None,
+             replace_user: bool = False) -> FeatureMatrix:
         """Validate and atomically write a feature; returns it loaded back (memory-mapped).
 
         ``missing`` is a bool array (or None = no item missing).  ``manifest`` holds the
         descriptive/key fields (encoder, type, fields, template, pooling, input_checksum, ...);
-        dim, dtype, n_items, tokens, missing, format_version and created are filled in here.
+        dim, dtype, n_items, tokens, missing, matrix_sha256, format_version and created are filled
+        in here.  A user-imported feature (``type: user``) is only replaced by another import or
+        with ``replace_user=True``.
         """
         npy, man = self.paths(name)
+        new_type = (manifest or {}).get("type")
+        if not replace_user and new_type != USER_TYPE:
+            old = self.read_manifest(name)
+            if old is not None and old.get("type") == USER_TYPE:
+                raise ValueError(
+                    f"feature {name!r} of dataset {self.dataset_name!r} ({npy}) was imported by the user "
+                    f"(source {old.get('source')!r}) and is not overwritten by a {new_type or 'computed'} "
+                    f"feature. To replace it, delete {npy} and {man} (or FeatureStore.delete({name!r})) first."
+                )
         tokens = _as_token_list(tokens)
         matrix = _check_matrix(matrix, npy)
         if matrix.shape[0] != len(tokens):
@@ -252,7 +440,10 @@ class FeatureStore:
                 f"{npy}: matrix has {matrix.shape[0]} rows but {len(tokens)} item tokens were given"
             )
         _check_unique(tokens, npy)
-        _check_finite(matrix, tokens, npy)
+        matrix = np.ascontiguousarray(matrix)
+        digest, bad, n_bad = _scan(matrix, want_sha=True, want_finite=True)
+        if bad.size:
+            _raise_nonfinite(npy, tokens, bad, n_bad)
         if missing is None:
             missing = np.zeros(len(tokens), dtype=bool)
         missing = np.asarray(missing, dtype=bool)
@@ -269,6 +460,7 @@ class FeatureStore:
             dtype=str(matrix.dtype),
             n_items=len(tokens),
             n_missing=int(missing.sum()),
+            matrix_sha256=digest,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             missing=[tokens[i] for i in np.flatnonzero(missing)],
             tokens=tokens,
@@ -277,23 +469,26 @@ class FeatureStore:
         # the old manifest goes first: a crash from here on leaves no valid-looking feature
         if os.path.exists(man):
             os.remove(man)
-        atomic_save_npy(npy, np.ascontiguousarray(matrix))
+        atomic_save_npy(npy, matrix)
         write_json_atomic(man, full, ensure_ascii=False, indent=1)  # LAST
         logger.info("saved feature %r: %d items x %d (%s), %d missing -> %s",
                     name, len(tokens), matrix.shape[1], matrix.dtype, int(missing.sum()), npy)
-        return self.load(name, mmap=True, check_finite=False)
+        return self.load(name, mmap=True, check_finite=False, verify_checksum=False)
 
     def import_matrix(self, name: str, tokens, matrix, source: str = "user", missing=None,
                       manifest: dict | None = None) -> FeatureMatrix:
         """Store a matrix produced elsewhere (any encoder) under feature ``name``.
 
-        ``missing`` defaults to the all-zero rows.  ``source`` is recorded in the manifest.
+        ``missing`` defaults to the all-zero rows.  ``source`` is recorded in the manifest.  The
+        feature gets ``type: user``: :func:`~recbole_mm.data.extract.extract_features` uses it as
+        is (its spec is ignored) and never overwrites it; delete it to extract instead.
         """
         matrix = _check_matrix(matrix, f"imported feature {name!r}")
         if missing is None:
             missing = ~np.asarray(matrix != 0).any(axis=1)
-        info = {"type": "user", "encoder": "user", "source": str(source)}
+        info = {"encoder": "user", "source": str(source)}
         info.update(manifest or {})
+        info["type"] = USER_TYPE
         return self.save(name, tokens, matrix, missing, info)
 
     def delete(self, name: str) -> None:
@@ -303,8 +498,11 @@ class FeatureStore:
                 os.remove(p)
 
     # -- read -----------------------------------------------------------------
-    def load(self, name: str, mmap: bool = True, check_finite: bool = True) -> FeatureMatrix:
-        """Load feature ``name`` (memory-mapped by default) with full validation."""
+    def load(self, name: str, mmap: bool = True, check_finite: bool = True,
+             verify_checksum: bool = True) -> FeatureMatrix:
+        """Load feature ``name`` (memory-mapped by default) with full validation: shape, dtype and
+        (``verify_checksum``) data checksum against the manifest, unique tokens and
+        (``check_finite``) no NaN/inf -- one pass over the matrix for both."""
         npy, man = self.paths(name)
         if not os.path.isfile(man) or not os.path.isfile(npy):
             absent = man if not os.path.isfile(man) else npy
@@ -328,20 +526,16 @@ class FeatureStore:
         if tokens is None:
             raise ValueError(f"{man}: manifest has no 'tokens' list")
         tokens = _as_token_list(tokens)
-        if matrix.ndim != 2:
-            raise ValueError(f"{npy}: expected a 2-D matrix, got shape {matrix.shape}")
+        self._check_header(name, manifest, matrix.shape, matrix.dtype)
         if matrix.dtype not in ALLOWED_DTYPES:
             raise ValueError(f"{npy}: dtype {matrix.dtype} is not float32/float16")
-        expected = (manifest.get("n_items", len(tokens)), manifest.get("dim", matrix.shape[1]))
-        if matrix.shape[0] != len(tokens) or tuple(matrix.shape) != tuple(expected):
-            raise ValueError(
-                f"{npy}: matrix shape {tuple(matrix.shape)} does not match its manifest {man} "
-                f"({len(tokens)} tokens, n_items={manifest.get('n_items')}, dim={manifest.get('dim')}); "
-                "the files are out of sync -- delete both and re-extract."
-            )
         _check_unique(tokens, man)
-        if check_finite:
-            _check_finite(matrix, tokens, npy)
+        want_sha = verify_checksum and manifest.get("matrix_sha256") is not None
+        digest, bad, n_bad = _scan(matrix, want_sha=want_sha, want_finite=check_finite)
+        if bad.size:  # the most specific report first: it names the bad items
+            _raise_nonfinite(npy, tokens, bad, n_bad)
+        if verify_checksum:  # (an old manifest without a checksum is accepted; logged at debug)
+            self._check_checksum(name, manifest, digest)
         missing = pd.Index(tokens).isin(manifest.get("missing", []))
         manifest["path"] = npy  # in memory only: lets error messages name the file
         return FeatureMatrix(name=name, tokens=tokens, matrix=matrix,
@@ -486,7 +680,11 @@ def align_to_dataset(fm: FeatureMatrix, id2token, expected_dim: int | None = Non
 __all__ = [
     "FORMAT_VERSION",
     "FeatureMatrix",
+    "FeatureStatus",
     "FeatureStore",
+    "USER_TYPE",
+    "describe_changes",
+    "matrix_sha256",
     "align_to_dataset",
     "atomic_save_npy",
     "load_user_features",

@@ -205,7 +205,8 @@ def _item_titles(dataset, id2token):
     feat = _cfg(config, "pair_title_feature") or _cfg(config, "text_feature", "text")
     spec = dataset.feature_spec(feat)
     item_file = os.path.join(config["data_path"], f"{dataset.dataset_name}.item")
-    tokens, texts = read_item_texts(item_file, spec.get("fields"), spec.get("template"), spec.get("id_field"))
+    tokens, texts = read_item_texts(item_file, spec.get("fields"), spec.get("template"), spec.get("id_field"),
+                                        missing_values=spec.get("missing_values"))
     return dict(zip(map(str, tokens), texts)), feat
 
 
@@ -550,7 +551,8 @@ def stage1_inputs(dataset, mods):
         if pooling not in TEXT_POOLINGS:
             raise ValueError(f"sft_text_pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
         item_file = os.path.join(config["data_path"], f"{dataset.dataset_name}.item")
-        tokens, texts = read_item_texts(item_file, spec.get("fields"), spec.get("template"), spec.get("id_field"))
+        tokens, texts = read_item_texts(item_file, spec.get("fields"), spec.get("template"), spec.get("id_field"),
+                                        missing_values=spec.get("missing_values"))
         by_token = dict(zip(map(str, tokens), texts))
         aligned = [by_token.get(str(t), "") if i > 0 else "" for i, t in
                    enumerate(dataset.field2id_token[dataset.iid_field])]
