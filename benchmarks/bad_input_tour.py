@@ -72,7 +72,7 @@ def cases():
         ("every .inter row doubled", doubled),
         ("typo'd key in YAML (hiden_size)", yaml_file("hiden_size: 16\n")),
         ("typo'd key on the command line", lambda folder: ["--hiden_size=16"]),
-        ("wrong type (hidden_size: abc)", yaml_file("hidden_size: abc\n")),
+        ("wrong type (learning_rate: fast)", yaml_file("learning_rate: fast\n")),
         ("--epochs=-1", lambda folder: ["--epochs=-1"]),
         ("--epochs=0", lambda folder: ["--epochs=0"]),
         ("valid_metric not among metrics x topk", lambda folder: ["--valid_metric=NDCG@50"]),

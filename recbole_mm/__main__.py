@@ -12,17 +12,26 @@ import sys
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="run_recbole_mm.py",
-        description="Run a recbole_mm or RecBole model. Any other --key=value is a config override.",
-        epilog="Hyper-parameter search: run_recbole_mm.py tune --model=TSSR --params_file=... "
-               "(see run_recbole_mm.py tune --help and docs/DISTRIBUTED.md).",
+        usage="%(prog)s [--model=M] [--dataset=D] [--key=value ...]\n"
+              "       %(prog)s --study FILE.yaml [study options] [--key=value ...]\n"
+              "       %(prog)s tune --model=M [--params_file=FILE] [--key=value ...]\n"
+              "       %(prog)s inspect --dataset=D [--data_path=DIR] [--write-config]",
+        description="Train and test a recbole_mm or RecBole model (default: TSSR on ml-100k).",
+        epilog="config overrides:\n"
+               "  Any other --key=value is a config override (e.g. --epochs=5 --learning_rate=0.001); it\n"
+               "  beats every YAML file. --debug shows a failure's full traceback; --fresh ignores this\n"
+               "  run's last checkpoint.\n\n"
+               "hyper-parameter search (its own options: run_recbole_mm.py tune --help; docs/DISTRIBUTED.md):\n"
+               "  run_recbole_mm.py tune --model=TSSR --params_file=properties/hyper/TSSR.hyper\n\n"
+               "your own data (checks RecBole atomic files, writes a starter dataset YAML; inspect --help):\n"
+               "  run_recbole_mm.py inspect --dataset=mine --write-config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--model", "-m", default="TSSR", help="model name (default: TSSR)")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default: ml-100k)")
     parser.add_argument("--config_files", default=None, help="space-separated YAML files")
     parser.add_argument("--list-models", action="store_true", help="list available models and exit")
-    parser.add_argument("--study", default=None,
-                        help="run a YAML study (datasets x models x seeds) instead; see docs/STUDIES.md")
     # distributed training, RecBole's run_recbole.py options (docs/DISTRIBUTED.md)
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node (default 1)")
     parser.add_argument("--world_size", type=int, default=-1, help="processes over all nodes (default: nproc)")
@@ -37,7 +46,20 @@ def build_parser():
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full traceback of an error (or set {DEBUG_ENV}=1); by default "
                              "one line says what is wrong and names the run's .failed.json")
+    from recbole_mm.study import add_study_options
+
+    study = parser.add_argument_group("study (with --study FILE)", "see docs/STUDIES.md")
+    study.add_argument("--study", default=None, metavar="FILE",
+                       help="run a YAML study (datasets x models x seeds) instead of one model")
+    add_study_options(study)  # study.py's own definitions: the two lists cannot drift apart
+    parser.study_flags = {o for a in study._group_actions if a.dest != "study" for o in a.option_strings}
     return parser
+
+
+def study_only_flags(argv, parser=None):
+    """The study options (``--dry-run``, ``--jobs``, ...) in ``argv``: an error without ``--study``."""
+    flags = (parser or build_parser()).study_flags
+    return [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in flags]
 
 
 DEBUG_ENV = "RECBOLE_MM_DEBUG"
@@ -83,11 +105,20 @@ def main(argv=None):
         from recbole_mm.tune import main as tune_main
 
         return tune_main(argv[1:])
-    args, _unknown = build_parser().parse_known_args(argv)
+    if argv and argv[0] == "inspect":  # own data: check the atomic files, write a starter dataset YAML
+        from recbole_mm.inspect_data import main as inspect_main
+
+        return inspect_main(argv[1:])
+    parser = build_parser()
+    args, _unknown = parser.parse_known_args(argv)
     if args.study:
         from recbole_mm.study import main as study_main
 
         return study_main(argv)
+    stray = study_only_flags(argv, parser)
+    if stray:
+        print(f"error: {', '.join(stray)}: study option(s), used with --study FILE (see --help)", file=sys.stderr)
+        return 2
 
     import recbole_mm  # noqa: F401 - applies the compatibility layer
     from recbole_mm.registry import UnknownModelError, available_models, get_model

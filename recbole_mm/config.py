@@ -6,7 +6,9 @@ Priority, lowest first (RecBole's own order, with the plugin's files slotted in)
 2. the plugin's ``properties/overall.yaml`` (sequential defaults: CE, full ranking, LOO by time)
 3. RecBole's ``properties/model/<Model>.yaml`` (so a RecBole model keeps its own defaults)
 4. RecBole's ``sample.yaml`` / ``properties/dataset/<dataset>.yaml``
-5. the plugin's ``properties/model/<Model>.yaml``, then ``properties/dataset/<dataset>.yaml``
+5. the plugin's ``properties/model/<Model>.yaml``, then the dataset's YAML: the first of
+   ``./properties/dataset/<dataset>.yaml``, ``<data_path>/<dataset>/<dataset>.yaml`` and the
+   packaged ``properties/dataset/<dataset>.yaml`` (:func:`dataset_config_candidates`)
 6. user config files < ``config_dict`` < command line (RecBole's external priority)
 """
 
@@ -63,6 +65,24 @@ def materialize_builtin_dataset(name, target_dir):
     return True
 
 
+def dataset_config_candidates(dataset, data_path="dataset/"):
+    """Paths searched for a dataset's YAML, first found wins.
+
+    1. ``./properties/dataset/<name>.yaml`` (relative to the working directory),
+    2. ``<data_path>/<name>/<name>.yaml`` (next to the data; written by ``run_recbole_mm.py inspect
+       --write-config``),
+    3. the plugin's packaged ``properties/dataset/<name>.yaml`` (ml-100k, Bili_*).
+
+    The file found is read at the dataset-YAML level of the priority order: it overrides the
+    defaults, and user config files, ``config_dict`` and the command line override it.
+    """
+    return [
+        os.path.join("properties", "dataset", f"{dataset}.yaml"),
+        os.path.join(os.fspath(data_path or "dataset/"), str(dataset), f"{dataset}.yaml"),
+        os.path.join(properties_dir(), "dataset", f"{dataset}.yaml"),
+    ]
+
+
 class MMConfig(Config):
     """RecBole ``Config`` that finds plugin models and reads the plugin's YAML defaults.
 
@@ -80,6 +100,7 @@ class MMConfig(Config):
             from recbole_mm.validate import validate_config
 
             validate_config(self, self.config_file_lines)
+            self._check_dataset_config_keys()
 
     def _load_config_files(self, file_list):
         from recbole_mm.validate import check_config_files
@@ -121,23 +142,63 @@ class MMConfig(Config):
             "..",
             "properties",
         )
+        self.dataset_config_file = self.find_dataset_config(dataset)
         layers = [
             os.path.join(props, "overall.yaml"),
             os.path.join(recbole_props, "model", f"{model}.yaml"),
             os.path.join(recbole_props, "dataset", f"{dataset}.yaml"),
             os.path.join(props, "model", f"{model}.yaml"),
-            os.path.join(props, "dataset", f"{dataset}.yaml"),
         ]
         self.plugin_config_files = []
-        for path in layers:
+        for path in layers + ([self.dataset_config_file] if self.dataset_config_file else []):
             if os.path.isfile(path):
                 loaded = self._update_internal_config_dict(path)
-                if path.startswith(props):
+                if path.startswith(props) or path == self.dataset_config_file:
                     self.plugin_config_files.append(path)
-                if loaded and path.endswith(os.path.join("dataset", f"{dataset}.yaml")):
+                if path == self.dataset_config_file:
+                    self.dataset_config_keys = list(loaded or {})
+                if loaded and (path == self.dataset_config_file or path == layers[2]):
                     self.parameters["Dataset"] += [
                         k for k in loaded if k not in self.parameters["Dataset"]
                     ]
+
+    def _check_dataset_config_keys(self):
+        """Unknown keys in a user's dataset YAML (found on the search path, not a packaged one) stop
+        the run like those of any user config file (``strict_config_keys: False``: a warning)."""
+        path = self.dataset_config_file
+        if not path or os.path.realpath(path).startswith(os.path.realpath(properties_dir()) + os.sep):
+            return
+        from recbole_mm.validate import check_keys, known_keys
+
+        strict = self["strict_config_keys"] is not False
+        for text in check_keys(getattr(self, "dataset_config_keys", ()), known_keys(None), path, strict):
+            import logging
+
+            logging.getLogger(__name__).warning(text + " (strict_config_keys: False, so it is ignored)")
+
+    def _user_data_path(self):
+        """The folder holding the dataset folders (``data_path`` before the dataset name is added)."""
+        return self.external_config_dict.get("data_path") or self.internal_config_dict.get("data_path") \
+            or "dataset/"
+
+    def dataset_config_candidates(self, dataset):
+        """Where the dataset's YAML is looked for, first found wins (see :func:`dataset_config_candidates`)."""
+        return dataset_config_candidates(dataset, self._user_data_path())
+
+    def find_dataset_config(self, dataset):
+        """The dataset YAML this config reads (``None``: there is none); see :func:`dataset_config_candidates`."""
+        for path in self.dataset_config_candidates(dataset):
+            if os.path.isfile(path):
+                return os.path.abspath(path)
+        return None
+
+    def __str__(self):
+        text = super().__str__()
+        used = getattr(self, "dataset_config_file", None)
+        tried = ", ".join(self.dataset_config_candidates(self.dataset))
+        text += (f"dataset config: {used}\n\n" if used
+                 else f"dataset config: none (looked for {tried})\n\n")
+        return text
 
     def _set_default_parameters(self):
         super()._set_default_parameters()

@@ -31,7 +31,7 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_mm.config import MMConfig
 from recbole_mm.atomic import write_json_atomic
 from recbole_mm.registry import get_dataset_class, get_model, get_trainer
-from recbole_mm.trainer import forget_last_checkpoints, remove_last_checkpoints
+from recbole_mm.trainer import forget_last_checkpoints, format_metrics, remove_last_checkpoints
 
 
 def _reset_root_logger():
@@ -137,6 +137,7 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
         "command": sys.argv,
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": {k: config.final_config_dict[k] for k in sorted(config.final_config_dict)},
+        "dataset_config_file": getattr(config, "dataset_config_file", None),  # the dataset YAML read
     }
     if result.get("data_checks"):
         record["data_checks"] = result["data_checks"]  # duplicates found (and dropped) at load
@@ -271,6 +272,33 @@ def announce_resume(config, logger, saved=True):
     return path
 
 
+def choose_cpu_threads(config):
+    """Set torch's CPU thread count for a run on the CPU; returns ``(threads, why)`` or None on a GPU.
+
+    ``cpu_threads: auto`` (default) keeps an ``OMP_NUM_THREADS`` the user set; otherwise it takes
+    the cores this process may use, shared among the node's DDP processes, less the cores other
+    work keeps busy (the 1-minute load average), at least 1: on a 2-core machine with one other
+    busy process that is 1 thread, which ran 2.3x faster per batch than torch's default of 2.
+    An integer forces that many threads.
+    """
+    if getattr(config["device"], "type", "cpu") != "cpu":
+        return None
+    setting = config["cpu_threads"]
+    if setting not in (None, "auto"):
+        n, why = int(setting), "cpu_threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        procs = 1 if config["single_spec"] else int(config["nproc"] or 1)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        free = cores - int(round(load))
+        n = max(1, min(cores // max(procs, 1), free // max(procs, 1)))
+        why = f"auto: {cores} cores, load {load:.1f}" + (f", {procs} processes" if procs > 1 else "")
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads(), why
+
+
 def _last_finished_epoch(trainer):
     history = getattr(trainer, "history", None) or {}
     losses = history.get("train_loss") or []
@@ -302,6 +330,7 @@ def run_recbole_mm(
         model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict
     )
     preflight(config, saved)
+    threads = choose_cpu_threads(config)
     init_seed(config["seed"], config["reproducibility"])
     forget_last_checkpoints()
     _prepare_dirs(config)
@@ -309,6 +338,9 @@ def run_recbole_mm(
     logger = getLogger()
     log_file = _log_file()
     resuming = announce_resume(config, logger, saved) if global_rank(config) == 0 else None
+    if threads is not None:
+        logger.info(set_color("CPU threads", "blue") + f": {threads[0]} ({threads[1]}; set cpu_threads or "
+                    "OMP_NUM_THREADS to change)")
     logger.info(sys.argv)
     logger.info(config)
     timings = {}
@@ -370,8 +402,9 @@ def run_recbole_mm(
                 trainer.remove_last_checkpoint()  # the run is complete: nothing left to resume
             remove_last_checkpoints()  # nested trainers' too (e.g. SICSRec's step 1)
 
-            logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
-            logger.info(set_color("test result", "yellow") + f": {test_result}")
+            places = config["metric_decimal_place"] or 4
+            logger.info(set_color("best valid ", "yellow") + f": {format_metrics(best_valid_result, places)}")
+            logger.info(set_color("test result", "yellow") + f": {format_metrics(test_result, places)}")
             result.update(
                 best_valid_score=best_valid_score,
                 valid_score_bigger=config["valid_metric_bigger"],

@@ -847,12 +847,13 @@ def _dict_changes(before, after, skip=()):
 LOCATION_KEYS = ("data_path",)
 
 
-# defaults added after cells may have been run, which leave a run on clean data as it was (issue 15:
+# defaults added after cells may have been run, which leave a run on clean data as it was (issues 15-16:
 # duplicate/repeat checks that only act on duplicated data, a key check done before the run, and
-# text values read as missing, which the feature's input checksum already covers): a cell whose
-# recorded defaults lack them is not "run with a different configuration"
-BEHAVIOUR_KEEPING_DEFAULTS = ("duplicate_interactions", "consecutive_repeats", "strict_config_keys")
-BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values",)
+# text values read as missing, which the feature's input checksum already covers; features encoded
+# only for the items a dataset uses, which are the same vectors; the CPU thread
+# count): a cell whose recorded defaults lack them is not "run with a different configuration"
+BEHAVIOUR_KEEPING_DEFAULTS = ("duplicate_interactions", "consecutive_repeats", "strict_config_keys", "cpu_threads")
+BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
 
 
 def _without_added_defaults(old_defaults, new_defaults):
@@ -1776,19 +1777,26 @@ def build_parser():
         allow_abbrev=False,
     )
     parser.add_argument("--study", required=False, help="study YAML, e.g. properties/study/quickstart.yaml")
-    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
+    add_study_options(parser)
+    parser.add_argument("--run-cell", dest="run_cell", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def add_study_options(parser):
+    """The study options (all but ``--study``) on ``parser`` or an argument group; the main
+    command's ``--help`` shows them from here, so the two lists cannot drift apart."""
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None, metavar="DIR",
                         help="study folder (default: the YAML's output_dir, else studies/<name>)")
-    parser.add_argument("--max-cells", "--max_cells", dest="max_cells", type=int, default=None,
+    parser.add_argument("--max-cells", "--max_cells", dest="max_cells", type=int, default=None, metavar="N",
                         help="run at most N unfinished cells, then stop (run again to continue)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="validate and list the cells; run nothing")
     parser.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
                         help="rebuild tables, CSV/JSON and plots from the finished records")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="cells run at the same time, each in its own process (default 1); "
                              "set OMP_NUM_THREADS so that jobs x threads fits the CPU cores")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    parser.add_argument("--run-cell", dest="run_cell", default=None, help=argparse.SUPPRESS)
     return parser
 
 

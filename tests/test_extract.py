@@ -634,3 +634,68 @@ def test_read_only_dataset_folder(tmp_path, monkeypatch, make_read_only):
     assert "not writable" in msg and "data_path" in msg and "make the folder writable" in msg
     assert calls == []  # failed before encoding
     assert sorted(os.listdir(d)) == before
+
+
+# ----------------------------------------------------------------------------- which items (issue 16)
+
+
+def test_extract_encodes_only_the_requested_items(tmp_path, monkeypatch, caplog):
+    """``items``: only those rows of the .item file are encoded and stored (a token the file lacks
+    is skipped); a cache holding more items with the same inputs is reused; one lacking requested
+    items is rebuilt for them and the items it held, with a WARNING saying why."""
+    from conftest import write_tiny_dataset
+
+    folder = write_tiny_dataset(tmp_path, n_items=20, extra_items=5)  # i21..i25: in no interaction
+    spec = {"type": "text", "fields": ["title"]}
+    calls = _counting_encoder(monkeypatch)
+    store = FeatureStore(folder, "tiny")
+    used = [f"i{k}" for k in range(1, 21)]
+    with caplog.at_level(logging.INFO, logger="recbole_mm"):
+        fm = extract_features(folder, "tiny", "text", spec, show_progress=False, items=used + ["nope"])
+    assert calls == [20] and fm.tokens == used and fm.manifest["items_in_file"] == 25
+    assert "encoding 20 of 25 items (5 not used by the dataset; encode_items: all encodes them)" in caplog.text
+    sub = np.asarray(fm.matrix).copy()
+    extract_features(folder, "tiny", "text", spec, show_progress=False, items=used[:5])
+    assert calls == [20]  # a subset of what it holds: reused
+
+    # requested items the cache lacks: rebuilt for them and the ones it held, with a warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recbole_mm"):
+        fm = extract_features(folder, "tiny", "text", spec, show_progress=False, items=["i3", "i22", "i24"])
+    assert calls == [20, 22] and fm.tokens == used + ["i22", "i24"]
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "lacks items" in warning[0] and "not for 2 of the 3 requested" in warning[0]
+    assert "['i22', 'i24']" in warning[0] and "for 22 items" in warning[0]
+    np.testing.assert_allclose(np.asarray(fm.matrix)[:20], sub, atol=2e-5)
+
+    # no items (the CLI, encode_items: all): every row; that cache then serves any subset
+    fm = extract_features(folder, "tiny", "text", spec, show_progress=False)
+    assert calls == [20, 22, 25] and len(fm.tokens) == 25 and "items_in_file" in fm.manifest
+    for items in (used, used[3:9], ["i25"]):
+        fm = extract_features(folder, "tiny", "text", spec, show_progress=False, items=items)
+        assert len(fm.tokens) == 25
+    assert calls == [20, 22, 25]
+    table, missing, stats = align_to_dataset(fm, np.array(["[PAD]"] + used))
+    np.testing.assert_allclose(table[1:], sub, atol=2e-5)
+    assert stats["extra_tokens_in_features"] == 5 and stats["covered"] == 20
+
+    # a held item's text changes (even one not requested): its inputs differ, so it is rebuilt
+    lines = open(os.path.join(folder, "tiny.item")).read().splitlines()
+    lines[25] = lines[25].replace("item 25", "item twenty-five")
+    open(os.path.join(folder, "tiny.item"), "w").write("\n".join(lines) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recbole_mm"):
+        fm = extract_features(folder, "tiny", "text", spec, show_progress=False, items=used)
+    assert calls == [20, 22, 25, 20] and fm.tokens == used
+    assert "out of date" in caplog.text and "input_checksum" in caplog.text
+
+
+def test_items_to_encode():
+    from recbole_mm.data.extract import items_to_encode
+
+    id2token = np.array(["[PAD]", "b", "a"])
+    assert items_to_encode({"type": "text"}, id2token) == ["b", "a"]
+    assert items_to_encode({"encode_items": "used"}, id2token) == ["b", "a"]
+    assert items_to_encode({"encode_items": "all"}, id2token) is None
+    with pytest.raises(ValueError, match="encode_items must be one of"):
+        items_to_encode({"encode_items": "some"}, id2token)

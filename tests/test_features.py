@@ -75,6 +75,12 @@ def test_is_fresh(store):
     status = store.freshness("text", dict(key, template="{t}"))
     assert status.state == "stale" and status.changes == [("template", None, "{t}")]
     assert "template: None -> '{t}'" in status.describe()
+    # items: a feature holding rows for more items than requested is fresh; one lacking some is not
+    assert store.is_fresh("text", key, items=["b", "d"])
+    status = store.freshness("text", key, items=["b", "x", "y"])
+    assert status.state == "incomplete" and status.lacking == ["x", "y"] and not status.fresh
+    assert "not for 2 of the 3 requested" in status.describe()
+    assert store.freshness("text", dict(key, template="{t}"), items=["x"]).state == "stale"  # stale first
     # a matrix that disagrees with its manifest is an error, not "stale" (it would be overwritten)
     npy, _ = store.paths("text")
     np.save(npy, _matrix(n=4))

@@ -7,6 +7,7 @@ from recbole.data import data_preparation
 
 from recbole_mm.config import MMConfig
 from recbole_mm.data.dataset import MultiModalSequentialDataset
+from recbole_mm.data.features import FeatureStore
 from recbole_mm.quick_start import create_dataset
 
 from conftest import FAST, write_tiny_dataset
@@ -32,10 +33,54 @@ def test_features_never_change_catalog_or_split(workdir):
         fa, fb = a._dataset.inter_feat, b._dataset.inter_feat
         for field in ("user_id", "item_id", "item_id_list", "item_length"):
             assert torch.equal(fa[field], fb[field]), field
-    # the feature file knows 32 items; 12 of them are ignored, counted, never added
+    # only the 20 items the dataset uses are encoded (issue 16); none is absent or extra
     stats = mm_ds.mm_stats["text"]
-    assert stats["extra_tokens_in_features"] == 12
+    assert stats["extra_tokens_in_features"] == 0 and stats["absent_from_file"] == 0 and stats["covered"] == 20
     assert mm_ds.mm_features["text"].shape[0] == 21
+    manifest = FeatureStore(str(workdir / "data" / "tiny"), "tiny").read_manifest("text")
+    assert manifest["n_items"] == 20 and manifest["items_in_file"] == 32
+    assert sorted(manifest["tokens"]) == sorted(mm_ds.field2id_token["item_id"][1:].tolist())
+
+
+def _counting_encoder(monkeypatch):
+    from recbole_mm.data import extract
+
+    calls = []
+    real_encode = extract.encode_texts
+
+    def counting_encode(texts, **kw):
+        calls.append(len(texts))
+        return real_encode(texts, **kw)
+
+    monkeypatch.setattr(extract, "encode_texts", counting_encode)
+    return calls
+
+
+def test_features_encode_only_used_items_unless_asked(workdir, monkeypatch, caplog):
+    """Issue 16: items of the .item file that no interaction uses are not encoded (encode_items:
+    used, the default); encode_items: all encodes every row; either way they never become
+    candidates and the aligned table is the same."""
+    import logging
+
+    write_tiny_dataset(workdir / "data", n_users=25, n_items=20, extra_items=5)
+    calls = _counting_encoder(monkeypatch)
+    cfg = dict(FAST, data_path=str(workdir / "data"))
+    used_spec = {"text": {"type": "text", "fields": ["title", "genre"]}}
+    with caplog.at_level(logging.INFO, logger="recbole_mm"):
+        used, *_ = _splits("TSSR", dict(cfg, mm_features=used_spec))
+    assert calls == [20]  # the encoder saw only the used items
+    assert "encoding 20 of 25 items (5 not used by the dataset; encode_items: all encodes them)" in caplog.text
+    store = FeatureStore(str(workdir / "data" / "tiny"), "tiny")
+    assert sorted(store.read_manifest("text")["tokens"]) == sorted(used.field2id_token["item_id"][1:].tolist())
+
+    all_spec = {"text": {"type": "text", "fields": ["title", "genre"], "encode_items": "all"}}
+    full, *_ = _splits("TSSR", dict(cfg, mm_features=all_spec))
+    assert calls == [20, 25]  # the cache lacked the 5 unused items: rebuilt with all of them
+    assert store.read_manifest("text")["n_items"] == 25 and full.mm_stats["text"]["extra_tokens_in_features"] == 5
+    np.testing.assert_allclose(full.mm_features["text"].numpy(), used.mm_features["text"].numpy(), atol=2e-5)
+    again, *_ = _splits("TSSR", dict(cfg, mm_features=used_spec))  # a superset cache serves 'used'
+    assert calls == [20, 25]
+    assert torch.equal(again.mm_features["text"], full.mm_features["text"])
 
 
 def test_window_rows():

@@ -59,15 +59,16 @@ class MultiModalSequentialDataset(SequentialDataset):
         return dict(specs[name])
 
     def _load_feature(self, name):
-        from recbole_mm.data.extract import extract_features
+        from recbole_mm.data.extract import extract_features, items_to_encode
         from recbole_mm.data.features import align_to_dataset
 
         spec = self.feature_spec(name)
+        id2token = self.field2id_token[self.iid_field]
         fm = extract_features(  # holds the feature's build lock (parallel cells build it once)
             self.config["data_path"], self.dataset_name, name, spec,
             show_progress=self.config["show_progress"],
+            items=items_to_encode(spec, id2token),  # the items kept after filtering (encode_items: used)
         )
-        id2token = self.field2id_token[self.iid_field]
         table, missing, stats = align_to_dataset(fm, id2token, expected_dim=spec.get("dim"))
         self.mm_features[name] = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
         self.mm_missing[name] = torch.from_numpy(np.asarray(missing, dtype=bool))
@@ -87,7 +88,7 @@ class MultiModalSequentialDataset(SequentialDataset):
 
         spec = self.feature_spec(name)
         item_file = os.path.join(self.config["data_path"], f"{self.dataset_name}.item")
-        tokens, texts = read_item_texts(item_file, spec.get("fields"), spec.get("template"),
+        tokens, texts = read_item_texts(item_file, spec.get("fields"), spec.get("template"), spec.get("id_field"),
                                         missing_values=spec.get("missing_values"))
         id2token = self.field2id_token[self.iid_field]
         rows = pd.Index([str(t) for t in tokens]).get_indexer([str(t) for t in id2token])

@@ -48,7 +48,10 @@ TEXT_SPEC_KEYS = {"type", "fields", "template", "encoder", "pooling", "max_lengt
 # text field values read as "no value" (compared stripped and case-insensitively); an item whose
 # every text field is missing has no text: zero row, flagged missing
 DEFAULT_MISSING_VALUES = ("nan", "none", "null", "n/a", "na", "")
-CONSUMER_SPEC_KEYS = {"dim"}  # read by the dataset/model side (expected feature dim), not by extraction
+# read by the dataset/model side, not by extraction: the expected feature dim, and which items a
+# dataset has encoded (``encode_items``: ``used``, the items it keeps, or ``all`` rows of the .item)
+CONSUMER_SPEC_KEYS = {"dim", "encode_items"}
+ENCODE_ITEMS = ("used", "all")
 IMAGE_SPEC_KEYS = {"type", "image_dir", "image_field", "encoder", "pooling", "batch_size", "dtype",
                    "id_field", "chunk_size", "fp16"}
 
@@ -773,17 +776,29 @@ def _image_checksum(tokens, paths) -> str:
 
 
 def extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show_progress: bool = True,
-                     device=None, force: bool = False) -> FeatureMatrix:
+                     device=None, force: bool = False, items=None) -> FeatureMatrix:
     """Extract (or reuse) feature ``name``; see :func:`_extract_features`. Processes sharing the
     dataset folder (a parallel study's cells) take turns on a per-feature file lock, so the
     feature is built once and the others reuse it."""
     with FeatureStore(os.fspath(dataset_dir), dataset_name).build_lock(name):
         return _extract_features(dataset_dir, dataset_name, name, spec, show_progress=show_progress,
-                                 device=device, force=force)
+                                 device=device, force=force, items=items)
+
+
+def items_to_encode(spec: dict, id2token):
+    """The ``items`` a dataset passes to :func:`extract_features` for a feature ``spec``: the raw
+    tokens it uses (``id2token[1:]``, ``id2token`` being ``dataset.field2id_token[item_field]``)
+    under ``encode_items: used`` (the default), None (every row of the item file) under ``all``."""
+    mode = (spec or {}).get("encode_items") or "used"
+    if mode not in ENCODE_ITEMS:
+        raise ValueError(f"feature spec: encode_items must be one of {ENCODE_ITEMS}, got {mode!r}")
+    if mode == "all":
+        return None
+    return [str(t) for t in list(id2token)[1:]]
 
 
 def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, show_progress: bool = True,
-                      device=None, force: bool = False) -> FeatureMatrix:
+                      device=None, force: bool = False, items=None) -> FeatureMatrix:
     """Extract (or reuse) the feature ``name`` of a RecBole dataset; returns it memory-mapped.
 
     ``spec`` keys -- text: ``type="text"``, ``fields``, ``template``, ``encoder`` ("default"),
@@ -793,10 +808,17 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
     to ``dataset_dir``) or ``image_field`` (a column of the .item file holding paths),
     ``pooling`` ("pooler"), ``batch_size`` (32); both: ``dtype`` (float32|float16),
     ``id_field``, ``chunk_size``, ``fp16`` (None = on CUDA only).  ``dim`` (the dimension a model
-    expects, checked by :func:`align_to_dataset`) is accepted and ignored here; other unknown keys
+    expects, checked by :func:`align_to_dataset`) and ``encode_items`` (``used``/``all``, turned
+    into ``items`` by :func:`items_to_encode`) are accepted and ignored here; other unknown keys
     are ignored with a warning.
 
+    ``items`` (raw item tokens, e.g. those a dataset uses): only these rows of the item file are
+    encoded and stored (a token the file lacks is skipped: the dataset counts it absent); None
+    encodes every row.
+
     The inputs are hashed; if ``<dataset>.<name>.json`` matches, the cached matrix is returned.
+    A cached feature holding rows for more items than requested (with the same inputs) is reused;
+    one lacking some requested items is re-extracted for them and the items it held, with a warning.
     Otherwise the encoding runs in resumable chunks under ``<dataset_dir>/.<dataset>.<name>.chunks/``
     (removed after success) and the result is saved atomically; a feature built from other
     inputs/settings is rebuilt with a warning naming what changed.
@@ -842,36 +864,61 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
     if ftype == "text":
         encoder = spec.get("encoder") or DEFAULT_TEXT_ENCODER
         missing_values = normalize_missing_values(spec.get("missing_values"))
-        tokens, texts, fields, template, marker_counts = _build_item_texts(
+        all_tokens, all_texts, fields, template, marker_counts = _build_item_texts(
             item_file, spec.get("fields"), spec.get("template"), spec.get("id_field"), missing_values)
-        present = np.array([bool(t) for t in texts], dtype=bool)
-        key = {
+        base_key = {
             "type": "text", "encoder": str(encoder), "encoder_fingerprint": encoder_fingerprint(resolve_encoder(encoder)),
             "fields": fields, "template": template, "missing_values": missing_values,
             "pooling": spec.get("pooling", "mean"),
             "max_length": int(spec.get("max_length", 128)), "normalize": bool(spec.get("normalize", False)),
-            "dtype": str(out_dtype), "input_checksum": sha256_strings(x for pair in zip(tokens, texts) for x in pair),
+            "dtype": str(out_dtype),
         }
+
+        def input_checksum(rows):
+            return sha256_strings(x for i in rows for x in (all_tokens[i], all_texts[i]))
     else:
         encoder = spec.get("encoder")
         if not encoder:
             raise ValueError(f"feature {name!r}: spec['encoder'] is required for image features "
                              "(a hub name such as 'google/vit-base-patch16-224-in21k' or a local folder)")
-        tokens, paths, source = _image_inputs(dataset_dir, dataset_name, spec, item_file)
-        key = {
+        all_tokens, all_paths, source = _image_inputs(dataset_dir, dataset_name, spec, item_file)
+        base_key = {
             "type": "image", "encoder": str(encoder), "encoder_fingerprint": encoder_fingerprint(os.fspath(encoder)),
-            "pooling": spec.get("pooling", "pooler"), "dtype": str(out_dtype),
-            "input_checksum": _image_checksum(tokens, paths), **source,
+            "pooling": spec.get("pooling", "pooler"), "dtype": str(out_dtype), **source,
         }
+        hashed = {}  # image files are read to be hashed: once per selection
+
+        def input_checksum(rows):
+            sel = tuple(rows)
+            if sel not in hashed:
+                hashed[sel] = _image_checksum([all_tokens[i] for i in sel], [all_paths[i] for i in sel])
+            return hashed[sel]
+
+    # The rows to encode: every row of the item file, or (``items``) those of the requested items.
+    # ``input_checksum`` covers the rows a feature holds (its manifest ``tokens``), so a feature
+    # holding more items than requested, with the same inputs, is up to date.
+    n_file = len(all_tokens)
+    if items is None:
+        want = list(range(n_file))
+    else:
+        requested = {str(t) for t in items}
+        want = [i for i, t in enumerate(all_tokens) if t in requested]
 
     # Under torch.distributed (DDP training) every rank encodes the items r::world_size, the
     # shards are gathered once, rank 0 saves the feature and the others load it.
     rank, world = _dist_rank_world()
     sharded = world > 1
     status = None
+    held_rows = None
     if not force:
+        held = existing.get("tokens") if existing is not None else None
+        if isinstance(held, list):  # a held item gone from the file changes the checksum: stale
+            pos = {t: i for i, t in enumerate(all_tokens)}
+            held_rows = [pos[t] for t in map(str, held) if t in pos]
         # shape/dtype vs manifest checked here; the data checksum by load (fresh) or verify (stale)
-        status = store.freshness(name, key, verify_checksum=False)
+        status = store.freshness(
+            name, dict(base_key, input_checksum=input_checksum(want if held_rows is None else held_rows)),
+            verify_checksum=False, items=[all_tokens[i] for i in want])
     fresh = status is not None and status.fresh
     if sharded:
         fresh = _dist_same_as_rank0(fresh)  # every rank takes the same branch
@@ -882,18 +929,36 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
                     time.perf_counter() - t0)
         return fm
 
+    build_rows = want
     if status is not None and status.state == "stale":
         store.verify(name)  # never overwrite a matrix replaced by hand (checksum mismatch)
         logger.warning("feature %r of %s is out of date (%s): re-extracting %s", name, dataset_name,
                        status.describe(), npy_path)
+    elif status is not None and status.state == "incomplete":
+        store.verify(name)
+        build_rows = sorted(set(want) | set(held_rows or []))  # extended: the items it held stay in it
+        logger.warning("feature %r of %s lacks items this run needs (%s): re-extracting %s for %d items "
+                       "(the %d requested and the %d others it held)", name, dataset_name, status.note,
+                       npy_path, len(build_rows), len(want), len(build_rows) - len(want))
     elif status is not None and status.note:
         logger.warning("feature %r of %s: %s; extracting it", name, dataset_name, status.note)
     elif force and store.exists(name):
         logger.info("feature %r of %s: force=True, re-extracting %s", name, dataset_name, npy_path)
+    if items is not None:
+        logger.info("feature %r of %s: encoding %s of %s items (%s not used by the dataset; encode_items: all "
+                    "encodes them)", name, dataset_name, f"{len(build_rows):,}", f"{n_file:,}",
+                    f"{n_file - len(build_rows):,}")
+    tokens = [all_tokens[i] for i in build_rows]
+    if ftype == "text":
+        texts = [all_texts[i] for i in build_rows]
+        present = np.array([bool(t) for t in texts], dtype=bool)
+    else:
+        paths = [all_paths[i] for i in build_rows]
+    key = dict(base_key, input_checksum=input_checksum(build_rows))
     store.check_writable(name)  # before encoding: a read-only dataset folder fails now, clearly
     logger.info("extracting feature %r of %s (%s, encoder %s, %d items%s)", name, dataset_name, ftype, encoder,
                 len(tokens), f", sharded over {world} processes" if sharded else "")
-    extra = {}
+    extra = {"items_in_file": n_file}
     shard_dir = f"{chunk_dir}.shard{rank}of{world}" if sharded else chunk_dir
     if ftype == "text":
         idx = np.flatnonzero(present)
@@ -1040,7 +1105,8 @@ def main(argv=None) -> int:
 __all__ = [
     "default_text_encoder", "resolve_encoder", "encoder_fingerprint", "read_item_texts", "find_item_images",
     "normalize_missing_values", "DEFAULT_MISSING_VALUES",
-    "encode_texts", "encode_images", "extract_features", "clear_model_cache", "build_parser", "main",
+    "encode_texts", "encode_images", "extract_features", "items_to_encode", "clear_model_cache", "build_parser",
+    "main",
 ]
 
 if __name__ == "__main__":

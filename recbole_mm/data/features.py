@@ -168,15 +168,18 @@ class FeatureStatus:
     """What :meth:`FeatureStore.freshness` found.
 
     ``state``: ``"absent"`` (no usable manifest/matrix: build it), ``"fresh"`` (up to date),
-    ``"stale"`` (built from other inputs/settings: ``changes`` lists ``(key, old, new)``) or
+    ``"stale"`` (built from other inputs/settings: ``changes`` lists ``(key, old, new)``),
+    ``"incomplete"`` (up to date, but without rows for the requested ``lacking`` items) or
     ``"user"`` (imported by the user: used as is, never rebuilt).  ``note`` explains an
-    ``"absent"`` state that still has files (e.g. a matrix without a manifest).
+    ``"absent"`` state that still has files (e.g. a matrix without a manifest) and an
+    ``"incomplete"`` one.
     """
 
     state: str
     changes: list = field(default_factory=list)
     manifest: dict | None = None
     note: str = ""
+    lacking: list = field(default_factory=list)
 
     @property
     def fresh(self) -> bool:
@@ -358,9 +361,14 @@ class FeatureStore:
             return None
 
     # -- freshness ------------------------------------------------------------
-    def freshness(self, name: str, manifest_key: dict, verify_checksum: bool = True) -> FeatureStatus:
+    def freshness(self, name: str, manifest_key: dict, verify_checksum: bool = True,
+                  items: Iterable | None = None) -> FeatureStatus:
         """Compare the cached feature with ``manifest_key`` (what determines it: encoder, fields,
-        template, pooling, the input checksum, ...).
+        template, pooling, the input checksum of the items it holds, ...).
+
+        ``items`` (raw tokens): the items a request needs rows for; a feature matching the key
+        but holding no row for some of them is ``"incomplete"`` (``lacking`` lists them), one
+        holding more rows than requested is fresh.
 
         Returns a :class:`FeatureStatus`.  A matrix that disagrees with its manifest (shape, dtype,
         and with ``verify_checksum`` the data checksum) raises ValueError naming both files and the
@@ -398,17 +406,30 @@ class FeatureStore:
             old = _jsonable(manifest.get(key))
             if old != _jsonable(value):
                 changes.append((key, old, _jsonable(value)))
-        return FeatureStatus("stale" if changes else "fresh", changes=changes, manifest=manifest)
+        if changes:
+            return FeatureStatus("stale", changes=changes, manifest=manifest)
+        if items is not None:
+            held = set(_as_token_list(manifest.get("tokens") or []))
+            requested = _as_token_list(items)
+            lacking = [t for t in requested if t not in held]
+            if lacking:
+                return FeatureStatus(
+                    "incomplete", manifest=manifest, lacking=lacking,
+                    note=f"it holds rows for {len(held)} items, but not for {len(lacking)} of the "
+                         f"{len(set(requested))} requested (e.g. {lacking[:5]})")
+        return FeatureStatus("fresh", manifest=manifest)
 
-    def is_fresh(self, name: str, manifest_key: dict, verify_checksum: bool = True) -> bool:
-        """True when the cached feature exists and its manifest matches every field of ``manifest_key``.
+    def is_fresh(self, name: str, manifest_key: dict, verify_checksum: bool = True,
+                 items: Iterable | None = None) -> bool:
+        """True when the cached feature exists, its manifest matches every field of ``manifest_key``
+        and it holds a row for each of ``items`` (when given).
 
         A missing/unreadable manifest, a missing matrix, a user-imported feature or any key
         difference means "not fresh".  A matrix that disagrees with its manifest (shape, dtype,
         checksum) raises ValueError (see :meth:`freshness`).
         """
-        status = self.freshness(name, manifest_key, verify_checksum=verify_checksum)
-        if status.state == "stale":
+        status = self.freshness(name, manifest_key, verify_checksum=verify_checksum, items=items)
+        if status.state in ("stale", "incomplete"):
             logger.info("feature %r is stale: %s", name, status.describe())
         return status.fresh
 

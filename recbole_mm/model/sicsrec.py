@@ -46,7 +46,7 @@ from recbole_mm.model.layers import (
     gather_positions,
 )
 from recbole_mm.model.sicsrec_stage1 import base_feature_names, modalities, stage1_feature_names
-from recbole_mm.trainer import MMTrainer
+from recbole_mm.trainer import MMTrainer, format_metrics
 
 _CHOICES = {
     "content_modality": ("text", "image", "both"),
@@ -350,6 +350,12 @@ class SICSRec(SequentialRecommender):
             return sum(t.pow(2).sum() for t in tables)
         return sum(torch.linalg.vector_norm(t) for t in tables)
 
+    @property
+    def loss_names(self):
+        """Names of ``calculate_loss``'s terms, in its order (the epoch log shows them); the
+        CACL and regularisation terms are already weighted by alpha / reg_weight."""
+        return ("ce",) + (("cacl",) if self.alpha > 0 else ()) + (("reg",) if self.reg_weight > 0 else ())
+
     def calculate_loss(self, interaction):
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
@@ -501,7 +507,8 @@ class SICSRecTrainer(MMTrainer):
         trainer = get_trainer(cfg["MODEL_TYPE"], "SASRec")(cfg, model)
         result = trainer.evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         self._history().setdefault("step1", {})["test_result"] = jsonable(result)
-        self.logger.info(set_color("SICSRec step 1 (ID SASRec) test result", "yellow") + f": {result}")
+        self.logger.info(set_color("SICSRec step 1 (ID SASRec) test result", "yellow") + ": "
+                         + format_metrics(result, self.config["metric_decimal_place"] or 4))
         return result
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):

@@ -165,12 +165,14 @@ def stage1_pairs(dataset, show_progress=False):
     info.update(source=miner, users=len(seqs), queries=len(queries), pair_target=target_mode)
 
     if miner == "cooccurrence":
-        from recbole_mm.data.extract import extract_features
+        from recbole_mm.data.extract import extract_features, items_to_encode
         from recbole_mm.data.features import align_to_dataset
 
         feat = _cfg(config, "pair_feature") or base_feature_names(config).get(
             "text", base_feature_names(config).get("image"))
-        fm = extract_features(data_dir, name, feat, dataset.feature_spec(feat), show_progress=show_progress)
+        spec = dataset.feature_spec(feat)
+        fm = extract_features(data_dir, name, feat, spec, show_progress=show_progress,
+                              items=items_to_encode(spec, id2token))
         table, missing, _ = align_to_dataset(fm, id2token)
         found, stats = mine_cooccurrence(queries, table, missing, _cfg(config, "pair_min_similarity"))
         pairs = [(t, s) for _, t, s, _ in found]

@@ -280,6 +280,12 @@ class TSSR(SequentialRecommender):
         next_c = self.item_content(labels)
         return self._item_direction(h_c, next_id, labels) + self._item_direction(h_id, next_c, labels)
 
+    @property
+    def loss_names(self):
+        """Names of ``calculate_loss``'s terms, in its order (the epoch log shows them); the
+        contrastive terms are already weighted by lambda_u / lambda_i."""
+        return ("ce",) + (("user_cl",) if self.lambda_u > 0 else ()) + (("item_cl",) if self.lambda_i > 0 else ())
+
     def calculate_loss(self, interaction):
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
