@@ -272,12 +272,29 @@ def announce_resume(config, logger, saved=True):
     return path
 
 
+def _busy_cpus(samples=5, interval_s=0.04):
+    """Other runnable processes right now: the median over a few samples of the kernel's count of
+    runnable tasks (``/proc/loadavg``, 4th field) less this process; the 1-minute load average
+    where that file is absent (it lags: a job that just ended still counts)."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    counts.sort()
+    return float(max(0, counts[len(counts) // 2]))
+
+
 def choose_cpu_threads(config):
     """Set torch's CPU thread count for a run on the CPU; returns ``(threads, why)`` or None on a GPU.
 
     ``cpu_threads: auto`` (default) keeps an ``OMP_NUM_THREADS`` the user set; otherwise it takes
     the cores this process may use, shared among the node's DDP processes, less the cores other
-    work keeps busy (the 1-minute load average), at least 1: on a 2-core machine with one other
+    work keeps busy now (runnable processes), at least 1: on a 2-core machine with one other
     busy process that is 1 thread, which ran 2.3x faster per batch than torch's default of 2.
     An integer forces that many threads.
     """
@@ -291,10 +308,10 @@ def choose_cpu_threads(config):
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         procs = 1 if config["single_spec"] else int(config["nproc"] or 1)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        free = cores - int(round(load))
+        busy = _busy_cpus()
+        free = cores - int(round(busy))
         n = max(1, min(cores // max(procs, 1), free // max(procs, 1)))
-        why = f"auto: {cores} cores, load {load:.1f}" + (f", {procs} processes" if procs > 1 else "")
+        why = f"auto: {cores} cores, {busy:g} busy with other work" + (f", {procs} processes" if procs > 1 else "")
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads(), why
 

@@ -104,3 +104,34 @@ def test_result_line_is_clean():
     assert line == "hit@5: 0.1000  ndcg@5: 0.0712"
     assert "OrderedDict" not in line and "np.float64" not in line
     assert format_metrics(None) == "None"
+
+
+def test_cpu_threads_auto_uses_the_free_cores(monkeypatch):
+    """The README command is fast as written: no OMP_NUM_THREADS needed (issue 16)."""
+    import torch
+
+    from recbole_mm import quick_start
+
+    class Cfg(dict):
+        def __getitem__(self, key):
+            return self.get(key)
+
+    cfg = Cfg(device=torch.device("cpu"), cpu_threads="auto", single_spec=True)
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(quick_start.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    try:
+        monkeypatch.setattr(quick_start, "_busy_cpus", lambda: 0.0)
+        assert quick_start.choose_cpu_threads(cfg)[0] == 2  # idle 2-core machine: both cores
+        monkeypatch.setattr(quick_start, "_busy_cpus", lambda: 1.0)
+        n, why = quick_start.choose_cpu_threads(cfg)
+        assert n == 1 and "1 busy" in why  # one other busy process: one thread
+        cfg["cpu_threads"] = 2
+        assert quick_start.choose_cpu_threads(cfg) == (2, "cpu_threads")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        cfg["cpu_threads"] = "auto"
+        torch.set_num_threads(1)
+        assert quick_start.choose_cpu_threads(cfg) == (1, "OMP_NUM_THREADS")
+        assert quick_start.choose_cpu_threads(Cfg(device=torch.device("cuda", 0))) is None
+    finally:
+        torch.set_num_threads(before)
