@@ -174,14 +174,19 @@ def _type_name(value):
     return None
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _type_ok(default, value):
+    # a number's default type is not a contract: YAML files write 0 for rates (dropout_prob: 0 in
+    # some RecBole model files), so any number is accepted where the default is a number; what is
+    # refused is a string or a boolean there (hidden_size: abc), and a non-boolean for a boolean
     if value is None or default is None:
         return True
     if isinstance(default, bool):
         return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
+    if isinstance(default, (int, float)):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return True
 
@@ -223,8 +228,8 @@ def value_problems(defaults, settings):
             out.append((key, f"{key} must be {_type_name(defaults[key])} (default {defaults[key]!r}), "
                              f"got {value!r} ({type(value).__name__})"))
         elif key in POSITIVE_INT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and value <= 0:
-            hint = " (a non-positive budget trains nothing)" if key == "epochs" else ""
+                and (value <= 0 or not _is_int(value)):
+            hint = " (a non-positive budget trains nothing)" if key == "epochs" and value <= 0 else ""
             out.append((key, f"{key} must be a positive integer, got {value!r}{hint}"))
     return out
 

@@ -339,3 +339,23 @@ def test_study_report_names_a_killed_cell(workdir):
     json.dump(data, open(path, "w"))
     row = collect_cells(study)[0]
     assert row["status"] == "killed" and "OOM killer" in row["error"]
+
+
+def test_numbers_are_accepted_where_the_default_is_a_number(workdir):
+    """No false positives: a rate written as 0 in a YAML default still takes a fraction; an int
+    where a float is the default is a number; sizes and budgets must be integers (torch layers
+    refuse 16.0)."""
+    write_tiny_dataset(workdir / "data")
+    MMConfig(model="SASRec", dataset="tiny",
+             config_dict=_cfg(workdir, attn_dropout_prob=0, learning_rate=1,
+                              hidden_dropout_prob=0.25, topk=10, metrics="Hit", valid_metric="Hit@10"))
+    for bad in (16.5, 16.0):
+        with pytest.raises(ConfigError, match=f"hidden_size must be a positive integer, got {bad}"):
+            MMConfig(model="SASRec", dataset="tiny", config_dict=_cfg(workdir, hidden_size=bad))
+
+
+def test_type_rule():
+    from recbole_mm.validate import _type_ok
+
+    assert _type_ok(0, 0.2) and _type_ok(0.5, 1) and _type_ok(64, None) and _type_ok("0", 1)
+    assert not _type_ok(64, "abc") and not _type_ok(0.1, True) and not _type_ok(True, "yes")
