@@ -55,9 +55,13 @@ def create_dataset(config):
     interaction checks (duplicates: :mod:`recbole_mm.data.checks`)."""
     from recbole_mm.data.checks import recbole_dataset_class, with_interaction_checks
 
-    if config["dataset_save_path"]:  # a dataset RecBole saved earlier: its own loader
-        return recbole_create_dataset(config)
-    dataset_class = get_dataset_class(config) or recbole_dataset_class(config)
+    dataset_class = get_dataset_class(config)
+    if config["dataset_save_path"]:
+        if dataset_class is None:  # a dataset RecBole saved earlier: its own loader
+            return recbole_create_dataset(config)
+        getLogger().warning(f"dataset_save_path is ignored for {config['model']}: its dataset "
+                            f"({dataset_class.__name__}) is built from the atomic files")
+    dataset_class = dataset_class or recbole_dataset_class(config)
     dataset = with_interaction_checks(dataset_class)(config)
     if config["save_dataset"]:
         dataset.save()
@@ -139,6 +143,8 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
         "config": {k: config.final_config_dict[k] for k in sorted(config.final_config_dict)},
         "dataset_config_file": getattr(config, "dataset_config_file", None),  # the dataset YAML read
     }
+    if result.get("cpu_threads"):
+        record["cpu_threads"] = result["cpu_threads"]  # [threads, why]: results may differ with the count
     if result.get("data_checks"):
         record["data_checks"] = result["data_checks"]  # duplicates found (and dropped) at load
     if result.get("step1_published"):
@@ -204,9 +210,9 @@ def _signals_as_interrupt():
     received = []
 
     def handler(signum, frame):
+        if _WRITING_RECORD[0]:
+            return  # the run is writing its record (after Ctrl-C, a failure or a first signal): let it finish
         if received:
-            if _WRITING_RECORD[0]:
-                return  # the run is writing its interrupted record: let it finish
             # the first one was swallowed (raised inside a __del__ or a callback): die at once
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -316,6 +322,33 @@ def choose_cpu_threads(config):
     return torch.get_num_threads(), why
 
 
+def _write_stop_record(exc, config, result, timings, trainer, log_file, record_file, dataset_obj, t_start,
+                       saved, logger):
+    """``<record>.interrupted.json`` (Ctrl-C, SIGTERM, SIGHUP) or ``<record>.failed.json``, with the last
+    finished epoch and the traceback; removes the running marker. Global rank 0 only."""
+    if not record_file or global_rank(config) != 0:
+        return
+    from recbole_mm import records
+
+    timings["total"] = time.perf_counter() - t_start
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
+    status = "interrupted" if interrupted else "failed"
+    path = records.sibling(record_file, status)
+    rec = build_record(config, result, timings, trainer, log_file, status=status,
+                       error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    rec["last_finished_epoch"] = _last_finished_epoch(trainer)
+    rec["traceback"] = traceback.format_exc()
+    if interrupted and saved and config["save_last_checkpoint"] is not False:
+        rec["resume"] = "rerun the same command: it continues from the last checkpoint (resume: auto)"
+    try:
+        write_json_atomic(path, rec)
+        exc.recbole_mm_record = path  # the CLI names it in its one-line error
+    except OSError as write_error:
+        logger.error(f"could not write the {status} record {path}: {write_error}")
+    records.remove_running(record_file)
+
+
 def _last_finished_epoch(trainer):
     history = getattr(trainer, "history", None) or {}
     losses = history.get("train_loss") or []
@@ -363,7 +396,7 @@ def run_recbole_mm(
     timings = {}
     trainer = None
     dataset_obj = None
-    result = {"saved": saved}
+    result = {"saved": saved, "cpu_threads": list(threads) if threads else None}
     record_file = record_path_for(config, log_file) if config["record_runs"] is not False else None
     if record_file and global_rank(config) == 0:
         from recbole_mm import records
@@ -431,27 +464,11 @@ def run_recbole_mm(
             result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
         except BaseException as exc:
             _WRITING_RECORD[0] = True
-            if record_file and global_rank(config) == 0:
-                from recbole_mm import records
-
-                timings["total"] = time.perf_counter() - t_start
-                interrupted = isinstance(exc, KeyboardInterrupt)
-                result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
-                status = "interrupted" if interrupted else "failed"
-                path = records.sibling(record_file, status)
-                rec = build_record(config, result, timings, trainer, log_file, status=status,
-                                   error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-                rec["last_finished_epoch"] = _last_finished_epoch(trainer)
-                rec["traceback"] = traceback.format_exc()
-                if interrupted and saved and config["save_last_checkpoint"] is not False:
-                    rec["resume"] = "rerun the same command: it continues from the last checkpoint (resume: auto)"
-                try:
-                    write_json_atomic(path, rec)
-                    exc.recbole_mm_record = path  # the CLI names it in its one-line error
-                except OSError as write_error:
-                    logger.error(f"could not write the {status} record {path}: {write_error}")
-                records.remove_running(record_file)
-            _WRITING_RECORD[0] = False
+            try:
+                _write_stop_record(exc, config, result, timings, trainer, log_file, record_file, dataset_obj,
+                                   t_start, saved, logger)
+            finally:
+                _WRITING_RECORD[0] = False
             raise
     if record_file and global_rank(config) == 0:
         from recbole_mm import records
@@ -460,6 +477,7 @@ def run_recbole_mm(
         records.remove_running(record_file)
         logger.info(set_color("run record", "blue") + f": {record_file}")
     result.pop("saved", None)
+    result.pop("cpu_threads", None)
     result["record_path"] = record_file if global_rank(config) == 0 else None
     result["timings_s"] = timings
     result["model"] = config["model"]

@@ -660,11 +660,18 @@ class Study:
                 known[d, m] = known_keys(cfg) | EXTRA_CONFIG_KEYS  # the validator single runs use
                 self.defaults[d, m] = config_defaults(cfg)
         all_keys = set().union(*known.values()) if known else set()
-        some_defaults = next(iter(self.defaults.values()), {}) or {}
 
-        def check(path, mapping, keys):
-            for key, message in value_problems(some_defaults, mapping):
-                err.add(_key_line(mapping, key), f"{path}.{key}", message)
+        def check_values(path, mapping, cells):
+            # each value against the defaults of every cell it applies to (a key's type is per model)
+            seen = set()
+            for cell in cells:
+                for key, message in value_problems(self.defaults.get(cell) or {}, mapping):
+                    if key not in seen:
+                        seen.add(key)
+                        err.add(_key_line(mapping, key), f"{path}.{key}", message)
+
+        def check(path, mapping, keys, cells):
+            check_values(path, mapping, cells)
             for key in mapping:
                 if key in keys or key in RESERVED_CONFIG_KEYS:
                     continue
@@ -672,13 +679,19 @@ class Study:
                            "default, model or dataset file defines it (set strict_keys: false to allow it)")
                 (err.add if self.strict_keys else err.warn)(_key_line(mapping, key), f"{path}.{key}", message)
 
-        check("config", self.config, all_keys)
+        check("config", self.config, all_keys, list(known))
         for d, mapping in self.dataset_config.items():
-            check(f"dataset_config.{d}", mapping, set().union(*(known[d, m] for m in self.models)))
+            check(f"dataset_config.{d}", mapping, set().union(*(known[d, m] for m in self.models)),
+                  [(d, m) for m in self.models])
         for m, mapping in self.model_config.items():
-            check(f"model_config.{m}", mapping, set().union(*(known[d, m] for d in self.datasets)))
-        for key, message in value_problems(some_defaults, self.overrides):
-            err.add(None, f"command line --{key}", message)
+            check(f"model_config.{m}", mapping, set().union(*(known[d, m] for d in self.datasets)),
+                  [(d, m) for d in self.datasets])
+        seen = set()
+        for cell in known:
+            for key, message in value_problems(self.defaults.get(cell) or {}, self.overrides):
+                if key not in seen:
+                    seen.add(key)
+                    err.add(None, f"command line --{key}", message)
         for key in self.overrides:
             if key not in all_keys and key not in RESERVED_CONFIG_KEYS:
                 (err.add if self.strict_keys else err.warn)(

@@ -95,11 +95,38 @@ def yaml_default_keys() -> frozenset:
     return frozenset(keys)
 
 
+@functools.lru_cache(maxsize=None)
+def _file_read_keys(path) -> frozenset:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return frozenset()
+    return frozenset(k for pattern in _READ_PATTERNS for k in pattern.findall(text))
+
+
+def model_read_keys(model_class) -> set:
+    """Keys the source files of ``model_class`` and its bases read (a user's own model class too)."""
+    import inspect
+
+    keys = set()
+    for cls in getattr(model_class, "__mro__", ()):
+        try:
+            path = inspect.getsourcefile(cls)
+        except (TypeError, OSError):
+            continue
+        if path:
+            keys |= _file_read_keys(path)
+    return keys
+
+
 def known_keys(config=None) -> set:
-    """Keys a run may set: this config's defaults, every shipped YAML key, every key the code reads."""
+    """Keys a run may set: this config's defaults, every shipped YAML key, every key the code reads
+    (RecBole, the plugin, and the model class's own files)."""
     keys = set(EXTRA_KEYS) | yaml_default_keys() | code_read_keys()
     if config is not None:
         keys |= set(config.internal_config_dict)
+        keys |= model_read_keys(getattr(config, "model_class", None))
     return keys
 
 
@@ -185,7 +212,7 @@ def _type_ok(default, value):
     if value is None or default is None:
         return True
     if isinstance(default, bool):
-        return isinstance(value, bool)
+        return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
     if isinstance(default, (int, float)):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return True
@@ -193,7 +220,7 @@ def _type_ok(default, value):
 
 # budgets and sizes that must be positive integers: a non-positive value trains or evaluates nothing
 POSITIVE_INT_KEYS = ("epochs", "train_batch_size", "eval_batch_size", "MAX_ITEM_LIST_LENGTH",
-                     "hidden_size", "n_layers", "n_heads", "eval_step")
+                     "hidden_size", "n_layers", "n_heads")  # not eval_step: below 1 means "never validate"
 
 
 def _valid_metric_problem(config):

@@ -359,3 +359,18 @@ def test_type_rule():
 
     assert _type_ok(0, 0.2) and _type_ok(0.5, 1) and _type_ok(64, None) and _type_ok("0", 1)
     assert not _type_ok(64, "abc") and not _type_ok(0.1, True) and not _type_ok(True, "yes")
+
+
+class _MySASRec(__import__("recbole.model.sequential_recommender", fromlist=["SASRec"]).SASRec):
+    """A user's own model class: the keys its file reads are known."""
+
+    def __init__(self, config, dataset):
+        self.my_gamma = config["my_gamma"]
+        super().__init__(config, dataset)
+
+
+def test_no_false_positives_for_own_models_and_recbole_conventions(workdir):
+    write_tiny_dataset(workdir / "data")
+    MMConfig(model=_MySASRec, dataset="tiny", config_dict=_cfg(workdir, my_gamma=0.5))
+    # eval_step below 1 means "never validate" in RecBole; 0/1 for booleans as RecBole's cmd line gives them
+    MMConfig(model="SASRec", dataset="tiny", config_dict=_cfg(workdir, eval_step=0, show_progress=0))

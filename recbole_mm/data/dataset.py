@@ -14,10 +14,12 @@ import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.utils import set_color
 
+from recbole_mm.data.checks import InteractionChecksMixin
+
 TRAIN_WINDOWS = ("all_prefixes", "last", "sliding")
 
 
-class MultiModalSequentialDataset(SequentialDataset):
+class MultiModalSequentialDataset(InteractionChecksMixin, SequentialDataset):
     """Sequential dataset exposing ``mm_features`` / ``mm_missing`` aligned to internal item ids.
 
     - ``mm_features[name]``: float32 tensor (n_items, dim), row 0 = PAD = zeros. Plain tensors,
