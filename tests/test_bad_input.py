@@ -374,3 +374,16 @@ def test_no_false_positives_for_own_models_and_recbole_conventions(workdir):
     MMConfig(model=_MySASRec, dataset="tiny", config_dict=_cfg(workdir, my_gamma=0.5))
     # eval_step below 1 means "never validate" in RecBole; 0/1 for booleans as RecBole's cmd line gives them
     MMConfig(model="SASRec", dataset="tiny", config_dict=_cfg(workdir, eval_step=0, show_progress=0))
+
+
+def test_default_text_fields_say_which_columns_they_leave_out(tmp_path, caplog):
+    from recbole_mm.data.extract import read_item_texts
+
+    path = tmp_path / "x.item"
+    path.write_text("item_id:token\ttitle:token_seq\tyear:float\ni1\tRed Fish\t1999\ni2\tBlue Sky\t2001\n")
+    with caplog.at_level(logging.WARNING, logger="recbole_mm"):
+        tokens, texts = read_item_texts(str(path))
+    assert texts == ["Red Fish", "Blue Sky"]
+    assert "['year'] are left out" in caplog.text and "template: '{title} ({year})'" in caplog.text
+    tokens, texts = read_item_texts(str(path), template="{title} ({year})")
+    assert texts == ["Red Fish (1999)", "Blue Sky (2001)"]

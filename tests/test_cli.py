@@ -135,3 +135,29 @@ def test_cpu_threads_auto_uses_the_free_cores(monkeypatch):
         assert quick_start.choose_cpu_threads(Cfg(device=torch.device("cuda", 0))) is None
     finally:
         torch.set_num_threads(before)
+
+
+def _cli(cwd, *args):
+    import os
+    import time
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "run_recbole_mm.py"), *args], cwd=str(cwd),
+                          capture_output=True, text=True, timeout=300)
+    return proc, time.perf_counter() - t0
+
+
+def test_misspelled_model_is_rejected_fast(workdir):
+    proc, wall = _cli(workdir, "--model=SASRek", "--dataset=ml-100k")
+    assert proc.returncode == 2 and "Did you mean SASRec" in proc.stderr
+    assert wall < 10, wall
+    assert not (workdir / "dataset").exists()  # nothing loaded or copied
+
+
+def test_missing_dataset_is_a_short_error(workdir):
+    proc, wall = _cli(workdir, "--model=SASRec", "--dataset=my_data", "--data_path=nowhere")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("error: nowhere/my_data: the dataset folder for 'my_data' does not exist")
+    assert len(lines) <= 4, lines  # the error, its fix, the format's link, --debug; no config dump
+    assert proc.stdout.strip() == "" and not (workdir / "log").exists()

@@ -475,6 +475,13 @@ def _build_item_texts(item_file, fields=None, template=None, id_field=None, miss
             fields = _template_fields(template)
         else:
             fields = [c for c in df.columns if c != id_col and types[c] in TEXT_FIELD_TYPES]
+            left_out = [c for c in df.columns if c != id_col and types[c] not in TEXT_FIELD_TYPES]
+            if left_out:  # said, not silent: a year or a price is text a user may want
+                logger.warning("%s: the text feature uses the token/token_seq columns %s; %s column(s) %s are left "
+                               "out. To include them, list them in the feature's fields or template, e.g. "
+                               "template: '{%s} ({%s})'", item_file, fields,
+                               "/".join(sorted({types[c] for c in left_out})), left_out,
+                               fields[0] if fields else "title", left_out[0])
     fields = list(fields)
     if template is not None:
         for f in _template_fields(template):
