@@ -398,15 +398,15 @@ def run_recbole_mm(
     dataset_obj = None
     result = {"saved": saved, "cpu_threads": list(threads) if threads else None}
     record_file = record_path_for(config, log_file) if config["record_runs"] is not False else None
-    if record_file and global_rank(config) == 0:
-        from recbole_mm import records
-
-        records.collect_dead_runs(os.path.dirname(os.path.abspath(record_file)), logger)
-        records.write_running(record_file, model=config["model"], dataset=config["dataset"],
-                              seed=config["seed"], log_file=log_file, command=sys.argv,
-                              resuming_from=resuming)
     with _signals_as_interrupt():  # SIGTERM/SIGHUP -> RunInterrupted, until the record is written
         try:
+            if record_file and global_rank(config) == 0:
+                from recbole_mm import records
+
+                records.collect_dead_runs(os.path.dirname(os.path.abspath(record_file)), logger)
+                records.write_running(record_file, model=config["model"], dataset=config["dataset"],
+                                      seed=config["seed"], log_file=log_file, command=sys.argv,
+                                      resuming_from=resuming)
             t0 = time.perf_counter()
             dataset_obj = create_dataset(config)
             logger.info(dataset_obj)

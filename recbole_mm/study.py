@@ -1207,10 +1207,12 @@ def collect_cells(study, live_status=None):
             row["status"] = "finished"
         elif (d, m, s) in live_status:
             row["status"] = live_status[d, m, s]
-        elif dead is not None:  # its process died without a record: SIGKILL, the OOM killer
-            row["status"] = "killed"
         elif last and "ended" not in last:
             row["status"] = "interrupted"
+        elif last and not (dead is not None and last.get("status", "failed") == "failed"):
+            row["status"] = last.get("status", "failed")  # the study's own account: interrupted, timeout, ...
+        elif dead is not None:  # its process died without a record: SIGKILL, the OOM killer
+            row["status"] = "killed"
         elif last:
             row["status"] = last.get("status", "failed")
         else:
@@ -1255,7 +1257,7 @@ def collect_cells(study, live_status=None):
             failed = _read_json(paths["failed"])
             if isinstance(failed, dict) and failed.get("error") and row["status"] != "pending":
                 row["error"] = failed["error"]
-            if dead is not None:
+            if row["status"] == "killed":
                 row["error"] = (f"the run (pid {dead.get('pid')}, started {dead.get('started_at')}) died without "
                                 "a record: killed by SIGKILL or the OOM killer")
         rows.append(row)
