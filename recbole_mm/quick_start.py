@@ -467,7 +467,13 @@ def run_recbole_mm(
             try:
                 _write_stop_record(exc, config, result, timings, trainer, log_file, record_file, dataset_obj,
                                    t_start, saved, logger)
+            except Exception as record_error:  # noqa: BLE001 - the run's own error is the one to report
+                logger.error(f"could not write the run's stop record: {type(record_error).__name__}: {record_error}")
             finally:
+                if record_file and global_rank(config) == 0:
+                    from recbole_mm import records
+
+                    records.remove_running(record_file)
                 _WRITING_RECORD[0] = False
             raise
     if record_file and global_rank(config) == 0:

@@ -946,8 +946,19 @@ def _check_finished_specs(study):
 STEP1_SHARE_ENV = "RECBOLE_MM_STEP1_SHARE"
 
 
+def _cell_threads(jobs):
+    """CPU threads per cell when ``jobs`` cells share this machine's cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(jobs)))
+
+
 def _child_env(study=None):
     env = dict(os.environ)
+    jobs = getattr(study, "jobs", 1) if study is not None else 1
+    if jobs > 1 and not env.get("OMP_NUM_THREADS"):
+        # parallel cells share the cores: a fixed share each (a cell's cpu_threads: auto would see the
+        # others start at the same instant and take every core)
+        env["OMP_NUM_THREADS"] = str(_cell_threads(jobs))
     root = _repo_root()
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
@@ -1757,6 +1768,10 @@ def run_study(path_or_dict, output_dir=None, overrides=None, max_cells=None, pro
                 todo = todo[: max(0, int(max_cells))]
             log(f"{study.name}: {len(study.cells)} cells, {len(finished)} finished, running {len(todo)}; "
                 f"folder {study.output_dir}")
+            study.jobs = jobs
+            if jobs > 1 and not os.environ.get("OMP_NUM_THREADS"):
+                log(f"{jobs} cells at a time: each gets {_cell_threads(jobs)} CPU thread(s) (OMP_NUM_THREADS "
+                    "overrides)")
             from tqdm import tqdm
 
             bar = tqdm(total=len(study.cells), initial=len(finished), desc=study.name, unit="cell",
@@ -1810,7 +1825,7 @@ def add_study_options(parser):
                         help="rebuild tables, CSV/JSON and plots from the finished records")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="cells run at the same time, each in its own process (default 1); "
-                             "set OMP_NUM_THREADS so that jobs x threads fits the CPU cores")
+                             "without OMP_NUM_THREADS each cell gets cores // jobs CPU threads")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 

@@ -161,3 +161,17 @@ def test_missing_dataset_is_a_short_error(workdir):
     assert lines[0].startswith("error: nowhere/my_data: the dataset folder for 'my_data' does not exist")
     assert len(lines) <= 4, lines  # the error, its fix, the format's link, --debug; no config dump
     assert proc.stdout.strip() == "" and not (workdir / "log").exists()
+
+
+def test_parallel_study_cells_share_the_cores(monkeypatch):
+    from recbole_mm import study
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(study.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    fake = types.SimpleNamespace(jobs=2, keep_checkpoints=False, output_dir="/tmp")
+    assert study._child_env(fake)["OMP_NUM_THREADS"] == "2"
+    fake.jobs = 1
+    assert "OMP_NUM_THREADS" not in study._child_env(fake)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    fake.jobs = 2
+    assert study._child_env(fake)["OMP_NUM_THREADS"] == "3"
