@@ -126,3 +126,18 @@ def instantiate(config, train, model_class, **overrides):
     model = model_class(config, train._dataset)
     model.eval()
     return model
+
+
+def counting_encoder(monkeypatch):
+    """Wrap ``extract.encode_texts`` so a test sees how many texts each call encoded."""
+    from recbole_mm.data import extract
+
+    calls = []
+    real_encode = extract.encode_texts
+
+    def counting_encode(texts, **kw):
+        calls.append(len(texts))
+        return real_encode(texts, **kw)
+
+    monkeypatch.setattr(extract, "encode_texts", counting_encode)
+    return calls

@@ -25,6 +25,7 @@ from recbole_mm.data.extract import (  # noqa: E402
     read_item_texts,
 )
 from recbole_mm.data.features import FeatureStore, align_to_dataset  # noqa: E402
+from conftest import counting_encoder  # noqa: E402
 from test_features import make_read_only  # noqa: E402,F401 - fixture
 
 ML100K_DIR = os.path.join(os.path.dirname(recbole.__file__), "dataset_example", "ml-100k")
@@ -166,14 +167,7 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch, caplog):
     fm1 = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
     m1 = np.array(fm1.matrix)
 
-    calls = []
-    real_encode = extract.encode_texts
-
-    def counting_encode(texts, **kw):
-        calls.append(len(texts))
-        return real_encode(texts, **kw)
-
-    monkeypatch.setattr(extract, "encode_texts", counting_encode)
+    calls = counting_encoder(monkeypatch)
     fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
     assert calls == []  # cache hit: nothing encoded
     np.testing.assert_array_equal(np.asarray(fm.matrix), m1)
@@ -472,18 +466,6 @@ def test_concurrent_extractions_of_one_feature_build_it_once(tmp_path):
 # ----------------------------------------------------------------------------- trustworthy caches
 
 
-def _counting_encoder(monkeypatch):
-    calls = []
-    real_encode = extract.encode_texts
-
-    def counting_encode(texts, **kw):
-        calls.append(len(texts))
-        return real_encode(texts, **kw)
-
-    monkeypatch.setattr(extract, "encode_texts", counting_encode)
-    return calls
-
-
 def test_imported_matrix_survives_extraction(tmp_path, monkeypatch, caplog):
     """A matrix the user imported is used as is by extract_features (its spec is ignored) and
     never overwritten, not even with force=True."""
@@ -492,7 +474,7 @@ def test_imported_matrix_survives_extraction(tmp_path, monkeypatch, caplog):
     tokens, _ = read_item_texts(os.path.join(d, "ml-100k.item"))
     mine = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
     store.import_matrix("text", tokens, mine, source="my_clip_run")
-    calls = _counting_encoder(monkeypatch)
+    calls = counting_encoder(monkeypatch)
     for spec in (SPEC, {"type": "text", "fields": ["movie_title"], "pooling": "cls"}):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="recbole_mm"):
@@ -516,7 +498,7 @@ def test_hand_replaced_matrix_is_an_error_not_reextracted(tmp_path, monkeypatch)
     fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
     m = np.array(fm.matrix)
     npy, man = store.paths("text")
-    calls = _counting_encoder(monkeypatch)
+    calls = counting_encoder(monkeypatch)
 
     hand_made = np.ones((5, 384), dtype=np.float32)
     np.save(npy, hand_made)
@@ -545,7 +527,7 @@ def test_stale_feature_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog):
     d = _ml100k_subset(tmp_path, 6)
     store = FeatureStore(d, "ml-100k")
     extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
-    calls = _counting_encoder(monkeypatch)
+    calls = counting_encoder(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="recbole_mm"):
         fm = extract_features(d, "ml-100k", "text", {"type": "text", "template": "{movie_title}"},
                               show_progress=False)
@@ -624,7 +606,7 @@ def test_read_only_dataset_folder(tmp_path, monkeypatch, make_read_only):
     os.remove(lock)  # e.g. a dataset shipped with its features
     before = sorted(os.listdir(d))
     make_read_only(d)
-    calls = _counting_encoder(monkeypatch)
+    calls = counting_encoder(monkeypatch)
     fm = extract_features(d, "ml-100k", "text", SPEC, show_progress=False)
     assert fm.matrix.shape == (6, 384) and calls == []
     with pytest.raises(PermissionError) as e:
@@ -647,7 +629,7 @@ def test_extract_encodes_only_the_requested_items(tmp_path, monkeypatch, caplog)
 
     folder = write_tiny_dataset(tmp_path, n_items=20, extra_items=5)  # i21..i25: in no interaction
     spec = {"type": "text", "fields": ["title"]}
-    calls = _counting_encoder(monkeypatch)
+    calls = counting_encoder(monkeypatch)
     store = FeatureStore(folder, "tiny")
     used = [f"i{k}" for k in range(1, 21)]
     with caplog.at_level(logging.INFO, logger="recbole_mm"):

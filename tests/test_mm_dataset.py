@@ -10,7 +10,7 @@ from recbole_mm.data.dataset import MultiModalSequentialDataset
 from recbole_mm.data.features import FeatureStore
 from recbole_mm.quick_start import create_dataset
 
-from conftest import FAST, write_tiny_dataset
+from conftest import FAST, counting_encoder, write_tiny_dataset
 
 
 def _splits(model, cfg):
@@ -42,20 +42,6 @@ def test_features_never_change_catalog_or_split(workdir):
     assert sorted(manifest["tokens"]) == sorted(mm_ds.field2id_token["item_id"][1:].tolist())
 
 
-def _counting_encoder(monkeypatch):
-    from recbole_mm.data import extract
-
-    calls = []
-    real_encode = extract.encode_texts
-
-    def counting_encode(texts, **kw):
-        calls.append(len(texts))
-        return real_encode(texts, **kw)
-
-    monkeypatch.setattr(extract, "encode_texts", counting_encode)
-    return calls
-
-
 def test_features_encode_only_used_items_unless_asked(workdir, monkeypatch, caplog):
     """Issue 16: items of the .item file that no interaction uses are not encoded (encode_items:
     used, the default); encode_items: all encodes every row; either way they never become
@@ -63,7 +49,7 @@ def test_features_encode_only_used_items_unless_asked(workdir, monkeypatch, capl
     import logging
 
     write_tiny_dataset(workdir / "data", n_users=25, n_items=20, extra_items=5)
-    calls = _counting_encoder(monkeypatch)
+    calls = counting_encoder(monkeypatch)
     cfg = dict(FAST, data_path=str(workdir / "data"))
     used_spec = {"text": {"type": "text", "fields": ["title", "genre"]}}
     with caplog.at_level(logging.INFO, logger="recbole_mm"):
