@@ -103,16 +103,10 @@ class MMConfig(Config):
             self._check_dataset_config_keys()
 
     def _load_config_files(self, file_list):
-        from recbole_mm.validate import check_config_files
+        from recbole_mm.validate import load_config_files
 
-        import yaml
-
-        # RecBole's own loop, after the files were checked; an empty file is an empty mapping
-        self.config_file_lines = check_config_files(file_list, loader=self.yaml_loader)
-        file_config_dict = {}
-        for path in file_list or []:
-            with open(path, "r", encoding="utf-8") as f:
-                file_config_dict.update(yaml.load(f.read(), Loader=self.yaml_loader) or {})
+        # RecBole's loop (its YAML loader), with each file checked; an empty file is an empty mapping
+        file_config_dict, self.config_file_lines = load_config_files(file_list, loader=self.yaml_loader)
         return file_config_dict
 
     def _get_model_and_dataset(self, model, dataset):

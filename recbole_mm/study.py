@@ -23,7 +23,6 @@ Entry points: :func:`run_study`, ``python run_recbole_mm.py --study <file.yaml>`
 import argparse
 import contextlib
 import datetime
-import difflib
 import hashlib
 import json
 import math
@@ -41,7 +40,7 @@ import yaml
 
 from recbole_mm.atomic import write_text_atomic
 from recbole_mm.records import dead_run
-from recbole_mm.validate import known_keys, value_problems
+from recbole_mm.validate import known_keys, suggest, value_problems
 
 try:  # POSIX only: cell and study locks
     import fcntl
@@ -245,9 +244,7 @@ def _item_line(seq, index):
     return lines[index] if index < len(lines) else getattr(seq, "line", None)
 
 
-def _suggest(name, candidates):
-    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
+_suggest = suggest  # the validator's "did you mean", shared with single runs and tune
 
 
 @contextlib.contextmanager

@@ -51,6 +51,16 @@ def _package_dir(name):
 
 
 @functools.lru_cache(maxsize=None)
+def _file_read_keys(path) -> frozenset:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return frozenset()
+    return frozenset(k for pattern in _READ_PATTERNS for k in pattern.findall(text))
+
+
+@functools.lru_cache(maxsize=None)
 def code_read_keys() -> frozenset:
     """Config keys RecBole's and the plugin's source read (scanned once per process)."""
     keys = set()
@@ -59,13 +69,7 @@ def code_read_keys() -> frozenset:
         if root is None:
             continue
         for path in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError):
-                continue
-            for pattern in _READ_PATTERNS:
-                keys.update(pattern.findall(text))
+            keys |= _file_read_keys(path)
     return frozenset(keys)
 
 
@@ -93,16 +97,6 @@ def yaml_default_keys() -> frozenset:
             if isinstance(data, dict):
                 keys.update(str(k) for k in data)
     return frozenset(keys)
-
-
-@functools.lru_cache(maxsize=None)
-def _file_read_keys(path) -> frozenset:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError):
-        return frozenset()
-    return frozenset(k for pattern in _READ_PATTERNS for k in pattern.findall(text))
 
 
 def model_read_keys(model_class) -> set:
@@ -145,11 +139,13 @@ def _yaml_error_text(path, exc):
     return f"{where}: malformed YAML: {problem}. Fix the file (indentation, a missing ':' or quote)."
 
 
-def check_config_files(paths, loader=None):
-    """Each config file exists, is valid YAML and holds a mapping; returns {path: {key: line}}."""
+def load_config_files(paths, loader=None):
+    """Check and load config files: each must exist, be valid YAML and hold a mapping (an empty
+    file is an empty mapping). Returns ``(data, lines)``: the merged settings (later files win, as
+    in RecBole) and ``{path: {key: line}}`` for messages. Errors name the file and line."""
     import yaml
 
-    lines = {}
+    data, lines = {}, {}
     for path in paths or []:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path} not found (from --config_files / config_file_list; "
@@ -161,20 +157,15 @@ def check_config_files(paths, loader=None):
             raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
         try:
             node = yaml.compose(text, Loader=loader or yaml.SafeLoader)
-            if loader is not None:
-                yaml.load(text, Loader=loader)
-            else:
-                yaml.safe_load(text)
+            values = yaml.load(text, Loader=loader or yaml.SafeLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(_yaml_error_text(path, exc)) from None
-        if node is None:
-            lines[path] = {}
-            continue
-        if not isinstance(node, yaml.MappingNode):
+        if node is not None and not isinstance(node, yaml.MappingNode):
             raise ConfigError(f"{path}: a config file must be a mapping of keys to values "
                               f"(key: value lines), got a YAML {node.id}")
-        lines[path] = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
-    return lines
+        lines[path] = {str(k.value): k.start_mark.line + 1 for k, _ in node.value} if node is not None else {}
+        data.update(values or {})
+    return data, lines
 
 
 # ----------------------------------------------------------------------------- validation
