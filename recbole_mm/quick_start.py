@@ -25,11 +25,11 @@ from logging import getLogger
 
 import torch
 from recbole.data import create_dataset as recbole_create_dataset
-from recbole.data import data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_mm.config import MMConfig
 from recbole_mm.atomic import write_json_atomic
+from recbole_mm.config import MMConfig
+from recbole_mm.data.lazy import data_preparation
 from recbole_mm.registry import get_dataset_class, get_model, get_trainer
 from recbole_mm.trainer import forget_last_checkpoints, format_metrics, remove_last_checkpoints
 

@@ -94,9 +94,8 @@ def build_tiny(root, model, **overrides):
 
     Runs inside ``root`` with a clean command line (RecBole writes to the cwd and reads sys.argv).
     """
-    from recbole.data import data_preparation
-
     from recbole_mm.config import MMConfig
+    from recbole_mm.data.lazy import data_preparation
     from recbole_mm.quick_start import create_dataset
 
     old, argv = os.getcwd(), sys.argv

@@ -15,11 +15,12 @@ from recbole.data.dataset import SequentialDataset
 from recbole.utils import set_color
 
 from recbole_mm.data.checks import InteractionChecksMixin
+from recbole_mm.data.lazy import LazySequencesMixin
 
 TRAIN_WINDOWS = ("all_prefixes", "last", "sliding")
 
 
-class MultiModalSequentialDataset(InteractionChecksMixin, SequentialDataset):
+class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, SequentialDataset):
     """Sequential dataset exposing ``mm_features`` / ``mm_missing`` aligned to internal item ids.
 
     - ``mm_features[name]``: float32 tensor (n_items, dim), row 0 = PAD = zeros. Plain tensors,

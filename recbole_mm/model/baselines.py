@@ -29,6 +29,7 @@ class _FeatureSASRec(SASRec):
     """SASRec whose item vectors come from :meth:`item_vectors` instead of ``item_embedding``."""
 
     dataset_class = "recbole_mm.data.dataset:MultiModalSequentialDataset"
+    trim_safe = True  # outputs unchanged when batches are cut to their longest history (tests/test_lazy.py)
     use_id_embedding = True
 
     @staticmethod

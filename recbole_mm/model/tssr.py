@@ -40,6 +40,7 @@ class TSSR(SequentialRecommender):
     r"""TSSR as a RecBole sequential recommender (frozen features or end-to-end text encoder)."""
 
     dataset_class = "recbole_mm.data.dataset:MultiModalSequentialDataset"
+    trim_safe = True  # outputs unchanged when batches are cut to their longest history (tests/test_lazy.py)
 
     @staticmethod
     def required_features(config):

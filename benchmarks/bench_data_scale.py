@@ -1,0 +1,290 @@
+"""Data preparation at scale, side by side: RecBole's materialised training samples vs the lazy path.
+
+    python benchmarks/gen_synthetic.py --interactions 1000000
+    python benchmarks/bench_data_scale.py --dataset synth_1000000 [--data_path benchmarks/data/]
+        [--modes recbole,lazy] [--trim auto[,true,false]] [--bucketing [--bucket-pool-batches 64]]
+        [--model SASRec] [--max-len 50] [--hidden-size 64] [--batch-size 2048]
+        [--epoch-batches K] [--threads 1] [--json results.json]
+
+Each variant runs in a fresh subprocess, so its peak RSS (``VmHWM``) is its own: ``recbole``
+(``sequence_samples: recbole``), ``lazy`` once per ``--trim`` value (``trim_batches``), and with
+``--bucketing`` each lazy variant again with ``length_bucketing: True``. A variant reports the
+seconds of ``create_dataset`` and of ``data_preparation``, its RSS after imports and its peak RSS
+after preparation, and its number of training samples. With ``--epoch-batches K`` it then trains
+K batches (forward, backward, Adam; loading included) and projects an epoch as the first batch
+(which includes the epoch's shuffle/bucketing and warm-up) plus the median of the others times
+the remaining batches; it also reports the mean width of the batches' item list (trimming).
+
+A variant that dies (MemoryError, killed by the kernel, ...) is reported as failed with its exit
+code; the others still run. Prints a Markdown table with ``recbole / <variant>`` ratios.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- child (one variant)
+def _rss_mib(key):
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def _train_batches(config, train_data, k):
+    """Time ``k`` training batches (loading included); returns the measurements."""
+    import torch
+
+    from recbole_mm.registry import get_model
+
+    device = config["device"]
+    model = get_model(config["model"])(config, train_data._dataset).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
+    list_field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
+    model.train()
+    seconds, widths = [], []
+    batches = iter(train_data)
+    for _ in range(k):
+        t0 = time.perf_counter()
+        try:
+            inter = next(batches)
+        except StopIteration:
+            break
+        inter = inter.to(device)
+        loss = model.calculate_loss(inter)
+        loss = sum(loss) if isinstance(loss, tuple) else loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+        if list_field in inter:
+            widths.append(int(inter[list_field].shape[1]))
+    n_batches = len(train_data)
+    rest = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    return {
+        "batch_seconds": seconds,
+        "first_batch_s": seconds[0],
+        "batch_s": rest,
+        "epoch_projected_s": seconds[0] + rest * (n_batches - 1),
+        "mean_batch_width": statistics.mean(widths) if widths else None,
+        "peak_rss_mib": _rss_mib("VmHWM"),
+    }
+
+
+def run_variant(spec):
+    """Build the config, the dataset and the data loaders of one variant; returns its results."""
+    import logging
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from recbole.utils import init_seed
+
+    from recbole_mm.config import MMConfig
+    from recbole_mm.quick_start import create_dataset
+
+    torch.set_num_threads(spec["threads"])
+    logging.basicConfig(level=logging.WARNING, format=f"  [{spec['name']}] %(levelname)s %(message)s")
+    from recbole_mm.data.lazy import data_preparation  # RecBole's, plus length bucketing
+
+    result = {"rss_after_imports_mib": _rss_mib("VmRSS")}
+
+    config = MMConfig(model=spec["model"], dataset=spec["dataset"], config_dict=spec["config"])
+    init_seed(config["seed"], config["reproducibility"])
+    t0 = time.perf_counter()
+    dataset = create_dataset(config)
+    t1 = time.perf_counter()
+    interactions = dataset.inter_num  # before data_preparation augments the dataset in place
+    train_data, _, _ = data_preparation(config, dataset)
+    t2 = time.perf_counter()
+    train_set = train_data._dataset
+    result.update(
+        device=str(config["device"]),
+        interactions=interactions,
+        create_dataset_s=t1 - t0,
+        data_preparation_s=t2 - t1,
+        preparation_s=t2 - t0,
+        peak_rss_prep_mib=_rss_mib("VmHWM"),
+        train_samples=getattr(train_data, "sample_size", len(train_set)),
+        train_batches=len(train_data),
+        lazy_sequences=bool(getattr(train_set, "lazy_sequences", False)),
+        trimmed=bool(getattr(train_set, "trims_batches", False)),
+    )
+    if spec["epoch_batches"] > 0:
+        init_seed(config["seed"], config["reproducibility"])
+        result.update(_train_batches(config, train_data, spec["epoch_batches"]))
+    return result
+
+
+def child_main(spec_json, out_path):
+    spec = json.loads(spec_json)
+    sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value pairs from the command line
+    try:
+        result = dict(status="ok", **run_variant(spec))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which goes on
+        traceback.print_exc()
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+    sys.exit(0 if result["status"] == "ok" else 1)
+
+
+# ----------------------------------------------------------------------------- parent
+def variants(args):
+    """(name, extra config) for each variant asked for."""
+    out = []
+    for mode in args.modes:
+        if mode == "recbole":
+            out.append(("recbole", {"sequence_samples": "recbole"}))
+            continue
+        for trim in args.trim:
+            name = "lazy" if args.trim == ["auto"] else f"lazy trim={trim}"
+            extra = {"sequence_samples": "lazy", "trim_batches": trim if trim == "auto" else trim == "true"}
+            out.append((name, extra))
+            if args.bucketing:
+                out.append((name + " +bucketing", dict(extra, length_bucketing=True,
+                                                        bucket_pool_batches=args.bucket_pool_batches)))
+    return out
+
+
+def run_child(name, extra, args):
+    config = {
+        "data_path": args.data_path,
+        "MAX_ITEM_LIST_LENGTH": args.max_len,
+        "hidden_size": args.hidden_size,
+        "train_batch_size": args.batch_size,
+        "show_progress": False,
+        "state": "WARNING",
+        **extra,
+    }
+    spec = {"name": name, "model": args.model, "dataset": args.dataset, "config": config,
+            "threads": args.threads, "epoch_batches": args.epoch_batches}
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "result.json")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), out_path],
+                              env=env)
+        wall = time.perf_counter() - t0
+        result = {}
+        if os.path.exists(out_path):
+            with open(out_path) as f:
+                result = json.load(f)
+    result.update(name=name, config=config, returncode=proc.returncode, wall_s=wall)
+    if proc.returncode != 0:
+        result["status"] = "failed"
+        if "error" not in result:
+            why = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 \
+                else f"exit code {proc.returncode}"
+            result["error"] = why + " (out of memory?)" if proc.returncode == -signal.SIGKILL else why
+    return result
+
+
+ROWS = [  # (key, label, format)
+    ("create_dataset_s", "create_dataset (s)", "{:.2f}"),
+    ("data_preparation_s", "data_preparation (s)", "{:.2f}"),
+    ("preparation_s", "preparation total (s)", "{:.2f}"),
+    ("rss_after_imports_mib", "RSS after imports (MiB)", "{:.0f}"),
+    ("peak_rss_prep_mib", "peak RSS after preparation (MiB)", "{:.0f}"),
+    ("train_samples", "training samples", "{:,}"),
+    ("train_batches", "batches per epoch", "{:,}"),
+    ("first_batch_s", "first batch incl. epoch setup (s)", "{:.3f}"),
+    ("batch_s", "s/batch (median of the others)", "{:.3f}"),
+    ("epoch_projected_s", "projected epoch (s)", "{:.1f}"),
+    ("mean_batch_width", "mean item list width", "{:.1f}"),
+    ("peak_rss_mib", "peak RSS after training batches (MiB)", "{:.0f}"),
+]
+
+
+def markdown(results, args, command):
+    ok = {r["name"]: r for r in results if r["status"] == "ok"}
+    base = ok.get("recbole")
+    others = [r["name"] for r in results if r["name"] != "recbole"]
+    ratio_names = others if base else []
+    first = next(iter(ok.values()), {})
+    interactions = f"{first['interactions']:,}" if "interactions" in first else "?"
+    lines = [
+        f"`{command}`",
+        "",
+        f"{args.model} on {args.dataset} ({interactions} interactions), "
+        f"MAX_ITEM_LIST_LENGTH {args.max_len}, hidden {args.hidden_size}, batch {args.batch_size}, "
+        f"{args.threads} thread(s), device {first.get('device', '?')}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}",
+        "",
+        "| | " + " | ".join(r["name"] for r in results)
+        + "".join(f" | recbole / {n}" for n in ratio_names) + " |",
+        "|---" * (1 + len(results) + len(ratio_names)) + "|",
+        "| status | " + " | ".join("ok" if r["status"] == "ok" else f"failed: {r['error']} (rc {r['returncode']})"
+                                  for r in results) + " |" * (len(ratio_names) + 1),
+        "| trimmed batches | " + " | ".join(str(r.get("trimmed", "")) for r in results)
+        + " |" * (len(ratio_names) + 1),
+    ]
+    for key, label, fmt in ROWS:
+        if not any(r.get(key) is not None for r in results):
+            continue
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "—" for r in results]
+        for name in ratio_names:
+            other = ok.get(name, {}).get(key)
+            cells.append(f"{base[key] / other:.2f}" if base.get(key) is not None and other else "—")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data_path", default=os.path.join(ROOT, "benchmarks", "data", ""),
+                   help="default: benchmarks/data/ (where gen_synthetic.py writes)")
+    p.add_argument("--model", default="SASRec")
+    p.add_argument("--modes", default="recbole,lazy", help="comma list of recbole, lazy")
+    p.add_argument("--trim", default="auto", help="trim_batches of the lazy variants: comma list of auto, true, false")
+    p.add_argument("--bucketing", action="store_true", help="also run each lazy variant with length_bucketing")
+    p.add_argument("--bucket-pool-batches", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=50, help="MAX_ITEM_LIST_LENGTH")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=2048, help="train_batch_size")
+    p.add_argument("--epoch-batches", type=int, default=0, help="training batches to time (0: none)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads and OMP_NUM_THREADS of each variant")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    args.modes = args.modes.split(",")
+    args.trim = args.trim.split(",")
+    for value, allowed, opt in ((args.modes, ("recbole", "lazy"), "--modes"),
+                                (args.trim, ("auto", "true", "false"), "--trim")):
+        if not value or set(value) - set(allowed):
+            p.error(f"{opt} takes a comma list of {', '.join(allowed)}")
+
+    command = "python " + shlex.join(sys.argv)
+    results = []
+    for name, extra in variants(args):
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        result = run_child(name, extra, args)
+        print(f"{name}: {result['status']} in {result['wall_s']:.1f} s"
+              + (f" ({result['error']})" if result["status"] != "ok" else ""), file=sys.stderr, flush=True)
+        results.append(result)
+    print(markdown(results, args, command))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], sys.argv[3])
+    else:
+        main()
