@@ -7,7 +7,9 @@
         [--epoch-batches K] [--threads 1] [--json results.json]
 
 Each variant runs in a fresh subprocess, so its peak RSS (``VmHWM``) is its own: ``recbole``
-(``sequence_samples: recbole``), ``lazy`` once per ``--trim`` value (``trim_batches``), and with
+(RecBole's own ``create_dataset`` and ``data_preparation``: its Python CSV parser, splits and
+augmentation loop), ``plugin`` (the plugin's loading and splits, RecBole's augmentation:
+``sequence_samples: recbole``), ``lazy`` once per ``--trim`` value (``trim_batches``), and with
 ``--bucketing`` each lazy variant again with ``length_bucketing: True``. A variant reports the
 seconds of ``create_dataset`` and of ``data_preparation``, its RSS after imports and its peak RSS
 after preparation, and its number of training samples. With ``--epoch-batches K`` it then trains
@@ -104,10 +106,16 @@ def run_variant(spec):
 
     result = {"rss_after_imports_mib": _rss_mib("VmRSS")}
 
+    native = spec["config"].pop("_native", False)
+    if native:  # RecBole's own loader, splits and augmentation loop, untouched by the plugin
+        from recbole.data import create_dataset as recbole_create_dataset
+        from recbole.data import data_preparation as recbole_data_preparation
+
+        data_preparation = recbole_data_preparation
     config = MMConfig(model=spec["model"], dataset=spec["dataset"], config_dict=spec["config"])
     init_seed(config["seed"], config["reproducibility"])
     t0 = time.perf_counter()
-    dataset = create_dataset(config)
+    dataset = recbole_create_dataset(config) if native else create_dataset(config)
     t1 = time.perf_counter()
     interactions = dataset.inter_num  # before data_preparation augments the dataset in place
     train_data, _, _ = data_preparation(config, dataset)
@@ -120,6 +128,7 @@ def run_variant(spec):
         data_preparation_s=t2 - t1,
         preparation_s=t2 - t0,
         peak_rss_prep_mib=_rss_mib("VmHWM"),
+        data_rss_mib=_rss_mib("VmHWM") - result["rss_after_imports_mib"],
         train_samples=getattr(train_data, "sample_size", len(train_set)),
         train_batches=len(train_data),
         lazy_sequences=bool(getattr(train_set, "lazy_sequences", False)),
@@ -149,8 +158,8 @@ def variants(args):
     """(name, extra config) for each variant asked for."""
     out = []
     for mode in args.modes:
-        if mode == "recbole":
-            out.append(("recbole", {"sequence_samples": "recbole"}))
+        if mode in ("recbole", "plugin"):  # RecBole's own pipeline | the plugin's loading + RecBole's augmentation
+            out.append((mode, {"sequence_samples": "recbole", "_native": mode == "recbole"}))
             continue
         for trim in args.trim:
             name = "lazy" if args.trim == ["auto"] else f"lazy trim={trim}"
@@ -201,6 +210,7 @@ ROWS = [  # (key, label, format)
     ("preparation_s", "preparation total (s)", "{:.2f}"),
     ("rss_after_imports_mib", "RSS after imports (MiB)", "{:.0f}"),
     ("peak_rss_prep_mib", "peak RSS after preparation (MiB)", "{:.0f}"),
+    ("data_rss_mib", "peak RSS of the data: peak - after imports (MiB)", "{:.0f}"),
     ("train_samples", "training samples", "{:,}"),
     ("train_batches", "batches per epoch", "{:,}"),
     ("first_batch_s", "first batch incl. epoch setup (s)", "{:.3f}"),
@@ -251,7 +261,9 @@ def main(argv=None):
     p.add_argument("--data_path", default=os.path.join(ROOT, "benchmarks", "data", ""),
                    help="default: benchmarks/data/ (where gen_synthetic.py writes)")
     p.add_argument("--model", default="SASRec")
-    p.add_argument("--modes", default="recbole,lazy", help="comma list of recbole, lazy")
+    p.add_argument("--modes", default="recbole,lazy",
+                   help="comma list of recbole (RecBole's own create_dataset + data_preparation), plugin (the "
+                        "plugin's loading and splits + RecBole's augmentation loop), lazy")
     p.add_argument("--trim", default="auto", help="trim_batches of the lazy variants: comma list of auto, true, false")
     p.add_argument("--bucketing", action="store_true", help="also run each lazy variant with length_bucketing")
     p.add_argument("--bucket-pool-batches", type=int, default=64)
@@ -264,7 +276,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.modes = args.modes.split(",")
     args.trim = args.trim.split(",")
-    for value, allowed, opt in ((args.modes, ("recbole", "lazy"), "--modes"),
+    for value, allowed, opt in ((args.modes, ("recbole", "plugin", "lazy"), "--modes"),
                                 (args.trim, ("auto", "true", "false"), "--trim")):
         if not value or set(value) - set(allowed):
             p.error(f"{opt} takes a comma list of {', '.join(allowed)}")

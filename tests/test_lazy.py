@@ -21,8 +21,16 @@ LISTS = ("item_id_list", "timestamp_list")
 
 
 def _prepared(data_path, mode, **extra):
-    cfg = dict(FAST, data_path=str(data_path), sequence_samples=mode, **extra)
-    config = MMConfig(model=extra.pop("model", "SASRec"), dataset="tiny", config_dict=cfg)
+    """Config, dataset and loaders through the plugin, or (``mode="native"``) through RecBole's own
+    ``create_dataset`` and ``data_preparation`` (its loader, splits and augmentation loop)."""
+    cfg = dict(FAST, data_path=str(data_path), sequence_samples="recbole" if mode == "native" else mode, **extra)
+    config = MMConfig(model="SASRec", dataset="tiny", config_dict=cfg)
+    if mode == "native":
+        from recbole.data import create_dataset as recbole_create_dataset
+        from recbole.data import data_preparation as recbole_data_preparation
+
+        dataset = recbole_create_dataset(config)
+        return config, dataset, recbole_data_preparation(config, dataset)
     dataset = create_dataset(config)
     return config, dataset, data_preparation(config, dataset)
 
@@ -66,7 +74,7 @@ def test_cut_histories_layout():
 @pytest.mark.parametrize("trim", [False, True])
 def test_same_samples_same_order_as_recbole(workdir, trim):
     write_tiny_dataset(workdir / "data", n_users=30, n_items=25, min_len=3, max_len=25)
-    _, ref_ds, ref = _prepared(workdir / "data", "recbole")
+    _, ref_ds, ref = _prepared(workdir / "data", "native")
     _, lazy_ds, new = _prepared(workdir / "data", "lazy", trim_batches=trim)
     assert "item_id_list" in ref_ds.inter_feat and "item_id_list" not in lazy_ds.inter_feat
     assert lazy_ds.lazy_sequences and not getattr(ref_ds, "lazy_sequences", False)

@@ -128,17 +128,20 @@ _CHECKED = {}
 
 
 def with_interaction_checks(dataset_class):
-    """``dataset_class`` with :class:`InteractionChecksMixin` and, for a sequential dataset that
-    augments with RecBole's loop, :class:`~recbole_mm.data.lazy.LazySequencesMixin` (a class of
-    this module, cached, so that datasets stay picklable: RecBole's ``save_dataset``)."""
+    """``dataset_class`` with :class:`InteractionChecksMixin`, the vectorised loading and splitting of
+    :mod:`recbole_mm.data.vectorised` and, for a sequential dataset that augments with RecBole's
+    loop, :class:`~recbole_mm.data.lazy.LazySequencesMixin` (a class of this module, cached, so
+    that datasets stay picklable: RecBole's ``save_dataset``)."""
     from recbole_mm.data.lazy import LazySequencesMixin, uses_lazy_sequences
+    from recbole_mm.data.vectorised import VectorisedDatasetMixin
 
     if issubclass(dataset_class, InteractionChecksMixin):
         return dataset_class
     if dataset_class not in _CHECKED:
         name = f"Checked{dataset_class.__name__}"
         lazy = (LazySequencesMixin,) if uses_lazy_sequences(dataset_class) else ()
-        cls = type(name, (InteractionChecksMixin,) + lazy + (dataset_class,), {"__module__": __name__})
+        bases = (InteractionChecksMixin,) + lazy + (VectorisedDatasetMixin, dataset_class)
+        cls = type(name, bases, {"__module__": __name__})
         globals()[name] = cls
         _CHECKED[dataset_class] = cls
     return _CHECKED[dataset_class]

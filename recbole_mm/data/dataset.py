@@ -16,11 +16,13 @@ from recbole.utils import set_color
 
 from recbole_mm.data.checks import InteractionChecksMixin
 from recbole_mm.data.lazy import LazySequencesMixin
+from recbole_mm.data.vectorised import VectorisedDatasetMixin
 
 TRAIN_WINDOWS = ("all_prefixes", "last", "sliding")
 
 
-class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, SequentialDataset):
+class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, VectorisedDatasetMixin,
+                                  SequentialDataset):
     """Sequential dataset exposing ``mm_features`` / ``mm_missing`` aligned to internal item ids.
 
     - ``mm_features[name]``: float32 tensor (n_items, dim), row 0 = PAD = zeros. Plain tensors,

@@ -36,6 +36,8 @@ from recbole.data.dataloader.general_dataloader import TrainDataLoader
 from recbole.data.interaction import Interaction
 from recbole.utils import FeatureSource, FeatureType
 
+from recbole_mm.data.vectorised import take
+
 SEQ_END_FIELD = "seq_end_index"
 SAMPLE_MODES = ("lazy", "recbole")
 # RecBole models whose outputs do not depend on right padding beyond the longest history of a
@@ -112,7 +114,7 @@ class LazySequencesMixin:
         target, length = prefix_samples(self.inter_feat[self.uid_field].numpy(), self.max_item_list_len)
         self._seq_flat = {getattr(self, f"{field}_list_field"): self.inter_feat[field]
                           for field in self.inter_feat if field != self.uid_field}
-        samples = self.inter_feat[torch.from_numpy(target)]
+        samples = take(self.inter_feat, target)
         samples.update(Interaction({
             self.item_list_length_field: torch.from_numpy(length),
             SEQ_END_FIELD: torch.from_numpy(target),
