@@ -4,7 +4,7 @@
     python benchmarks/bench_data_scale.py --dataset synth_1000000 [--data_path benchmarks/data/]
         [--modes recbole,lazy] [--trim auto[,true,false]] [--bucketing [--bucket-pool-batches 64]]
         [--model SASRec] [--max-len 50] [--hidden-size 64] [--batch-size 2048]
-        [--epoch-batches K] [--threads 1] [--json results.json]
+        [--epoch-batches K] [--threads 1] [--nproc 1 [--ddp-timeout 7200]] [--json results.json]
 
 Each variant runs in a fresh subprocess, so its peak RSS (``VmHWM``) is its own: ``recbole``
 (RecBole's own ``create_dataset`` and ``data_preparation``: its Python CSV parser, splits and
@@ -14,8 +14,19 @@ augmentation loop), ``plugin`` (the plugin's loading and splits, RecBole's augme
 seconds of ``create_dataset`` and of ``data_preparation``, its RSS after imports and its peak RSS
 after preparation, and its number of training samples. With ``--epoch-batches K`` it then trains
 K batches (forward, backward, Adam; loading included) and projects an epoch as the first batch
-(which includes the epoch's shuffle/bucketing and warm-up) plus the median of the others times
+(which includes the epoch's shuffle/bucketing and warm-up) plus the mean of the others times
 the remaining batches; it also reports the mean width of the batches' item list (trimming).
+
+With ``--nproc N`` (N > 1) each variant's subprocess starts N DDP ranks on this node as the
+plugin's runner does (``torch.multiprocessing`` spawn, a free port on localhost, ``MMConfig`` with
+``world_size``/``nproc``/``offset``/``local_rank``: gloo on CPU, NCCL on GPUs), and every rank builds
+its own config, dataset and data loaders (as each rank of a DDP run does). Each rank reports its
+preparation seconds, RSS after imports, peak RSS and the training samples of its loader's share
+(the ``DistributedSampler``'s ``num_samples``, or the rank's share of the length-bucketed batches);
+the table gives the maximum over ranks of the times and of the peak RSS, and the sum of the ranks'
+peak RSS (the memory the node needs, at most). ``--epoch-batches`` is not available with ``--nproc``.
+A rank that fails fails its variant: the other ranks are stopped, and ranks still running after
+``--ddp-timeout`` seconds are stopped too.
 
 A variant that dies (MemoryError, killed by the kernel, ...) is reported as failed with its exit
 code; the others still run. Prints a Markdown table with ``recbole / <variant>`` ratios.
@@ -77,12 +88,14 @@ def _train_batches(config, train_data, k):
         if list_field in inter:
             widths.append(int(inter[list_field].shape[1]))
     n_batches = len(train_data)
-    rest = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    # mean, not median: bucketed batches differ in width, and an epoch costs their sum
+    rest = statistics.mean(seconds[1:]) if len(seconds) > 1 else seconds[0]
     return {
         "batch_seconds": seconds,
         "first_batch_s": seconds[0],
         "batch_s": rest,
-        "epoch_projected_s": seconds[0] + rest * (n_batches - 1),
+        "epoch_measured": len(seconds) == n_batches,
+        "epoch_projected_s": sum(seconds) if len(seconds) == n_batches else seconds[0] + rest * (n_batches - 1),
         "mean_batch_width": statistics.mean(widths) if widths else None,
         "peak_rss_mib": _rss_mib("VmHWM"),
     }
@@ -140,11 +153,215 @@ def run_variant(spec):
     return result
 
 
+# ----------------------------------------------------------------------------- child (one variant, N DDP ranks)
+def _free_port():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _bucket_share(buckets):
+    """Training samples one rank draws per epoch from a :class:`LengthBucketBatchSampler` (the batch
+    sizes depend only on the counts, not on the draw)."""
+    n, global_size = len(buckets.lengths), buckets.batch_size * buckets.world_size
+    pool = max(1, buckets.pool_batches) * global_size
+    total = 0
+    for start in range(0, n, pool):
+        full, rest = divmod(min(pool, n - start), global_size)
+        total += full * len(range(buckets.rank, global_size, buckets.world_size))
+        total += len(range(buckets.rank, rest, buckets.world_size))
+    return total
+
+
+def _rank_samples(train_data):
+    """Training samples in this rank's share of the training loader, per epoch."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    buckets = getattr(train_data, "_buckets", None)
+    if buckets is not None:
+        return _bucket_share(buckets)
+    if isinstance(getattr(train_data, "sampler", None), DistributedSampler):
+        return train_data.sampler.num_samples  # RecBole's loaders: padded to a multiple of the ranks
+    return len(train_data) * train_data.step
+
+
+def _run_rank(local_rank, spec, port):
+    """One DDP rank of a variant: config (which joins the process group), dataset, data loaders."""
+    import logging
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from recbole.utils import init_seed
+
+    from recbole_mm.config import MMConfig
+    from recbole_mm.quick_start import create_dataset
+
+    torch.set_num_threads(spec["threads"])
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"  [{spec['name']} rank {local_rank}] %(levelname)s %(message)s")
+    from recbole_mm.data.lazy import data_preparation
+
+    result = {"rss_after_imports_mib": _rss_mib("VmRSS")}
+
+    config_dict = dict(spec["config"])
+    native = config_dict.pop("_native", False)
+    if native:
+        from recbole.data import create_dataset as recbole_create_dataset
+        from recbole.data import data_preparation as recbole_data_preparation
+
+        data_preparation = recbole_data_preparation
+    nproc = spec["nproc"]
+    config_dict.update(world_size=nproc, ip="localhost", port=port, nproc=nproc, offset=0, local_rank=local_rank)
+    config = MMConfig(model=spec["model"], dataset=spec["dataset"], config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    t0 = time.perf_counter()
+    dataset = recbole_create_dataset(config) if native else create_dataset(config)
+    t1 = time.perf_counter()
+    interactions = dataset.inter_num
+    train_data, _, _ = data_preparation(config, dataset)
+    t2 = time.perf_counter()
+    train_set = train_data._dataset
+    result.update(
+        rank=torch.distributed.get_rank(),
+        device=str(config["device"]),
+        ddp_backend=config["ddp_backend"],
+        interactions=interactions,
+        create_dataset_s=t1 - t0,
+        data_preparation_s=t2 - t1,
+        preparation_s=t2 - t0,
+        peak_rss_prep_mib=_rss_mib("VmHWM"),
+        data_rss_mib=_rss_mib("VmHWM") - result["rss_after_imports_mib"],
+        train_samples=getattr(train_data, "sample_size", len(train_set)),
+        rank_train_samples=_rank_samples(train_data),
+        rank_train_batches=len(train_data),
+        lazy_sequences=bool(getattr(train_set, "lazy_sequences", False)),
+        trimmed=bool(getattr(train_set, "trims_batches", False)),
+    )
+    return result
+
+
+def _rank_main(local_rank, spec, port, out_dir):
+    """``torch.multiprocessing`` target: runs one rank, writes ``rank<i>.json``; a failure is re-raised
+    (after the file is written) so that the launcher stops the other ranks."""
+    sys.argv = sys.argv[:1]
+    result = {"local_rank": local_rank}
+    try:
+        result.update(status="ok", **_run_rank(local_rank, spec, port))
+    except BaseException as exc:
+        result.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            with open(os.path.join(out_dir, f"rank{local_rank}.json"), "w") as f:
+                json.dump(result, f)
+
+
+def _stop_processes(processes, grace_s=10):
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def _ddp_failure(failure, ranks):
+    """One line: which rank failed first, and why (its own error where it wrote one)."""
+    from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
+
+    own = {r["local_rank"]: r["error"] for r in ranks if r["status"] != "ok" and "exitcode" not in r}
+    if isinstance(failure, ProcessException):
+        rank = failure.error_index
+        if rank in own:
+            why = own[rank]
+        elif isinstance(failure, ProcessExitedException):
+            why = str(failure) + (" (out of memory?)" if failure.signal_name == "SIGKILL" else "")
+        else:  # ProcessRaisedException: the traceback's last line
+            why = str(failure).strip().splitlines()[-1]
+        return f"rank {rank}: {why}"
+    if failure is not None:
+        return failure  # the timeout
+    rank, why = next(iter(own.items())) if own else next((r["local_rank"], r["error"]) for r in ranks
+                                                         if r["status"] != "ok")
+    return f"rank {rank}: {why}"
+
+
+DDP_MAX_KEYS = ("create_dataset_s", "data_preparation_s", "preparation_s", "rss_after_imports_mib",
+                "peak_rss_prep_mib", "data_rss_mib", "rank_train_samples", "rank_train_batches")
+
+
+def run_ddp_variant(spec):
+    """Start ``spec["nproc"]`` DDP ranks of one variant and join them (with a timeout); returns the
+    ranks' results and their maxima/sums. Raises when a rank fails or the ranks time out."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    nproc, timeout = spec["nproc"], spec["ddp_timeout"]
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(_rank_main, args=(spec, _free_port(), out_dir), nprocs=nproc,
+                                     join=False, start_method="spawn")
+        failure = None
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    failure = f"TimeoutError: ranks still running after {timeout:g} s (--ddp-timeout); stopped"
+                    break
+        except ProcessException as exc:  # join has stopped the other ranks
+            failure = exc
+        finally:
+            _stop_processes(context.processes)  # no-op unless timed out or interrupted
+        ranks = []
+        for i in range(nproc):
+            path = os.path.join(out_dir, f"rank{i}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    ranks.append(json.load(f))
+            else:
+                code = context.processes[i].exitcode
+                why = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 \
+                    else f"exit code {code}"
+                ranks.append({"local_rank": i, "status": "failed", "error": f"no result ({why})",
+                              "exitcode": code})
+    result = {"ranks": nproc, "rank_results": ranks}
+    if failure is not None or any(r["status"] != "ok" for r in ranks):
+        raise DDPVariantFailed(_ddp_failure(failure, ranks), result)
+    first = ranks[0]
+    result.update({key: first[key] for key in ("device", "ddp_backend", "interactions", "train_samples",
+                                               "lazy_sequences", "trimmed")})
+    result.update({key: max(r[key] for r in ranks) for key in DDP_MAX_KEYS})
+    result["peak_rss_all_ranks_mib"] = sum(r["peak_rss_prep_mib"] for r in ranks)
+    result["rank_train_samples_sum"] = sum(r["rank_train_samples"] for r in ranks)
+    return result
+
+
+class DDPVariantFailed(RuntimeError):
+    """A rank of a DDP variant failed (or the ranks timed out); ``partial`` holds the ranks' results."""
+
+    def __init__(self, message, partial):
+        super().__init__(message)
+        self.partial = partial
+
+
 def child_main(spec_json, out_path):
     spec = json.loads(spec_json)
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value pairs from the command line
     try:
-        result = dict(status="ok", **run_variant(spec))
+        result = dict(status="ok", **(run_ddp_variant(spec) if spec.get("nproc", 1) > 1 else run_variant(spec)))
+    except DDPVariantFailed as exc:  # the ranks printed their tracebacks
+        result = dict(exc.partial, status="failed", error=str(exc))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which goes on
         traceback.print_exc()
         result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -183,6 +400,8 @@ def run_child(name, extra, args):
     }
     spec = {"name": name, "model": args.model, "dataset": args.dataset, "config": config,
             "threads": args.threads, "epoch_batches": args.epoch_batches}
+    if args.nproc > 1:
+        spec.update(nproc=args.nproc, ddp_timeout=args.ddp_timeout)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "result.json")
@@ -214,11 +433,27 @@ ROWS = [  # (key, label, format)
     ("train_samples", "training samples", "{:,}"),
     ("train_batches", "batches per epoch", "{:,}"),
     ("first_batch_s", "first batch incl. epoch setup (s)", "{:.3f}"),
-    ("batch_s", "s/batch (median of the others)", "{:.3f}"),
-    ("epoch_projected_s", "projected epoch (s)", "{:.1f}"),
+    ("batch_s", "s/batch (mean of the others)", "{:.3f}"),
+    ("epoch_projected_s", "epoch (s): measured when --epoch-batches covers it, else projected", "{:.1f}"),
     ("mean_batch_width", "mean item list width", "{:.1f}"),
     ("peak_rss_mib", "peak RSS after training batches (MiB)", "{:.0f}"),
 ]
+
+DDP_ROWS = [  # --nproc > 1: maxima over the ranks, and the node's sum of peaks
+    ("ranks", "ranks", "{}"),
+    ("create_dataset_s", "create_dataset, max over ranks (s)", "{:.2f}"),
+    ("data_preparation_s", "data_preparation, max over ranks (s)", "{:.2f}"),
+    ("preparation_s", "preparation total, max over ranks (s)", "{:.2f}"),
+    ("rss_after_imports_mib", "RSS after imports per rank, max (MiB)", "{:.0f}"),
+    ("peak_rss_prep_mib", "peak RSS per rank, max (MiB)", "{:.0f}"),
+    ("peak_rss_all_ranks_mib", "peak RSS, all ranks (MiB)", "{:.0f}"),
+    ("data_rss_mib", "peak RSS of the data per rank, max: peak - after imports (MiB)", "{:.0f}"),
+    ("train_samples", "training samples (whole training set)", "{:,}"),
+    ("rank_train_samples", "training samples per rank, max", "{:,}"),
+    ("rank_train_samples_sum", "training samples, sum over ranks (incl. DistributedSampler padding)", "{:,}"),
+    ("rank_train_batches", "batches per epoch per rank, max", "{:,}"),
+]
+NO_RATIO = {"ranks"}
 
 
 def markdown(results, args, command):
@@ -233,7 +468,9 @@ def markdown(results, args, command):
         "",
         f"{args.model} on {args.dataset} ({interactions} interactions), "
         f"MAX_ITEM_LIST_LENGTH {args.max_len}, hidden {args.hidden_size}, batch {args.batch_size}, "
-        f"{args.threads} thread(s), device {first.get('device', '?')}, {os.cpu_count()} CPUs, "
+        + (f"{args.nproc} DDP ranks ({first.get('ddp_backend', '?')}), " if args.nproc > 1 else "")
+        + f"{args.threads} thread(s){' per rank' if args.nproc > 1 else ''}, device {first.get('device', '?')}, "
+        f"{os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}",
         "",
         "| | " + " | ".join(r["name"] for r in results)
@@ -244,11 +481,14 @@ def markdown(results, args, command):
         "| trimmed batches | " + " | ".join(str(r.get("trimmed", "")) for r in results)
         + " |" * (len(ratio_names) + 1),
     ]
-    for key, label, fmt in ROWS:
+    for key, label, fmt in (DDP_ROWS if args.nproc > 1 else ROWS):
         if not any(r.get(key) is not None for r in results):
             continue
         cells = [fmt.format(r[key]) if r.get(key) is not None else "—" for r in results]
         for name in ratio_names:
+            if key in NO_RATIO:
+                cells.append("")
+                continue
             other = ok.get(name, {}).get(key)
             cells.append(f"{base[key] / other:.2f}" if base.get(key) is not None and other else "—")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -272,8 +512,19 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=2048, help="train_batch_size")
     p.add_argument("--epoch-batches", type=int, default=0, help="training batches to time (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads and OMP_NUM_THREADS of each variant")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="DDP ranks per variant (> 1: each variant's subprocess spawns that many ranks on this node)")
+    p.add_argument("--ddp-timeout", type=float, default=7200,
+                   help="with --nproc > 1: seconds before a variant's ranks still running are stopped (failed)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.nproc < 1:
+        p.error("--nproc must be at least 1")
+    if args.nproc > 1 and args.epoch_batches:
+        p.error("--epoch-batches is not available with --nproc > 1: the DDP variants measure data preparation only "
+                "(time training batches in a single-process run)")
+    if args.ddp_timeout <= 0:
+        p.error("--ddp-timeout must be positive")
     args.modes = args.modes.split(",")
     args.trim = args.trim.split(",")
     for value, allowed, opt in ((args.modes, ("recbole", "plugin", "lazy"), "--modes"),

@@ -1,8 +1,8 @@
 """YAML studies: datasets x models x seeds, one fresh subprocess per cell, resumable, with tables.
 
 A study YAML (see ``docs/STUDIES.md`` and ``properties/study/``) names datasets, models (plugin
-or RecBole), seeds, shared and per-model / per-dataset config overrides, the metrics to report
-and an output folder. Each cell (dataset, model, seed) is one
+or RecBole, or variants of them with their own config), seeds, shared and per-model / per-dataset
+config overrides, the metrics to report and an output folder. Each cell (dataset, model, seed) is one
 ``recbole_mm.quick_start.run_recbole_mm(..., saved=True)`` run in its own Python process, with
 ``record_path`` pointing at the cell's record in the study folder; the runner writes that JSON
 atomically on success (``.failed.json`` on failure).
@@ -57,7 +57,7 @@ STUDY_KEYS = {
     "description": "free text, copied into results.md",
     "output_dir": "study folder (default: studies/<name>, relative to the working directory)",
     "datasets": "list of dataset names",
-    "models": "list of model names (plugin or RecBole)",
+    "models": "list of model names (plugin or RecBole) or variants {name, model, config, role}",
     "seeds": "list of integer seeds (default: [2020])",
     "metrics": "RecBole metrics for every cell, e.g. [Hit, NDCG]",
     "topk": "RecBole cut-offs for every cell, e.g. [5, 10]",
@@ -82,6 +82,12 @@ RESERVED_CONFIG_KEYS = {
 }
 # Config keys RecBole reads without having defaults for them.
 EXTRA_CONFIG_KEYS = {"mm_feature_names", "nproc", "world_size", "offset", "ip", "port"}
+VARIANT_KEYS = {
+    "name": "the variant's label: cell folders, tables, CSV, plots",
+    "model": "the model class it runs (plugin or RecBole)",
+    "config": "config overrides of the variant, over the study's config and model_config",
+    "role": "baseline or proposed (default: the role of its model)",
+}
 SOURCE_TYPES = {
     "ninerec": {"required": (), "optional": ("path", "benchmark", "max_history")},
     "movielens": {"required": ("path",), "optional": ()},
@@ -298,6 +304,11 @@ def _dataset_present(data_dir, dataset, benchmark):
     return os.path.isfile(os.path.join(data_dir, f"{dataset}.inter"))
 
 
+def _bad_name(v):
+    """Not a usable name for a dataset, model or variant (they name folders)."""
+    return not isinstance(v, str) or not v or "/" in v or "\\" in v or v in (".", "..")
+
+
 def _model_role(model, proposed):
     return "proposed" if model in proposed else "baseline"
 
@@ -340,26 +351,39 @@ class Study:
         self.output_dir = os.path.abspath(out)
 
         self.datasets = self._name_list("datasets", required=True)
-        models = self._name_list("models", required=True)
-        self.models, model_lines = [], {}
-        for i, model in enumerate(models):
-            line = _item_line(raw.get("models"), i)
+        models = self._name_list("models", required=True, variants=True)
+        # self.models: the cells' labels (a model's name, or a variant's); self.variants: label -> variant
+        self.models, self.variants, model_lines, aliases = [], {}, {}, {}
+
+        def model_class(model, line, path):  # the model's class name, or None (error added)
             try:
-                canonical = get_model(model).__name__
+                aliases[model] = get_model(model).__name__
             except Exception as exc:  # noqa: BLE001 - UnknownModelError or a model that fails to import
-                err.add(line, f"models[{i}]", str(exc) if "nknown model" in str(exc)
+                err.add(line, path, str(exc) if "nknown model" in str(exc)
                         else f"model {model!r} cannot be loaded: {type(exc).__name__}: {exc}")
+            return aliases.get(model)
+
+        for i, entry in enumerate(models):
+            line = _item_line(raw.get("models"), i)
+            variant = self._variant(entry, f"models[{i}]", line) if isinstance(entry, dict) else None
+            if isinstance(entry, dict) and variant is None:
                 continue
-            if canonical in self.models:
-                err.add(line, f"models[{i}]", f"model {canonical!r} is listed twice")
+            if variant is None:
+                label = model_class(entry, line, f"models[{i}]")
+            else:
+                variant["model"] = model_class(variant["model"], _key_line(entry, "model"), f"models[{i}].model")
+                label = variant["name"] if variant["model"] else None
+            if label is None:
                 continue
-            self.models.append(canonical)
-            model_lines[canonical] = line
+            if label in self.models:
+                err.add(line, f"models[{i}]", f"model {label!r} is listed twice")
+                continue
+            self.models.append(label)
+            model_lines[label] = line
+            if variant is not None:
+                self.variants[label] = variant
         self._model_lines = model_lines
-        aliases = {m: m for m in self.models}
-        for m in models:
-            with contextlib.suppress(Exception):
-                aliases[m] = get_model(m).__name__
+        aliases.update({m: m for m in self.models})
 
         seeds = raw.get("seeds", [2020])
         if not isinstance(seeds, list) or not seeds:
@@ -374,24 +398,29 @@ class Study:
             else:
                 self.seeds.append(seed)
 
-        # proposed models (the rest are baselines)
+        # proposed models (the rest are baselines); a variant has its model's role unless it gives one
         proposed = raw.get("proposed")
+        roles = {m: v["role"] for m, v in self.variants.items() if v["role"]}
+        listed = []
         if proposed is None:
             from recbole_mm.registry import PLUGIN_MODELS
 
-            self.proposed = [m for m in self.models if m in PLUGIN_MODELS and m not in BASELINE_MODELS]
+            listed = [m for m in self.models + self.base_models() if m in PLUGIN_MODELS and m not in BASELINE_MODELS]
         elif not isinstance(proposed, list):
             err.add(_key_line(raw, "proposed"), "proposed", "must be a list of model names")
-            self.proposed = []
         else:
-            self.proposed = []
             for i, m in enumerate(proposed):
                 canonical = aliases.get(m, m)
                 if canonical not in self.models:
                     err.add(_item_line(proposed, i), f"proposed[{i}]",
                             f"{m!r} is not one of the study's models {self.models}")
+                elif roles.get(canonical) == "baseline":
+                    err.add(_item_line(proposed, i), f"proposed[{i}]", f"{m!r} is a variant with role: baseline")
                 else:
-                    self.proposed.append(canonical)
+                    listed.append(canonical)
+        self.proposed = [m for m in listed if m in self.models] + [
+            m for m in self.models if m not in listed and roles.get(m, "proposed" if self.model_of(m) in listed
+                                                                    else "baseline") == "proposed"]
 
         # metrics
         self.metrics = raw.get("metrics")
@@ -401,7 +430,7 @@ class Study:
         # overrides
         self.config = self._mapping("config")
         self.dataset_config = self._nested("dataset_config", self.datasets, {})
-        self.model_config = self._nested("model_config", self.models, aliases)
+        self.model_config = self._nested("model_config", self.models + self.base_models(), aliases)
         self.config_files = []
         files = raw.get("config_files") or []
         if isinstance(files, str):
@@ -446,7 +475,8 @@ class Study:
         err.raise_if_any()
         self.cells = [(d, m, s) for d in self.datasets for m in self.models for s in self.seeds]
 
-    def _name_list(self, key, required):
+    def _name_list(self, key, required, variants=False):
+        """The names listed under ``key`` (and, with ``variants``, its mapping entries as they are)."""
         raw, err = self.raw, self.errors
         value = raw.get(key)
         if value is None:
@@ -461,7 +491,9 @@ class Study:
             return []
         names = []
         for i, v in enumerate(value):
-            if not isinstance(v, str) or not v or "/" in v or "\\" in v or v in (".", ".."):
+            if variants and isinstance(v, dict):
+                names.append(v)
+            elif _bad_name(v):
                 err.add(_item_line(value, i), f"{key}[{i}]", f"must be a name, got {v!r}")
             elif v in names:
                 err.add(_item_line(value, i), f"{key}[{i}]", f"{v!r} is listed twice")
@@ -470,6 +502,43 @@ class Study:
         if isinstance(raw.get(key), str):
             raw[key] = value
         return names
+
+    def _variant(self, entry, path, line):
+        """A ``models:`` entry ``{name, model, config, role}``: the variant (its model not looked up
+        yet), or None when it is malformed (errors added)."""
+        from recbole_mm.registry import get_model
+
+        err, count = self.errors, len(self.errors.items)
+        for key in entry:
+            if key not in VARIANT_KEYS:
+                err.add(_key_line(entry, key), f"{path}.{key}", f"unknown key for a model variant"
+                        f"{_suggest(key, VARIANT_KEYS)}; known: {', '.join(VARIANT_KEYS)}")
+        name, model, config, role = (entry.get(k) for k in VARIANT_KEYS)
+        if _bad_name(name):
+            err.add(_key_line(entry, "name"), f"{path}.name", f"a variant needs a name (no / or \\), got {name!r}")
+        else:  # a model's name (any case) would be ambiguous in proposed and model_config
+            with contextlib.suppress(Exception):
+                err.add(_key_line(entry, "name"), f"{path}.name", f"{name!r} is the name of the model "
+                        f"{get_model(name).__name__}: a variant needs a name of its own")
+        if not isinstance(model, str) or not model:
+            err.add(line, path, "a variant needs the model it runs, e.g. "
+                    "{name: SASRec+bucketing, model: SASRec, config: {length_bucketing: True}}")
+        config = _LineDict() if config is None else config
+        if not isinstance(config, dict):
+            err.add(_key_line(entry, "config"), f"{path}.config", f"must be a mapping of config keys, got {config!r}")
+        if role not in (None, "baseline", "proposed"):
+            err.add(_key_line(entry, "role"), f"{path}.role", f"must be baseline or proposed, got {role!r}")
+        if len(err.items) > count:
+            return None
+        return {"name": name, "model": model, "config": config, "role": role, "path": path}
+
+    def model_of(self, label):
+        """The model class name a cell label runs (a variant's model, else the label itself)."""
+        return self.variants[label]["model"] if label in self.variants else label
+
+    def base_models(self):
+        """The models of the study's variants that are not listed themselves."""
+        return list(dict.fromkeys(v["model"] for v in self.variants.values() if v["model"] not in self.models))
 
     def _mapping(self, key):
         value = self.raw.get(key)
@@ -505,6 +574,8 @@ class Study:
             yield f"dataset_config.{d}", m
         for name, m in self.model_config.items():
             yield f"model_config.{name}", m
+        for v in self.variants.values():
+            yield f"{v['path']}.config", v["config"]
 
     def _validate_metrics(self):
         raw, err = self.raw, self.errors
@@ -593,7 +664,10 @@ class Study:
         if self.topk is not None:
             cfg["topk"] = list(self.topk)
         cfg.update(_plain(self.dataset_config.get(dataset, {})))
-        cfg.update(_plain(self.model_config.get(model, {})))
+        for key in dict.fromkeys((self.model_of(model), model)):  # a variant: its model's entry, then its own
+            cfg.update(_plain(self.model_config.get(key, {})))
+        if model in self.variants:
+            cfg.update(_plain(self.variants[model]["config"]))
         cfg.update(self.overrides)
         return cfg
 
@@ -612,7 +686,7 @@ class Study:
             if "data_path" in overrides:
                 overrides["data_path"] = os.path.abspath(str(overrides["data_path"]))
             try:
-                cfg = self._build_config(self.models[0], d, overrides)
+                cfg = self._build_config(self.model_of(self.models[0]), d, overrides)
             except Exception as exc:  # noqa: BLE001
                 err.add(line, f"datasets[{i}]", f"RecBole cannot configure dataset {d!r}: {type(exc).__name__}: {exc}")
                 continue
@@ -649,7 +723,8 @@ class Study:
         for d in self.datasets:
             for m in self.models:
                 try:
-                    cfg = self._build_config(m, d, {"data_path": os.path.dirname(self.data_dirs[d])}, files=False)
+                    cfg = self._build_config(self.model_of(m), d, {"data_path": os.path.dirname(self.data_dirs[d])},
+                                             files=False)
                 except Exception as exc:  # noqa: BLE001
                     err.add(self._model_lines.get(m), f"models ({m} on {d})",
                             f"RecBole cannot configure {m} on {d}: {type(exc).__name__}: {exc}")
@@ -680,8 +755,11 @@ class Study:
         for d, mapping in self.dataset_config.items():
             check(f"dataset_config.{d}", mapping, set().union(*(known[d, m] for m in self.models)),
                   [(d, m) for m in self.models])
-        for m, mapping in self.model_config.items():
-            check(f"model_config.{m}", mapping, set().union(*(known[d, m] for d in self.datasets)),
+        for key, mapping in self.model_config.items():  # a model's entry applies to its variants too
+            cells = [(d, m) for d in self.datasets for m in self.models if key in (m, self.model_of(m))]
+            check(f"model_config.{key}", mapping, set().union(*(known[c] for c in cells)), cells)
+        for m, v in self.variants.items():
+            check(f"{v['path']}.config", v["config"], set().union(*(known[d, m] for d in self.datasets)),
                   [(d, m) for d in self.datasets])
         seen = set()
         for cell in known:
@@ -708,14 +786,18 @@ class Study:
             "log": os.path.join(self.output_dir, "logs", dataset, model, f"seed{seed}.log"),
         }
 
+    def finished_record(self, dataset, model, seed):
+        """The complete record of a finished cell, else None."""
+        return complete_record(self.cell_paths(dataset, model, seed)["record"], dataset, self.model_of(model), seed)
+
     def cell_spec(self, dataset, model, seed):
-        """Everything one cell needs; ``fingerprint`` identifies its configuration."""
+        """Everything one cell (``model``: its label) needs; ``fingerprint`` identifies its configuration."""
         paths = self.cell_paths(dataset, model, seed)
         config = self.cell_overrides(dataset, model)
         config["data_path"] = os.path.dirname(self.data_dirs[dataset])
         if "checkpoint_dir" in config:
             config["checkpoint_dir"] = os.path.abspath(str(config["checkpoint_dir"]))
-        ident = {"model": model, "dataset": dataset, "seed": seed, "config_dict": config,
+        ident = {"model": self.model_of(model), "dataset": dataset, "seed": seed, "config_dict": config,
                  "config_files": [[f, _file_sha(f)] for f in self.config_files]}
         fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
         forced = dict(config, seed=seed, record_path=paths["record"], record_runs=True)
@@ -723,7 +805,7 @@ class Study:
             forced["strict_config_keys"] = False
         forced.setdefault("checkpoint_dir", os.path.join(self.output_dir, "saved", dataset, model))
         return {
-            "model": model, "dataset": dataset, "seed": seed,
+            "model": self.model_of(model), "name": model, "dataset": dataset, "seed": seed,
             "config_files": list(self.config_files), "config_dict": forced,
             "user_config": config, "fingerprint": fingerprint,
             # what the cell's configuration also depends on, as of this study start: the default
@@ -889,7 +971,7 @@ def config_changes(old, spec):
     cells (no defaults recorded) compare the fingerprint.
     """
     before, now = old.get("user_config") or {}, _jsonable(spec["user_config"])
-    diff = []
+    diff = [f"model: {old['model']!r} -> {spec['model']!r}"] if old.get("model") not in (None, spec["model"]) else []
     if old.get("config_files") != spec["config_files"]:
         diff.append("config_files changed")
     elif old.get("config_file_shas") not in (None, spec["config_file_shas"]):
@@ -924,7 +1006,7 @@ def _check_finished_specs(study):
     changed = []
     for d, m, s in study.cells:
         spec = study.cell_spec(d, m, s)
-        if complete_record(spec["record"], d, m, s) is None:
+        if complete_record(spec["record"], d, None, s) is None:  # any model: a variant's may have changed
             continue
         old = _read_json(spec["cell"])
         diff = config_changes(old, spec) if isinstance(old, dict) else []
@@ -995,12 +1077,14 @@ def _run_cell(study, spec, log, stop=None):
     _write_json(spec["cell"], state)
     status, t0, stopped = "failed", time.perf_counter(), False
     with open(spec["log"], "a", encoding="utf-8") as logf:
-        logf.write(f"\n===== {spec['dataset']} / {spec['model']} / seed {spec['seed']}: attempt at {started}\n")
+        logf.write(f"\n===== {spec['dataset']} / {spec['name']} / seed {spec['seed']}: attempt at {started}\n")
         logf.flush()
+        env = _child_env(study)
+        if spec["name"] in study.variants:  # the step-1 key does not cover every setting a variant may change
+            env.pop(STEP1_SHARE_ENV, None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "recbole_mm.study", "--run-cell", spec["cell"]],
-            cwd=study.output_dir, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=_child_env(study),
+            cwd=study.output_dir, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         try:
             if stop is None:
@@ -1035,7 +1119,7 @@ def _run_cell(study, spec, log, stop=None):
                    returncode=proc.returncode, status=status)
     _write_json(spec["cell"], state)
     if status != "finished":
-        log(f"cell {spec['dataset']} / {spec['model']} / seed {spec['seed']}: {status} "
+        log(f"cell {spec['dataset']} / {spec['name']} / seed {spec['seed']}: {status} "
             f"(exit code {proc.returncode}); log: {spec['log']}")
     return status
 
@@ -1165,7 +1249,7 @@ def _cell_worker(cell_file):
                                         "seed": spec["seed"], "error": error})
             return EXIT_DEFAULTS_CHANGED
 
-        print(f"cell: {spec['dataset']} / {spec['model']} / seed {spec['seed']}", flush=True)
+        print(f"cell: {spec['dataset']} / {spec['name']} / seed {spec['seed']}", flush=True)
         try:
             result = run_recbole_mm(model=spec["model"], dataset=spec["dataset"],
                                     config_file_list=spec["config_files"] or None,
@@ -1205,7 +1289,7 @@ def collect_cells(study, live_status=None):
     live_status = live_status or {}
     for d, m, s in study.cells:
         paths = study.cell_paths(d, m, s)
-        rec = complete_record(paths["record"], d, m, s)
+        rec = study.finished_record(d, m, s)
         state = _read_json(paths["cell"]) or {}
         attempts = state.get("attempts", []) if isinstance(state, dict) else []
         last = attempts[-1] if attempts else {}
@@ -1592,27 +1676,36 @@ def _fmt_mean_std(mean, std):
     return "—" if mean is None else _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
 
 
+def _paired_metric(a_by_seed, b_by_seed, k):
+    """``a`` against ``b`` on metric ``k``, paired by seed over the seeds both have: each one's
+    (mean, std), n, ``identical`` (every pair equal: the same runs, no test to do) and, when there
+    is a difference to test, the relative difference of the means (%, positive: ``a`` is better)
+    and the paired t-test's p."""
+    seeds = [s for s in sorted(set(a_by_seed) & set(b_by_seed)) if k in a_by_seed[s] and k in b_by_seed[s]]
+    a, b = [a_by_seed[s][k] for s in seeds], [b_by_seed[s][k] for s in seeds]
+    out = {"a": _mean_std(a), "b": _mean_std(b), "n": len(a), "identical": a == b, "relative_pct": None, "p": None}
+    (ma, _), (mb, _) = out["a"], out["b"]
+    if ma is not None and mb and a != b:
+        out["relative_pct"] = (-1 if _smaller_is_better(k) else 1) * (ma - mb) / abs(mb) * 100
+        out["p"] = _paired_test(a, b)[0]
+    return out
+
+
+def _comparison_text(c):
+    """A :func:`_paired_metric` result in words: "+4.6% (p=0.0312, n=3)"."""
+    if c["a"][0] is None or not c["b"][0]:
+        return "—"
+    if c["identical"]:  # the same runs (e.g. a SASRec cell and SICSRec's step 1 of that seed)
+        return f"identical on every seed (n={c['n']})"
+    return f"{c['relative_pct']:+.1f}% (p={_fmt_p(c['p'])}, n={c['n']})"
+
+
 def _paired_rows(a_by_seed, b_by_seed, metrics):
     """Seeds both have; ``a``'s and ``b``'s mean ± std per metric over those pairs; and ``a``
     against ``b`` paired by seed ("identical on every seed" when every pair is equal)."""
-    seeds = sorted(set(a_by_seed) & set(b_by_seed))
-    ours, theirs, comp = [], [], []
-    for k in metrics:
-        pairs = [(a_by_seed[s][k], b_by_seed[s][k]) for s in seeds if k in a_by_seed[s] and k in b_by_seed[s]]
-        a, b = [x for x, _ in pairs], [y for _, y in pairs]
-        (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
-        ours.append(_fmt_mean_std(ma, sa))
-        theirs.append(_fmt_mean_std(mb, sb))
-        if ma is None or not mb:
-            comp.append("—")
-            continue
-        if a == b:  # the same runs (e.g. a SASRec cell and SICSRec's step 1 of that seed): no test to do
-            comp.append(f"identical on every seed (n={len(a)})")
-            continue
-        sign = -1 if _smaller_is_better(k) else 1
-        p, n = _paired_test(a, b)
-        comp.append(f"{sign * (ma - mb) / abs(mb) * 100:+.1f}% (p={_fmt_p(p)}, n={n})")
-    return seeds, ours, theirs, comp
+    comparisons = [_paired_metric(a_by_seed, b_by_seed, k) for k in metrics]
+    return (sorted(set(a_by_seed) & set(b_by_seed)), [_fmt_mean_std(*c["a"]) for c in comparisons],
+            [_fmt_mean_std(*c["b"]) for c in comparisons], [_comparison_text(c) for c in comparisons])
 
 
 def step1_table(study, rows, dataset, metrics):
@@ -1652,6 +1745,62 @@ def step1_table(study, rows, dataset, metrics):
     return "\n".join(lines + [""]) if lines else ""
 
 
+def within_seed_noise(c):
+    """Whether a paired comparison (:func:`_paired_metric`, ``a`` a variant, ``b`` its base model) is
+    within seed noise: p >= 0.05 and the difference of the means at most one std of ``b``; None
+    when it cannot be told (fewer than 2 pairs)."""
+    if c["n"] and c["identical"]:
+        return True
+    if c["n"] < 2 or c["p"] is None:
+        return None
+    return c["p"] >= 0.05 and abs(c["a"][0] - c["b"][0]) <= c["b"][1]
+
+
+def variants_table(study, rows, dataset, metrics):
+    """Markdown: each variant whose model is also in the study against that model, paired per
+    seed, with the wall time per cell of both and whether the variant is within seed noise of
+    it; '' when there is no such variant."""
+    pairs = [(v, study.model_of(v)) for v in study.variants if study.model_of(v) in study.models]
+    if not pairs:
+        return ""
+    finished = [r for r in rows if r["dataset"] == dataset and r["status"] == "finished"]
+    labels = [_metric_label(k) for k in metrics]
+    differences = {v: ", ".join(f"{k}: {new}" for k, _, new in
+                                _dict_changes(study.cell_overrides(dataset, m), study.cell_overrides(dataset, v)))
+                   for v, m in pairs}
+    lines = [f"### {dataset}: variants vs their base model", "",
+             "; ".join(f"{v}: {m} with `{differences[v] or 'the same config'}`" for v, m in pairs)
+             + ". Test metrics, mean ± std over the seeds both finished (n); relative difference of the means "
+             "(positive: the variant is better) and a two-sided paired t-test over those seeds "
+             "(scipy.stats.ttest_rel); wall time of the cells, shortest-longest.", "",
+             "| Model | n | " + " | ".join(labels) + " | wall time / cell |",
+             "|---|---|" + "---|" * len(labels) + "---|"]
+    verdicts = []
+    for variant, base in pairs:
+        ours, theirs = ({r["seed"]: r for r in finished if r["model"] == m} for m in (variant, base))
+        seeds = sorted(set(ours) & set(theirs))
+        comparisons = [_paired_metric({s: r["test"] for s, r in ours.items()},
+                                      {s: r["test"] for s, r in theirs.items()}, k) for k in metrics]
+        lines += [f"| {base} | {len(seeds)} | " + " | ".join(_fmt_mean_std(*c["b"]) for c in comparisons)
+                  + f" | {_wall_text([theirs[s] for s in seeds])} |",
+                  f"| {variant} | {len(seeds)} | " + " | ".join(_fmt_mean_std(*c["a"]) for c in comparisons)
+                  + f" | {_wall_text([ours[s] for s in seeds])} |",
+                  f"| {variant} vs {base} | | " + " | ".join(map(_comparison_text, comparisons)) + " | |"]
+        noise = {label: within_seed_noise(c) for c, label in zip(comparisons, labels)}
+        inside = [label for label, v in noise.items() if v]
+        outside = [label for label, v in noise.items() if v is False]
+        if not inside and not outside:
+            verdicts.append(f"- {variant}: fewer than 2 seeds finished by both it and {base}: no verdict.")
+        elif not outside:
+            verdicts.append(f"- {variant}: within seed noise of {base} on every metric.")
+        else:
+            verdicts.append(f"- {variant}: **not** within seed noise of {base} on {', '.join(outside)}"
+                            + (f"; within it on {', '.join(inside)}." if inside else "."))
+    lines += ["", "Within seed noise: the paired t-test finds no difference (p ≥ 0.05) and the difference of the "
+              "means is at most one standard deviation of the base model over these seeds.", ""] + verdicts
+    return "\n".join(lines + [""])
+
+
 def write_report(study, rows=None):
     """Write cells.csv/json, tables/<dataset>.md, results.md and plots/; returns their paths."""
     rows = rows if rows is not None else collect_cells(study)
@@ -1665,9 +1814,9 @@ def write_report(study, rows=None):
     sections, summaries = [], {}
     for d in study.datasets:
         text, summary = dataset_table(study, rows, d, metrics)
-        extra = step1_table(study, rows, d, metrics)
-        if extra:
-            text += "\n" + extra
+        for extra in (step1_table(study, rows, d, metrics), variants_table(study, rows, d, metrics)):
+            if extra:
+                text += "\n" + extra
         summaries[d] = summary
         table_path = os.path.join(out, "tables", f"{d}.md")
         write_text_atomic(table_path, text + "\n")
@@ -1751,7 +1900,7 @@ def run_study(path_or_dict, output_dir=None, overrides=None, max_cells=None, pro
     study = validate_study(path_or_dict, output_dir, overrides)
     for warning in study.errors.warnings:
         log(f"warning: {warning}")
-    finished = [c for c in study.cells if complete_record(study.cell_paths(*c)["record"], *c) is not None]
+    finished = [c for c in study.cells if study.finished_record(*c) is not None]
     if dry_run:
         return {"study": study, "output_dir": study.output_dir, "cells": study.cells,
                 "finished": len(finished), "to_build": dict(study.to_build)}

@@ -328,3 +328,17 @@ def test_a_sasrec_run_published_in_the_share_folder_is_reused_as_step1(workdir, 
         assert abs(float(sic["test_result"][k]) - float(v)) < 1e-6, k
     for k, v in sas["test_result"].items():
         assert abs(float(sic["step1_test_result"][k]) - float(v)) < 1e-6, k
+
+
+def test_step1_key_covers_length_bucketing(built):
+    """A step 1 trained on length-bucketed batches is not offered to runs without bucketing (and the
+    key of runs without it is unchanged by the bucketing keys)."""
+    from recbole_mm.model.sicsrec import BUCKETING_KEYS, step1_key
+
+    config, _, train, valid = built
+    plain = step1_key(config, train, valid)
+    assert not set(BUCKETING_KEYS) & set(plain["settings"])
+    bucketed = copy.deepcopy(config)
+    bucketed["length_bucketing"] = True
+    key = step1_key(bucketed, train, valid)
+    assert key["settings"]["length_bucketing"] is True and key != plain

@@ -263,6 +263,135 @@ def test_cell_config_priority_and_paths(env):
     assert sas["fingerprint"] != s.cell_spec("tiny", "SASRec", 1)["fingerprint"]
 
 
+# ----------------------------------------------------------------------------- model variants
+
+VARIANT_STUDY = TINY_STUDY.replace("models: [SASRec, GRU4Rec]\n", """\
+models:
+  - SASRec
+  - {name: SASRec+bucketing, model: sasrec, config: {length_bucketing: True, inner_size: 48}}
+  - GRU4Rec
+""").replace("  GRU4Rec: {embedding_size: 16}\n", """\
+  GRU4Rec: {embedding_size: 16}
+  SASRec: {inner_size: 24, n_layers: 2}
+  SASRec+bucketing: {n_layers: 3, inner_size: 40}
+""")
+
+
+def test_a_variant_cell_runs_its_model_with_the_merged_config(env):
+    s = validate_study(write(env / "v.yaml", VARIANT_STUDY), overrides={"eval_batch_size": 32})
+    assert s.models == ["SASRec", "SASRec+bucketing", "GRU4Rec"] and len(s.cells) == 6
+    assert s.proposed == ["GRU4Rec"]  # a SASRec variant is a baseline, as SASRec is
+    spec = s.cell_spec("tiny", "SASRec+bucketing", 2)
+    assert (spec["model"], spec["name"]) == ("SASRec", "SASRec+bucketing")  # the runner gets the real model
+    cfg = spec["config_dict"]
+    # study config < model_config of its model < model_config of the variant < the variant's config < command line
+    assert (cfg["length_bucketing"], cfg["inner_size"], cfg["n_layers"], cfg["hidden_size"], cfg["eval_batch_size"]) \
+        == (True, 48, 3, 16, 32)
+    assert cfg["record_path"] == str(env / "studies" / "tiny" / "records" / "tiny" / "SASRec+bucketing" / "seed2.json")
+    assert cfg["checkpoint_dir"] == str(env / "studies" / "tiny" / "saved" / "tiny" / "SASRec+bucketing")
+    plain = s.cell_spec("tiny", "SASRec", 2)["config_dict"]
+    assert "length_bucketing" not in plain and (plain["inner_size"], plain["n_layers"]) == (24, 2)
+    # role: proposed makes it one; naming a base model in `proposed` makes its variants proposed too
+    role = VARIANT_STUDY.replace("inner_size: 48}}", "inner_size: 48}, role: proposed}")
+    assert validate_study(write(env / "p.yaml", role)).proposed == ["GRU4Rec", "SASRec+bucketing"]
+    listed = VARIANT_STUDY.replace("proposed: [GRU4Rec]", "proposed: [SASRec]")
+    assert validate_study(write(env / "q.yaml", listed)).proposed == ["SASRec", "SASRec+bucketing"]
+
+    # a finished variant cell is found (its record names SASRec), and a changed variant config is refused
+    _finish_cell_as(s, ("tiny", "SASRec+bucketing", 1), s.cell_spec("tiny", "SASRec+bucketing", 1))
+    rows = {(r["model"], r["seed"]): r for r in st.collect_cells(s)}
+    assert rows["SASRec+bucketing", 1]["status"] == "finished" and rows["SASRec", 1]["status"] == "pending"
+    changed = write(env / "v.yaml", VARIANT_STUDY.replace("length_bucketing: True", "length_bucketing: False"))
+    with pytest.raises(StudyError, match="different configuration") as exc:
+        run_study(changed, overrides={"eval_batch_size": 32}, max_cells=0, progress=False)
+    assert "tiny / SASRec+bucketing / seed 1: length_bucketing: True -> False" in str(exc.value)
+    retargeted = write(env / "v.yaml", VARIANT_STUDY.replace("model: sasrec,", "model: GRU4Rec,"))
+    with pytest.raises(StudyError, match="model: 'SASRec' -> 'GRU4Rec'"):
+        run_study(retargeted, overrides={"eval_batch_size": 32}, max_cells=0, progress=False)
+
+
+def test_a_variant_cell_runs_end_to_end(env):
+    """One tiny cell: the runner trains the variant's model with its config; the record (which
+    names SASRec) is the finished cell of the variant's label. A variant cell gets no step-1 share
+    folder (SICSRec's step-1 key does not cover every setting a variant may change)."""
+    text = VARIANT_STUDY.replace("  - SASRec\n", "", 1).replace("  - GRU4Rec\n", "").replace("proposed: [GRU4Rec]\n", "")
+    text = text.replace("  GRU4Rec: {embedding_size: 16}\n", "")  # model_config.SASRec still applies to the variant
+    text = text.replace("keep_checkpoints: false", "keep_checkpoints: true")
+    r = run_study(write(env / "v.yaml", text.replace("seeds: [1, 2]", "seeds: [1]")), progress=False)
+    assert r["complete"] and [(c["model"], c["status"]) for c in r["cells"]] == [("SASRec+bucketing", "finished")]
+    record = json.load(open(os.path.join(r["output_dir"], "records", "tiny", "SASRec+bucketing", "seed1.json")))
+    assert record["model"] == "SASRec" and record["config"]["length_bucketing"] is True
+    assert (record["config"]["inner_size"], record["config"]["n_layers"]) == (48, 3)
+    assert not record.get("step1_published") and not os.path.exists(os.path.join(r["output_dir"], "saved", "step1"))
+
+
+def test_variant_mistakes_name_their_lines(env):
+    text = """\
+datasets: [tiny]
+models:
+  - SASRec
+  - name: fast
+    model: SASRec
+    config: {length_bucketin: True}
+  - {name: fast, model: GRU4Rec}
+  - {name: slow, model: SASRek}
+  - {name: gru4rec, model: SASRec}
+  - {name: odd, model: SASRec, role: main}
+  - {name: odder, model: SASRec, configs: {}}
+config:
+  data_path: data
+"""
+    path = write(env / "bad.yaml", text)
+    message = assert_fails_before_training(
+        path, env,
+        (6, "models[1].config.length_bucketin", "unknown config key", "did you mean length_bucketing"),
+        (7, "models[2]", "'fast' is listed twice"),
+        (8, "models[3].model", "Unknown model 'SASRek'", "SASRec"),
+        (9, "models[4].name", "is the name of the model GRU4Rec"),
+        (10, "models[5].role", "must be baseline or proposed"),
+        (11, "models[6].configs", "unknown key for a model variant", "did you mean config"),
+    )
+    assert message.startswith("invalid study (6 problems)")
+    bad_value = text.split("  - {name: fast")[0].replace("length_bucketin: True", "length_bucketing: 3")
+    with pytest.raises(StudyError, match=r"bad2.yaml:6: models\[1\]\.config\.length_bucketing: length_bucketing must"):
+        validate_study(write(env / "bad2.yaml", bad_value + "config:\n  data_path: data\n"))
+
+
+def test_variants_section_pairs_each_variant_with_its_base_model(env):
+    """A fabricated study: the variant against its base model per seed, with a paired t-test
+    checked by hand (3 pairs: two-sided p = 1 - t / sqrt(t^2 + 2) for 2 degrees of freedom)."""
+    s = validate_study(write(env / "v.yaml", VARIANT_STUDY.replace("seeds: [1, 2]", "seeds: [1, 2, 3]")))
+    values = {"SASRec": [(0.30, 0.20), (0.32, 0.21), (0.31, 0.22)],
+              "SASRec+bucketing": [(0.31, 0.25), (0.34, 0.27), (0.30, 0.26)],
+              "GRU4Rec": [(0.20, 0.10), (0.21, 0.11), (0.22, 0.12)]}
+    rows = [{"dataset": "tiny", "model": m, "seed": seed, "status": "finished", "wall_time_s": wall,
+             "test": {"hit@10": hit, "ndcg@10": ndcg}}
+            for m, per_seed in values.items() for (seed, (hit, ndcg)), wall in zip(enumerate(per_seed, 1), (60, 65, 70))]
+    text = st.variants_table(s, rows, "tiny", ["hit@10", "ndcg@10"])
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "SASRec+bucketing: SASRec with `inner_size: 48, length_bucketing: True, n_layers: 3`" in text
+    assert lines["| SASRec"] == "| SASRec | 3 | 0.3100 ± 0.0100 | 0.2100 ± 0.0100 | 60-70 s |"
+    assert lines["| SASRec+bucketing"] == "| SASRec+bucketing | 3 | 0.3167 ± 0.0208 | 0.2600 ± 0.0100 | 60-70 s |"
+    # hit@10: differences 0.01, 0.02, -0.01, t = 2 / sqrt(7), p = 1 - sqrt(2) / 3 = 0.529
+    # ndcg@10: differences 0.05, 0.06, 0.04, t = 5 sqrt(3), p = 1 - sqrt(75 / 77) = 0.0131
+    assert lines["| SASRec+bucketing vs SASRec"] == \
+        "| SASRec+bucketing vs SASRec | | +2.2% (p=0.529, n=3) | +23.8% (p=0.0131, n=3) | |"
+    c = st._paired_metric({r["seed"]: r["test"] for r in rows if r["model"] == "SASRec+bucketing"},
+                          {r["seed"]: r["test"] for r in rows if r["model"] == "SASRec"}, "hit@10")
+    assert c["p"] == pytest.approx(1 - 2 ** 0.5 / 3) and st.within_seed_noise(c)
+    # within seed noise on HR@10 (p >= 0.05, |0.0067| <= std 0.01), not on NDCG@10 (p < 0.05)
+    assert "- SASRec+bucketing: **not** within seed noise of SASRec on NDCG@10; within it on HR@10." in text
+    assert "p ≥ 0.05" in text and "one standard deviation of the base model" in text
+    one_seed = [r for r in rows if r["seed"] == 1]
+    assert "fewer than 2 seeds finished by both it and SASRec: no verdict" in st.variants_table(s, one_seed, "tiny",
+                                                                                                   ["hit@10"])
+    # the variant is a row of the dataset table like any model (here the best baseline); a study
+    # without variants has no section
+    table, _ = st.dataset_table(s, rows, "tiny", ["hit@10"])
+    assert "| SASRec+bucketing | baseline | 3 | **0.3167 ± 0.0208** |" in table and "vs SASRec+bucketing (p=" in table
+    assert st.variants_table(validate_study(write(env / "t.yaml", TINY_STUDY)), rows, "tiny", ["hit@10"]) == ""
+
+
 # ----------------------------------------------------------------------------- datasets
 
 
@@ -464,9 +593,9 @@ def _finish_cell_as(study, cell, spec):
     """Mark ``cell`` finished with ``spec`` as its recorded configuration (no training)."""
     paths = study.cell_paths(*cell)
     os.makedirs(os.path.dirname(paths["record"]), exist_ok=True)
-    d, m, s = cell
+    d, _, s = cell
     with open(paths["record"], "w") as f:
-        json.dump({"status": "finished", "dataset": d, "model": m, "seed": s, "test_result": {"hit@10": 0.5},
+        json.dump({"status": "finished", "dataset": d, "model": spec["model"], "seed": s, "test_result": {"hit@10": 0.5},
                    "best_valid_result": {"hit@10": 0.5}}, f)
     with open(paths["cell"], "w") as f:
         json.dump(spec, f, default=str)

@@ -387,6 +387,8 @@ STEP1_KEYS = (
     "weight_decay", "epochs", "stopping_step", "eval_step", "train_batch_size", "valid_metric", "seed",
     "reproducibility", "clip_grad_norm", "train_windows", "eval_args", "benchmark_filename",
 )
+# step-1 settings only when on (keys of runs without bucketing stay as they were)
+BUCKETING_KEYS = ("length_bucketing", "bucket_pool_batches")
 
 
 def step1_config(config):
@@ -426,7 +428,8 @@ def step1_key(config, train_data, valid_data=None):
     return {
         "dataset": config["dataset"],
         "data": data_checksum(train_data, valid_data),
-        "settings": {k: jsonable(cfg[k]) for k in STEP1_KEYS if k in cfg},
+        "settings": {k: jsonable(cfg[k]) for k in STEP1_KEYS + BUCKETING_KEYS * bool(cfg["length_bucketing"])
+                     if k in cfg},
         "n_items": int(train_data._dataset.item_num),
     }
 
