@@ -16,7 +16,7 @@ from recbole.utils import set_color
 
 from recbole_mm.data.checks import InteractionChecksMixin
 from recbole_mm.data.lazy import LazySequencesMixin
-from recbole_mm.data.vectorised import VectorisedDatasetMixin
+from recbole_mm.data.vectorised import VectorisedDatasetMixin, take
 
 TRAIN_WINDOWS = ("all_prefixes", "last", "sliding")
 
@@ -118,7 +118,7 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
                 train.inter_feat[self.uid_field].numpy(), mode, self.config["MAX_ITEM_LIST_LENGTH"]
             )
             before = len(train.inter_feat)
-            train.inter_feat = train.inter_feat[torch.from_numpy(keep)]
+            train.inter_feat = take(train.inter_feat, keep)
             self.logger.info(
                 set_color("train_windows", "blue")
                 + f": {mode}, kept {len(train.inter_feat)} of {before} augmented training samples"
