@@ -79,13 +79,15 @@ def test_same_samples_same_order_as_recbole(workdir, trim):
     assert "item_id_list" in ref_ds.inter_feat and "item_id_list" not in lazy_ds.inter_feat
     assert lazy_ds.lazy_sequences and not getattr(ref_ds, "lazy_sequences", False)
     L = FAST["MAX_ITEM_LIST_LENGTH"]
-    for a, b in zip(ref, new):
+    for i, (a, b) in enumerate(zip(ref, new)):
         ra, rb = _rows(a, L), _rows(b, L)
         assert len(ra) == len(rb) > 0
+        if i:  # evaluation sets may be reordered (below): compare them user by user
+            ra, rb = (r[torch.argsort(r["user_id"])] for r in (ra, rb))
         for f in ("user_id", "item_id", "timestamp", "item_length") + LISTS:
             assert torch.equal(ra[f], rb[f]), f
-    # batches, as the loaders yield them under the same seed: identical rows in identical order
-    for a, b in zip(ref, new):
+    # training batches, as the loaders yield them under the same seed: identical rows in identical order
+    for a, b in zip(ref[:1], new[:1]):
         for ba, bb in zip(a, b):
             ba, bb = ba[0] if isinstance(ba, tuple) else ba, bb[0] if isinstance(bb, tuple) else bb
             width = bb["item_id_list"].shape[1]
@@ -93,6 +95,13 @@ def test_same_samples_same_order_as_recbole(workdir, trim):
             assert torch.equal(ba["user_id"], bb["user_id"]) and torch.equal(ba["item_id"], bb["item_id"])
             assert torch.equal(ba["item_id_list"][:, :width], bb["item_id_list"])
             assert not ba["item_id_list"][:, width:].any()  # trimming drops only padding
+    # evaluation (one row per user): trimmed sets ordered by history length (metrics are means over users)
+    for b in new[1:]:
+        lengths = b._dataset.inter_feat["item_length"]
+        assert bool((lengths[1:] >= lengths[:-1]).all()) == trim
+        for batch in b:
+            inter = batch[0]
+            assert inter["item_id_list"].shape[1] == (int(inter["item_length"].max()) if trim else L)
     # the training interaction matrix (targets + each user's first item) is RecBole's
     assert (ref[0]._dataset.inter_matrix(form="csr") != new[0]._dataset.inter_matrix(form="csr")).nnz == 0
 

@@ -239,7 +239,8 @@ class BucketedTrainDataLoader(TrainDataLoader):
 
 def data_preparation(config, dataset):
     """RecBole's ``data_preparation``; with ``length_bucketing: True`` the training loader draws
-    length-bucketed batches (lazy sequential datasets only)."""
+    length-bucketed batches (lazy sequential datasets only); trimmed full-ranking evaluation sets
+    are ordered by history length (:func:`sort_by_length`)."""
     from recbole.data import data_preparation as recbole_data_preparation
 
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
@@ -252,4 +253,18 @@ def data_preparation(config, dataset):
             getLogger().warning("length_bucketing without trim_batches: batches keep MAX_ITEM_LIST_LENGTH "
                                 "columns, so bucketing saves nothing")
         train_data = BucketedTrainDataLoader(config, train_set, train_data._sampler, shuffle=True)
+    for loader in (valid_data, test_data):
+        sort_by_length(loader)
     return train_data, valid_data, test_data
+
+
+def sort_by_length(loader):
+    """Order a trimmed full-ranking evaluation set by history length (stable), so each batch is cut
+    to users of similar length. Full-ranking metrics are means over users: the order is free (a
+    negative-sampling evaluation loader indexes users at construction and is left alone)."""
+    from recbole.data.dataloader.general_dataloader import FullSortEvalDataLoader
+
+    ds = getattr(loader, "_dataset", None)
+    if isinstance(loader, FullSortEvalDataLoader) and loader.is_sequential and getattr(ds, "trims_batches", False):
+        order = torch.argsort(ds.inter_feat[ds.item_list_length_field], stable=True)
+        ds.inter_feat = take(ds.inter_feat, order)
