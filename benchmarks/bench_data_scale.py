@@ -458,9 +458,9 @@ NO_RATIO = {"ranks"}
 
 def markdown(results, args, command):
     ok = {r["name"]: r for r in results if r["status"] == "ok"}
-    base = ok.get("recbole")
-    others = [r["name"] for r in results if r["name"] != "recbole"]
-    ratio_names = others if base else []
+    base_name = results[0]["name"]  # ratios against the first variant (recbole, unless --modes says otherwise)
+    base = ok.get(base_name)
+    ratio_names = [r["name"] for r in results[1:]] if base else []
     first = next(iter(ok.values()), {})
     interactions = f"{first['interactions']:,}" if "interactions" in first else "?"
     lines = [
@@ -474,7 +474,7 @@ def markdown(results, args, command):
         f"load average {os.getloadavg()[0]:.2f}",
         "",
         "| | " + " | ".join(r["name"] for r in results)
-        + "".join(f" | recbole / {n}" for n in ratio_names) + " |",
+        + "".join(f" | {base_name} / {n}" for n in ratio_names) + " |",
         "|---" * (1 + len(results) + len(ratio_names)) + "|",
         "| status | " + " | ".join("ok" if r["status"] == "ok" else f"failed: {r['error']} (rc {r['returncode']})"
                                   for r in results) + " |" * (len(ratio_names) + 1),

@@ -209,3 +209,20 @@ def test_bucketed_order_resumes_from_the_generator_state(workdir):
     _, _, (fresh, _, _) = _prepared(workdir / "data", "lazy", **extra)
     fresh.generator.set_state(state)
     assert [b["user_id"].tolist() for b in fresh] == epoch2 != epoch1
+
+
+def test_eval_blocks_fit_the_memory_budget(workdir):
+    """eval_memory_mb caps the users per full-ranking block of a sequential model; metrics unchanged."""
+    from recbole_mm.quick_start import run_recbole_mm
+
+    write_tiny_dataset(workdir / "data", n_users=40, n_items=30)
+    cfg = dict(FAST, data_path=str(workdir / "data"), checkpoint_dir=str(workdir / "saved"), record_runs=False,
+               eval_batch_size=4096)
+    n_items = 31  # 30 items + padding
+    budget = 7 * 2 * 4 * n_items / 2 ** 20  # room for 7 users' scores
+    config, dataset, (_, valid, test) = _prepared(workdir / "data", "lazy", eval_batch_size=4096, eval_memory_mb=budget)
+    assert config["eval_batch_size"] == 7 and max(len(b[0]) for b in test) == 7
+    capped = run_recbole_mm(model="SASRec", dataset="tiny", config_dict=dict(cfg, eval_memory_mb=budget), saved=False)
+    whole = run_recbole_mm(model="SASRec", dataset="tiny", config_dict=dict(cfg, eval_memory_mb=None), saved=False)
+    for metric, value in whole["test_result"].items():
+        assert capped["test_result"][metric] == pytest.approx(value, abs=1e-6), metric

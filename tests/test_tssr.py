@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
 from recbole_mm.model.tssr import TSSR
@@ -281,3 +282,36 @@ def test_tied_classifiers_score_with_item_vectors(built, kind):
 def test_id_content_classifier_refuses_finetune(built):
     with pytest.raises(ValueError, match="id_content"):
         make_model(built, classifier="id_content", content_mode="finetune")
+
+
+@pytest.mark.parametrize("classifier", ["linear", "id"])
+def test_chunked_ce_equals_one_shot(classifier):
+    """ce_memory_mb: TSSR's all-position CE in chunks of positions (recomputed in backward) gives the
+    one-shot loss and gradients."""
+    from recbole_mm.model.layers import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True) if classifier == "linear" else None
+    labels = torch.randint(1, 50, (37,))
+    grads = []
+    for memory_mb in (None, 5 * 3 * 4 * 50 / 2 ** 20):  # one block | 5 rows per chunk
+        loss = chunked_cross_entropy(hidden, weight, labels, bias=bias, memory_mb=memory_mb)
+        params = [hidden, weight] + ([bias] if bias is not None else [])
+        grads.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (l1, g1), (l2, g2) = grads
+    assert torch.allclose(l1, l2, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+    expected = F.cross_entropy(hidden @ weight.t() + (bias if bias is not None else 0), labels)
+    assert torch.allclose(l1, expected, atol=1e-6)
+
+
+def test_tssr_loss_with_a_tiny_ce_budget_equals_one_block(workdir):
+    config, _, (train, _, _) = build_tiny(workdir, "TSSR")
+    batch = next(iter(train))
+    losses = []
+    for memory_mb in (None, 1e-4):  # one block | a few positions per chunk
+        model = instantiate(config, train, TSSR, ce_memory_mb=memory_mb)
+        losses.append(model.calculate_loss(batch)[0])
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)

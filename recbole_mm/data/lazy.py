@@ -239,10 +239,12 @@ class BucketedTrainDataLoader(TrainDataLoader):
 
 def data_preparation(config, dataset):
     """RecBole's ``data_preparation``; with ``length_bucketing: True`` the training loader draws
-    length-bucketed batches (lazy sequential datasets only); trimmed full-ranking evaluation sets
-    are ordered by history length (:func:`sort_by_length`)."""
+    length-bucketed batches (lazy sequential datasets only); full-ranking evaluation blocks fit
+    ``eval_memory_mb`` (:func:`cap_eval_batch`) and trimmed evaluation sets are ordered by history
+    length (:func:`sort_by_length`)."""
     from recbole.data import data_preparation as recbole_data_preparation
 
+    cap_eval_batch(config, dataset)
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
     if config["length_bucketing"]:
         train_set = train_data._dataset
@@ -256,6 +258,24 @@ def data_preparation(config, dataset):
     for loader in (valid_data, test_data):
         sort_by_length(loader)
     return train_data, valid_data, test_data
+
+
+def cap_eval_batch(config, dataset):
+    """Full-ranking evaluation of a sequential model scores ``eval_batch_size`` users x every item at
+    once (RecBole divides the batch by the number of items only for other models). With
+    ``eval_memory_mb`` the users per block are capped so that the scores (float32, counted twice:
+    scores and their top-k/masking copies) take at most that much; metrics are unchanged."""
+    from recbole.utils import ModelType
+
+    budget, mode = config["eval_memory_mb"], config["eval_args"]["mode"]
+    modes = mode.values() if isinstance(mode, dict) else [mode]
+    if not budget or config["MODEL_TYPE"] != ModelType.SEQUENTIAL or "full" not in modes:
+        return
+    cap = max(1, int(budget * 2 ** 20 // (2 * 4 * dataset.item_num)))
+    if config["eval_batch_size"] > cap:
+        getLogger().info(f"eval_batch_size {config['eval_batch_size']} -> {cap}: {cap} users x {dataset.item_num} "
+                         f"items of scores fit eval_memory_mb={budget}")
+        config["eval_batch_size"] = cap
 
 
 def sort_by_length(loader):

@@ -22,6 +22,7 @@ from recbole_mm.model.layers import (
     ElementwiseGate,
     all_gather_with_grad,
     causal_padding_mask,
+    chunked_cross_entropy,
     xavier_init,
 )
 
@@ -81,6 +82,7 @@ class TSSR(SequentialRecommender):
         self.tau_u = config["tau_u"]
         self.tau_i = config["tau_i"]
         self.ce_positions = config["ce_positions"]
+        self.ce_memory_mb = config["ce_memory_mb"]
         self.lu_pooling = config["lu_pooling"]
         self.li_mask_duplicates = config["li_mask_duplicates"]
         self.li_similarity = config["li_similarity"]
@@ -227,9 +229,14 @@ class TSSR(SequentialRecommender):
         return e @ self.output_item_matrix().t()
 
     def _ce_loss(self, e, labels):
-        """Next-item CE at every valid position (``ce_positions: all``)."""
+        """Next-item CE at every valid position (``ce_positions: all``), in chunks of positions whose
+        logits fit ``ce_memory_mb`` (:func:`~recbole_mm.model.layers.chunked_cross_entropy`)."""
         valid = labels > 0
-        return F.cross_entropy(self.logits(e[valid]), labels[valid])
+        if self.classifier is not None:
+            weight, bias = self.classifier.weight, self.classifier.bias
+        else:
+            weight, bias = self.output_item_matrix(), None
+        return chunked_cross_entropy(e[valid], weight, labels[valid], bias=bias, memory_mb=self.ce_memory_mb)
 
     def _gather(self, x):
         return all_gather_with_grad(x) if self.contrast_negatives == "global" else x
