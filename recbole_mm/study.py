@@ -944,7 +944,11 @@ LOCATION_KEYS = ("data_path",)
 # text values read as missing, which the feature's input checksum already covers; features encoded
 # only for the items a dataset uses, which are the same vectors; the CPU thread
 # count): a cell whose recorded defaults lack them is not "run with a different configuration"
-BEHAVIOUR_KEEPING_DEFAULTS = ("duplicate_interactions", "consecutive_repeats", "strict_config_keys", "cpu_threads")
+BEHAVIOUR_KEEPING_DEFAULTS = (
+    "duplicate_interactions", "consecutive_repeats", "strict_config_keys", "cpu_threads",
+    # the same samples, order and scores (tests/test_lazy.py); bucketing's default (False) is the old behaviour
+    "sequence_samples", "trim_batches", "length_bucketing", "bucket_pool_batches", "ce_memory_mb", "eval_memory_mb",
+)
 BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
 
 
