@@ -33,6 +33,7 @@ code; the others still run. Prints a Markdown table with ``recbole / <variant>``
 """
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -378,9 +379,12 @@ def variants(args):
         if mode in ("recbole", "plugin"):  # RecBole's own pipeline | the plugin's loading + RecBole's augmentation
             out.append((mode, {"sequence_samples": "recbole", "_native": mode == "recbole"}))
             continue
-        for trim in args.trim:
+        for trim, (key, value) in itertools.product(args.trim, args.vary or [(None, None)]):
             name = "lazy" if args.trim == ["auto"] else f"lazy trim={trim}"
             extra = {"sequence_samples": "lazy", "trim_batches": trim if trim == "auto" else trim == "true"}
+            if key is not None:
+                name += f" {key}={value}"
+                extra[key] = value
             out.append((name, extra))
             if args.bucketing:
                 out.append((name + " +bucketing", dict(extra, length_bucketing=True,
@@ -396,6 +400,7 @@ def run_child(name, extra, args):
         "train_batch_size": args.batch_size,
         "show_progress": False,
         "state": "WARNING",
+        **args.set,
         **extra,
     }
     spec = {"name": name, "model": args.model, "dataset": args.dataset, "config": config,
@@ -516,6 +521,10 @@ def main(argv=None):
                    help="DDP ranks per variant (> 1: each variant's subprocess spawns that many ranks on this node)")
     p.add_argument("--ddp-timeout", type=float, default=7200,
                    help="with --nproc > 1: seconds before a variant's ranks still running are stopped (failed)")
+    p.add_argument("--vary", metavar="KEY=V1,V2",
+                   help="one lazy variant per value of a config key (YAML values, ~ = None), e.g. ce_memory_mb=~,1024")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config for every variant (YAML value), repeatable, e.g. --set train_windows=last")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.nproc < 1:
@@ -525,6 +534,18 @@ def main(argv=None):
                 "(time training batches in a single-process run)")
     if args.ddp_timeout <= 0:
         p.error("--ddp-timeout must be positive")
+    import yaml
+
+    def key_values(text, opt):
+        if "=" not in text:
+            p.error(f"{opt} takes KEY=VALUE")
+        key, values = text.split("=", 1)
+        return key, [yaml.safe_load(v) for v in values.split(",")]
+
+    if args.vary:
+        key, values = key_values(args.vary, "--vary")
+        args.vary = [(key, v) for v in values]
+    args.set = dict((k, v[0]) for k, v in (key_values(t, "--set") for t in args.set))
     args.modes = args.modes.split(",")
     args.trim = args.trim.split(",")
     for value, allowed, opt in ((args.modes, ("recbole", "plugin", "lazy"), "--modes"),

@@ -19,6 +19,7 @@ Everything is vectorised: 10M rows take seconds to draw; writing them dominates.
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -33,7 +34,8 @@ MEAN_GAP_S = 3600  # mean seconds between a user's consecutive interactions
 FIRST_TIMESTAMP = 956_703_932  # ML-1M's first timestamp (April 2000)
 START_SPAN_S = 3 * 365 * 86_400  # users start within three years
 WRITE_CHUNK = 1_000_000
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.join(ROOT, "benchmarks", "data")
 
 
 def history_lengths(rng, n_interactions, n_users):
@@ -92,6 +94,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DATA_DIR, help="data_path folder (default: benchmarks/data/, git-ignored)")
     p.add_argument("--name", help="dataset name (default synth_<interactions>)")
+    p.add_argument("--text-dim", type=int, default=0,
+                   help="also store random 'text' features of this size for every item (FeatureStore.import_matrix), "
+                        "for content models on catalogues too large to encode on a CPU")
     args = p.parse_args(argv)
 
     n = args.interactions
@@ -111,6 +116,13 @@ def main(argv=None):
     tmp = path + ".tmp"
     frame.to_csv(tmp, sep="\t", index=False, chunksize=WRITE_CHUNK)
     os.replace(tmp, path)  # never leave a half-written file under the dataset's name
+    if args.text_dim:
+        sys.path.insert(0, ROOT)
+        from recbole_mm.data.features import FeatureStore
+
+        tokens = [str(i) for i in range(1, n_items + 1)]
+        vectors = np.random.default_rng(args.seed + 1).standard_normal((n_items, args.text_dim)).astype(np.float32)
+        FeatureStore(folder, name).import_matrix("text", tokens, vectors, source="gen_synthetic.py --text-dim")
     seconds = time.perf_counter() - t0
 
     print(f"{path}: {n_users} users, {frame['item_id:token'].nunique()} items, {n} interactions; "
