@@ -315,3 +315,24 @@ def test_tssr_loss_with_a_tiny_ce_budget_equals_one_block(workdir):
         model = instantiate(config, train, TSSR, ce_memory_mb=memory_mb)
         losses.append(model.calculate_loss(batch)[0])
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
+
+
+def test_frozen_feature_tables_stay_out_of_checkpoints(workdir):
+    """The state_dict carries a checksum instead of each frozen feature table; loading checks it."""
+    config, dataset, (train, _, _) = build_tiny(workdir, "TSSR")
+    model = instantiate(config, train, TSSR)
+    state = model.state_dict()
+    assert not [k for k in state if k.startswith("content.tables.") and k.endswith(".weight")]
+    digest_key = "content.tables.text.sha256"
+    assert state[digest_key].dtype == torch.uint8 and state[digest_key].numel() == 32
+    fresh = instantiate(config, train, TSSR)
+    fresh.load_state_dict(state)  # strict: the table is the model's own
+    assert torch.equal(fresh.content.tables["text"].weight, model.content.tables["text"].weight)
+    old_style = dict(state)  # a checkpoint written before: the table itself, no checksum
+    old_style.pop(digest_key)
+    old_style["content.tables.text.weight"] = model.content.tables["text"].weight.detach().clone()
+    fresh.load_state_dict(old_style)
+    other = dict(state)
+    other[digest_key] = torch.zeros(32, dtype=torch.uint8)  # trained on other features
+    with pytest.raises(RuntimeError, match="other item features"):
+        fresh.load_state_dict(other)

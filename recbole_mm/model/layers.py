@@ -135,19 +135,57 @@ class ElementwiseGate(nn.Module):
         return g * x + (1.0 - g) * y
 
 
+def _table_digest(weight):
+    import hashlib
+
+    digest = hashlib.sha256(weight.detach().cpu().contiguous().numpy().tobytes()).digest()
+    return torch.tensor(list(digest), dtype=torch.uint8)
+
+
+def keep_out_of_checkpoints(embedding):
+    """A frozen feature table (``nn.Embedding``) stays out of ``state_dict``: its 32-byte sha256
+    (``<prefix>sha256``) goes in instead, so checkpoints do not carry the tables (1.5 GB at 1M items
+    with 384-d text) and loading one against other features fails with a clear error. A checkpoint
+    written before (with the table itself) still loads."""
+    def save(module, state_dict, prefix, local_metadata):
+        if module.weight.requires_grad:
+            return  # trained tables are state
+        state_dict.pop(prefix + "weight", None)
+        if getattr(module, "_table_sha256", None) is None:
+            module._table_sha256 = _table_digest(module.weight)
+        state_dict[prefix + "sha256"] = module._table_sha256.clone()
+
+    def load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        stored = state_dict.pop(prefix + "sha256", None)
+        if stored is None:
+            return
+        if getattr(module, "_table_sha256", None) is None:
+            module._table_sha256 = _table_digest(module.weight)
+        if not torch.equal(stored.to(torch.uint8).cpu(), module._table_sha256):
+            error_msgs.append(f"{prefix}weight: the checkpoint was trained on other item features than this "
+                              f"dataset's (sha256 of the aligned table differs); re-extract the same features or "
+                              f"train afresh")
+        state_dict[prefix + "weight"] = module.weight  # the table this model already holds
+
+    embedding.register_state_dict_post_hook(save)
+    embedding.register_load_state_dict_pre_hook(load)
+    return embedding
+
+
 class ContentProjector(nn.Module):
     """Projects one or more item-feature matrices (text, image) to ``hidden_size`` and sums them.
 
     The frozen feature tables are held as frozen ``nn.Embedding`` s (parameters with
-    ``requires_grad=False``), never as buffers: DDP would re-broadcast buffers every step.
+    ``requires_grad=False``), never as buffers: DDP would re-broadcast buffers every step. They
+    are left out of checkpoints (:func:`keep_out_of_checkpoints`).
     """
 
     def __init__(self, tables, hidden_size, dropout_prob=0.0):
         super().__init__()
         self.names = list(tables)
-        self.tables = nn.ModuleDict(
-            {n: nn.Embedding.from_pretrained(t.float(), freeze=True, padding_idx=0) for n, t in tables.items()}
-        )
+        self.tables = nn.ModuleDict({
+            n: keep_out_of_checkpoints(nn.Embedding.from_pretrained(t.float(), freeze=True, padding_idx=0))
+            for n, t in tables.items()})
         self.proj = nn.ModuleDict({n: nn.Linear(t.shape[1], hidden_size) for n, t in tables.items()})
         self.dropout = nn.Dropout(dropout_prob)
 

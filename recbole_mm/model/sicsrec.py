@@ -44,6 +44,7 @@ from recbole_mm.model.layers import (
     all_gather_with_grad,
     causal_padding_mask,
     gather_positions,
+    keep_out_of_checkpoints,
 )
 from recbole_mm.model.sicsrec_stage1 import base_feature_names, modalities, stage1_feature_names
 from recbole_mm.trainer import MMTrainer, format_metrics
@@ -140,8 +141,8 @@ class SICSRec(SequentialRecommender):
         tables, mlps = {}, {}
         for m in self.modalities:
             table = dataset.mm_features[self.feature_names[m]].float()
-            tables[m] = nn.Embedding.from_pretrained(table.clone(), freeze=not self.content_tables_trainable,
-                                                     padding_idx=0)
+            tables[m] = keep_out_of_checkpoints(nn.Embedding.from_pretrained(
+                table.clone(), freeze=not self.content_tables_trainable, padding_idx=0))  # frozen: not saved
             hidden = int(mlp_hidden or max(1, table.shape[1] // 2))
             mlps[m] = nn.Sequential(nn.Linear(table.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, d))
         self.content_tables = nn.ModuleDict(tables)
