@@ -226,3 +226,22 @@ def test_eval_blocks_fit_the_memory_budget(workdir):
     whole = run_recbole_mm(model="SASRec", dataset="tiny", config_dict=dict(cfg, eval_memory_mb=None), saved=False)
     for metric, value in whole["test_result"].items():
         assert capped["test_result"][metric] == pytest.approx(value, abs=1e-6), metric
+
+
+def test_trim_batches_choices(workdir, caplog):
+    """auto trims verified models only; True on an unverified model trims with a warning; a typo stops."""
+    from recbole_mm.data.lazy import trimming
+
+    write_tiny_dataset(workdir / "data", n_users=20, n_items=15)
+
+    def config(model, value):
+        return MMConfig(model=model, dataset="tiny", config_dict=dict(FAST, data_path=str(workdir / "data"),
+                                                                     trim_batches=value))
+
+    assert trimming(config("SASRec", "auto")) and not trimming(config("BERT4Rec", "auto"))
+    assert not trimming(config("SASRec", False))
+    with caplog.at_level("WARNING"):
+        assert trimming(config("BERT4Rec", True))
+    assert "not verified" in caplog.text
+    with pytest.raises(ValueError, match="trim_batches must be auto"):
+        trimming(config("SASRec", "yes"))
