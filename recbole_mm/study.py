@@ -948,6 +948,7 @@ BEHAVIOUR_KEEPING_DEFAULTS = (
     "duplicate_interactions", "consecutive_repeats", "strict_config_keys", "cpu_threads",
     # the same samples, order and scores (tests/test_lazy.py); bucketing's default (False) is the old behaviour
     "sequence_samples", "trim_batches", "length_bucketing", "bucket_pool_batches", "ce_memory_mb", "eval_memory_mb",
+    "contrastive_memory_mb",
 )
 BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
 

@@ -336,3 +336,23 @@ def test_frozen_feature_tables_stay_out_of_checkpoints(workdir):
     other[digest_key] = torch.zeros(32, dtype=torch.uint8)  # trained on other features
     with pytest.raises(RuntimeError, match="other item features"):
         fresh.load_state_dict(other)
+
+
+def test_blockwise_item_contrastive_equals_one_block(workdir):
+    """contrastive_memory_mb: L_i over blocks of positions (recomputed in backward) gives the one-block
+    loss and gradients."""
+    config, _, (train, _, _) = build_tiny(workdir, "TSSR", lambda_i=1.0)
+    batch = next(iter(train))
+    results = []
+    for memory_mb in (None, 1e-5):  # one block | one position per block
+        model = instantiate(config, train, TSSR, contrastive_memory_mb=memory_mb)
+        model.train()
+        torch.manual_seed(0)  # same dropout masks
+        loss = model.calculate_loss(batch)[-1]
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results.append((loss.detach(), grads))
+    (l1, g1), (l2, g2) = results
+    assert torch.isfinite(l1) and l1 > 0 and torch.allclose(l1, l2, atol=1e-6)
+    assert any(g is not None for g in g1)
+    assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))

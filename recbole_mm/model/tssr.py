@@ -83,6 +83,7 @@ class TSSR(SequentialRecommender):
         self.tau_i = config["tau_i"]
         self.ce_positions = config["ce_positions"]
         self.ce_memory_mb = config["ce_memory_mb"]
+        self.contrastive_memory_mb = config["contrastive_memory_mb"]
         self.lu_pooling = config["lu_pooling"]
         self.li_mask_duplicates = config["li_mask_duplicates"]
         self.li_similarity = config["li_similarity"]
@@ -262,13 +263,34 @@ class TSSR(SequentialRecommender):
         return F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)
 
     def _item_direction(self, anchors, candidates, labels):
-        """One L_i direction: anchors (B, L, d) vs the next items' vectors (B, L, d), per position."""
+        """One L_i direction: anchors (B, L, d) vs the next items' vectors (B, L, d), per position.
+
+        The (L, B, B) similarities go in blocks of positions that fit ``contrastive_memory_mb``
+        (each recomputed in backward); the loss is the mean over every valid (position, row)."""
         if self.li_similarity == "cos":
             anchors, candidates = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
         a = anchors.transpose(0, 1)  # (L, B, d)
         c = candidates.transpose(0, 1)
-        logits = torch.bmm(a, c.transpose(1, 2)) / self.tau_i  # (L, B, B)
         lab = labels.t()  # (L, B)
+        rows = int((lab > 0).sum())
+        if not rows:
+            return (a.sum() + c.sum()) * 0.0
+        length, batch = lab.shape
+        block = length if not self.contrastive_memory_mb else \
+            max(1, int(self.contrastive_memory_mb * 2 ** 20 // (3 * 4 * batch * batch)))
+        if block >= length:
+            return self._item_direction_sum(a, c, lab) / rows
+        from torch.utils.checkpoint import checkpoint
+
+        total = a.new_zeros(())
+        for start in range(0, length, block):
+            part = slice(start, start + block)
+            total = total + checkpoint(self._item_direction_sum, a[part], c[part], lab[part], use_reentrant=False)
+        return total / rows
+
+    def _item_direction_sum(self, a, c, lab):
+        """Summed InfoNCE of positions ``a`` (P, B, d) against ``c`` (P, B, d), labels ``lab`` (P, B)."""
+        logits = torch.bmm(a, c.transpose(1, 2)) / self.tau_i  # (P, B, B)
         invalid_col = (lab == 0)[:, None, :].expand_as(logits)
         if self.li_mask_duplicates:
             dup = lab[:, :, None] == lab[:, None, :]
@@ -276,10 +298,10 @@ class TSSR(SequentialRecommender):
             invalid_col = invalid_col | (dup & ~eye)
         logits = logits.masked_fill(invalid_col, float("-inf"))
         rows = lab > 0
-        if not rows.any():
-            return logits.sum() * 0.0
+        if not rows.any():  # (every column masked: the logits are -inf, and -inf * 0 is NaN)
+            return (a.sum() + c.sum()) * 0.0
         target = torch.arange(lab.size(1), device=lab.device)[None].expand_as(lab)
-        return F.cross_entropy(logits[rows], target[rows])
+        return F.cross_entropy(logits[rows], target[rows], reduction="sum")
 
     def _item_loss(self, h_id, h_c, labels):
         """L_i: content state -> next item's ID embedding, ID state -> next item's content vector."""
