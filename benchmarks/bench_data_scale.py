@@ -102,8 +102,9 @@ def _train_batches(config, train_data, k):
     }
 
 
-def run_variant(spec):
-    """Build the config, the dataset and the data loaders of one variant; returns its results."""
+def _prepare(spec, label, **config_keys):
+    """Threads, logging, config (``config_keys`` on top of the variant's), dataset and data loaders of
+    one variant, timed; returns (config, train loader, measurements)."""
     import logging
 
     import torch
@@ -112,24 +113,21 @@ def run_variant(spec):
     from recbole.utils import init_seed
 
     from recbole_mm.config import MMConfig
+    from recbole_mm.data.lazy import data_preparation  # RecBole's, plus length bucketing
     from recbole_mm.quick_start import create_dataset
 
     torch.set_num_threads(spec["threads"])
-    logging.basicConfig(level=logging.WARNING, format=f"  [{spec['name']}] %(levelname)s %(message)s")
-    from recbole_mm.data.lazy import data_preparation  # RecBole's, plus length bucketing
-
+    logging.basicConfig(level=logging.WARNING, format=f"  [{label}] %(levelname)s %(message)s")
     result = {"rss_after_imports_mib": _rss_mib("VmRSS")}
 
-    native = spec["config"].pop("_native", False)
-    if native:  # RecBole's own loader, splits and augmentation loop, untouched by the plugin
-        from recbole.data import create_dataset as recbole_create_dataset
-        from recbole.data import data_preparation as recbole_data_preparation
-
-        data_preparation = recbole_data_preparation
-    config = MMConfig(model=spec["model"], dataset=spec["dataset"], config_dict=spec["config"])
+    config_dict = dict(spec["config"], **config_keys)
+    if config_dict.pop("_native", False):  # RecBole's own loader, splits and augmentation loop, untouched
+        from recbole.data import create_dataset
+        from recbole.data import data_preparation
+    config = MMConfig(model=spec["model"], dataset=spec["dataset"], config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     t0 = time.perf_counter()
-    dataset = recbole_create_dataset(config) if native else create_dataset(config)
+    dataset = create_dataset(config)
     t1 = time.perf_counter()
     interactions = dataset.inter_num  # before data_preparation augments the dataset in place
     train_data, _, _ = data_preparation(config, dataset)
@@ -144,10 +142,18 @@ def run_variant(spec):
         peak_rss_prep_mib=_rss_mib("VmHWM"),
         data_rss_mib=_rss_mib("VmHWM") - result["rss_after_imports_mib"],
         train_samples=getattr(train_data, "sample_size", len(train_set)),
-        train_batches=len(train_data),
         lazy_sequences=bool(getattr(train_set, "lazy_sequences", False)),
         trimmed=bool(getattr(train_set, "trims_batches", False)),
     )
+    return config, train_data, result
+
+
+def run_variant(spec):
+    """Build the config, the dataset and the data loaders of one variant; returns its results."""
+    from recbole.utils import init_seed
+
+    config, train_data, result = _prepare(spec, spec["name"])
+    result["train_batches"] = len(train_data)
     if spec["epoch_batches"] > 0:
         init_seed(config["seed"], config["reproducibility"])
         result.update(_train_batches(config, train_data, spec["epoch_batches"]))
@@ -190,56 +196,16 @@ def _rank_samples(train_data):
 
 def _run_rank(local_rank, spec, port):
     """One DDP rank of a variant: config (which joins the process group), dataset, data loaders."""
-    import logging
-
     import torch
 
-    sys.path.insert(0, ROOT)
-    from recbole.utils import init_seed
-
-    from recbole_mm.config import MMConfig
-    from recbole_mm.quick_start import create_dataset
-
-    torch.set_num_threads(spec["threads"])
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"  [{spec['name']} rank {local_rank}] %(levelname)s %(message)s")
-    from recbole_mm.data.lazy import data_preparation
-
-    result = {"rss_after_imports_mib": _rss_mib("VmRSS")}
-
-    config_dict = dict(spec["config"])
-    native = config_dict.pop("_native", False)
-    if native:
-        from recbole.data import create_dataset as recbole_create_dataset
-        from recbole.data import data_preparation as recbole_data_preparation
-
-        data_preparation = recbole_data_preparation
     nproc = spec["nproc"]
-    config_dict.update(world_size=nproc, ip="localhost", port=port, nproc=nproc, offset=0, local_rank=local_rank)
-    config = MMConfig(model=spec["model"], dataset=spec["dataset"], config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    t0 = time.perf_counter()
-    dataset = recbole_create_dataset(config) if native else create_dataset(config)
-    t1 = time.perf_counter()
-    interactions = dataset.inter_num
-    train_data, _, _ = data_preparation(config, dataset)
-    t2 = time.perf_counter()
-    train_set = train_data._dataset
+    config, train_data, result = _prepare(spec, f"{spec['name']} rank {local_rank}", world_size=nproc,
+                                          ip="localhost", port=port, nproc=nproc, offset=0, local_rank=local_rank)
     result.update(
         rank=torch.distributed.get_rank(),
-        device=str(config["device"]),
         ddp_backend=config["ddp_backend"],
-        interactions=interactions,
-        create_dataset_s=t1 - t0,
-        data_preparation_s=t2 - t1,
-        preparation_s=t2 - t0,
-        peak_rss_prep_mib=_rss_mib("VmHWM"),
-        data_rss_mib=_rss_mib("VmHWM") - result["rss_after_imports_mib"],
-        train_samples=getattr(train_data, "sample_size", len(train_set)),
         rank_train_samples=_rank_samples(train_data),
         rank_train_batches=len(train_data),
-        lazy_sequences=bool(getattr(train_set, "lazy_sequences", False)),
-        trimmed=bool(getattr(train_set, "trims_batches", False)),
     )
     return result
 

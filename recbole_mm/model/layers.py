@@ -204,7 +204,20 @@ class ContentProjector(nn.Module):
         return self.project({n: self.tables[n](item_ids) for n in self.names})
 
 
-def _ce_sum(hidden, weight, bias, labels):
+def checkpointed_sum(fn, chunk, sliced, fixed=()):
+    """``fn(*[t[part] for t in sliced], *fixed)`` summed over parts of ``chunk`` rows (dim 0 of every
+    ``sliced`` tensor), each part recomputed in backward (``torch.utils.checkpoint``): peak memory is
+    one part's intermediates. ``fn`` must return a sum over its rows."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = sliced[0].new_zeros(())
+    for start in range(0, sliced[0].size(0), chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(fn, *(t[part] for t in sliced), *fixed, use_reentrant=False)
+    return total
+
+
+def _ce_sum(hidden, labels, weight, bias):
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
@@ -215,22 +228,16 @@ def chunked_cross_entropy(hidden, weight, labels, bias=None, memory_mb=None):
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` (rows x n_items logits) against ``labels``.
 
     With ``memory_mb`` the rows go in chunks whose logits take at most that much (float32, with
-    their softmax and gradient: 3 copies), each recomputed in backward
-    (``torch.utils.checkpoint``): peak memory is independent of rows x n_items and the loss and
-    gradients equal the one-shot computation up to float summation order. Without it, or when
-    everything fits, it is the one-shot ``F.cross_entropy``.
+    their softmax and gradient: 3 copies), each recomputed in backward (:func:`checkpointed_sum`):
+    peak memory is independent of rows x n_items and the loss and gradients equal the one-shot
+    computation up to float summation order. Without it, or when everything fits, it is the
+    one-shot ``F.cross_entropy``.
     """
     rows, n_items = hidden.size(0), weight.size(0)
     chunk = rows if not memory_mb else max(1, int(memory_mb * 2 ** 20 // (3 * 4 * n_items)))
     if chunk >= rows:
-        return _ce_sum(hidden, weight, bias, labels) / max(rows, 1)
-    from torch.utils.checkpoint import checkpoint
-
-    total = hidden.new_zeros(())
-    for start in range(0, rows, chunk):
-        part = slice(start, start + chunk)
-        total = total + checkpoint(_ce_sum, hidden[part], weight, bias, labels[part], use_reentrant=False)
-    return total / rows
+        return _ce_sum(hidden, labels, weight, bias) / max(rows, 1)
+    return checkpointed_sum(_ce_sum, chunk, (hidden, labels), (weight, bias)) / rows
 
 
 def gather_positions(output, index):

@@ -418,8 +418,7 @@ def data_checksum(train_data, valid_data=None):
             elif field == list_field and getattr(ds, "lazy_sequences", False):
                 # lazy histories, cut at full width in blocks: the same bytes as a materialised table
                 for start in range(0, len(inter), 65536):
-                    rows = ds.histories(inter[torch.arange(start, min(start + 65536, len(inter)))],
-                                        width=ds.max_item_list_len)
+                    rows = ds.histories(inter[start:start + 65536], width=ds.max_item_list_len)
                     h.update(np.ascontiguousarray(rows[field].numpy()).tobytes())
     return h.hexdigest()
 

@@ -22,6 +22,7 @@ from recbole_mm.model.layers import (
     ElementwiseGate,
     all_gather_with_grad,
     causal_padding_mask,
+    checkpointed_sum,
     chunked_cross_entropy,
     xavier_init,
 )
@@ -280,13 +281,7 @@ class TSSR(SequentialRecommender):
             max(1, int(self.contrastive_memory_mb * 2 ** 20 // (3 * 4 * batch * batch)))
         if block >= length:
             return self._item_direction_sum(a, c, lab) / rows
-        from torch.utils.checkpoint import checkpoint
-
-        total = a.new_zeros(())
-        for start in range(0, length, block):
-            part = slice(start, start + block)
-            total = total + checkpoint(self._item_direction_sum, a[part], c[part], lab[part], use_reentrant=False)
-        return total / rows
+        return checkpointed_sum(self._item_direction_sum, block, (a, c, lab)) / rows
 
     def _item_direction_sum(self, a, c, lab):
         """Summed InfoNCE of positions ``a`` (P, B, d) against ``c`` (P, B, d), labels ``lab`` (P, B)."""
