@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -276,16 +277,21 @@ class SafeLoadingMixin:
         return self.history
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        start = time.perf_counter()
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         if isinstance(loss, tuple):
             value = [float(x) for x in loss]
         else:
             value = float(loss)
         self._history()["train_loss"].append(value)
+        # seconds of each training pass (no evaluation), for "s / training epoch" in study reports
+        self._history().setdefault("train_epoch_s", []).append(round(time.perf_counter() - start, 3))
         return loss
 
     def _valid_epoch(self, valid_data, show_progress=False):
+        start = time.perf_counter()
         score, result = super()._valid_epoch(valid_data, show_progress=show_progress)
+        self._history().setdefault("valid_epoch_s", []).append(round(time.perf_counter() - start, 3))
         self._history()["valid_score"].append(float(score))
         self._history()["valid_result"].append({k: float(v) for k, v in result.items()})
         return score, result

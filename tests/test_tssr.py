@@ -138,9 +138,9 @@ def test_item_loss_masks_duplicate_next_items(built):
     anchors = torch.randn(3, 2, 16)
     cands = torch.randn(3, 2, 16)
     labels = torch.tensor([[5, 0], [5, 3], [6, 3]])
-    masked = model._item_direction(anchors, cands, labels)
+    masked = model._item_direction(anchors, cands, labels, labels, 0)
     model.li_mask_duplicates = False
-    faithful = model._item_direction(anchors, cands, labels)
+    faithful = model._item_direction(anchors, cands, labels, labels, 0)
     # with masking, rows whose only negatives are duplicates have zero loss
     a, c = anchors.transpose(0, 1), cands.transpose(0, 1)
     logits = torch.bmm(a, c.transpose(1, 2))
@@ -277,6 +277,23 @@ def test_tied_classifiers_score_with_item_vectors(built, kind):
     g = _grads(model, l_ce)
     assert any(_group(g, "item_embedding")) and any(_group(g, "content.proj"))
     assert not any(_group(g, "content.tables"))
+
+
+def test_finetune_cache_is_bounded_and_exact(built):
+    """encoder_cache_mb: the lower-layer cache holds only the items batches bring, within its budget;
+    items past the budget are recomputed, and the encodings equal the unbounded cache's."""
+    unbounded = make_model(built, content_mode="finetune", encoder_max_length=16, encoder_cache_mb=None)
+    text = unbounded.content.text
+    row_mb = text.input_ids.size(1) * text.out_dim * 4 / 2 ** 20
+    bounded = make_model(built, content_mode="finetune", encoder_max_length=16, encoder_cache_mb=4 * row_mb)
+    assert bounded.content.text.cache.capacity == 4 < bounded.n_items
+    rows = torch.arange(1, 11)
+    with torch.no_grad():
+        for _ in range(2):  # second pass: 4 items read back, 6 recomputed
+            a, b = unbounded.content.text(rows), bounded.content.text(rows)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert text.cache.used == 10 and bounded.content.text.cache.used == 4
+    assert bounded.content.text.cache.store.size(0) == 4 and bounded.content.text.cache.uncached == 12
 
 
 def test_id_content_classifier_refuses_finetune(built):

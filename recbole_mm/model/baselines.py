@@ -10,7 +10,8 @@
   content features, used for the sequence input and for scoring.
 
 Both are RecBole ``SASRec`` s (same Transformer, positions, LayerNorm, dropout, CE/BPR loss,
-initialisation); only the item vector differs. The feature tables are frozen embeddings held
+initialisation); only the item vector differs. The CE loss can be ``softmax: sampled``
+(:mod:`recbole_mm.model.softmax`). The feature tables are frozen embeddings held
 by :class:`recbole_mm.model.layers.ContentProjector`, so no gradient ever reaches them and the
 trainer never gives them to the optimizer. PAD (item 0) is always the zero vector.
 Defaults: ``properties/model/ContentSASRec.yaml`` and ``IDContentSASRec.yaml``.
@@ -21,6 +22,7 @@ import torch.nn as nn
 from recbole.model.sequential_recommender.sasrec import SASRec
 
 from recbole_mm.model.layers import ContentProjector
+from recbole_mm.model.softmax import CatalogueSoftmax
 
 _MODALITIES = ("text", "image", "both")
 
@@ -64,6 +66,7 @@ class _FeatureSASRec(SASRec):
         if not self.use_id_embedding:
             # MoRec-style: no ID table at all (SASRec.__init__ created one)
             del self.item_embedding
+        self.softmax = CatalogueSoftmax(config, dataset, self.n_items, name)
 
     # ------------------------------------------------------------------ item vectors
     def item_vectors(self, item_ids):
@@ -97,8 +100,8 @@ class _FeatureSASRec(SASRec):
             pos_score = (seq_output * self.item_vectors(pos_items)).sum(-1)
             neg_score = (seq_output * self.item_vectors(neg_items)).sum(-1)
             return self.loss_fct(pos_score, neg_score)
-        logits = seq_output @ self.all_item_vectors().t()
-        return self.loss_fct(logits, pos_items)
+        # full softmax (in chunks within ce_memory_mb) or softmax: sampled
+        return self.softmax(seq_output, pos_items, self.item_vectors, all_items=self.all_item_vectors)
 
     def predict(self, interaction):
         seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

@@ -3,10 +3,17 @@
 A ``transformers`` text encoder sits in the graph with only its top ``k`` layers trainable.
 Per batch, each unique item is encoded once (not B x L times); for BERT-like encoders
 (``embeddings`` + ``encoder.layer``) the output of the frozen lower layers is computed once per
-item and cached, so a step runs only the ``k`` trainable layers.
+item and cached (:class:`BoundedRowCache`), so a step runs only the ``k`` trainable layers.
+
+The cache is filled for items as batches bring them, never allocated for the whole catalogue:
+``cache_mb`` bounds it (default 2048 MiB; at 64 tokens x 384 dims in float32 that is ~21,800
+items) and ``cache_dtype: float16`` halves an item's share. Items that arrive once the budget is
+spent are not cached: their lower layers are recomputed (under ``no_grad``) each time they occur,
+which costs time, never memory; one log line says when that starts.
 """
 
 import logging
+import math
 
 import torch
 import torch.nn as nn
@@ -29,6 +36,75 @@ def _pool(hidden, mask, pooling, pooler=None):
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+class BoundedRowCache:
+    """Per-row tensors of one shape (e.g. an item's frozen lower-layer output, (T, H)), kept for
+    the rows seen so far within ``budget_mb`` (``None``: no bound), stored as ``dtype``.
+
+    ``get(rows, compute)`` returns ``(len(rows), *shape)``: cached rows are read back, the others
+    computed by ``compute(missing_rows)`` (each distinct row once) and kept while the budget lasts.
+    The store grows with the rows seen (doubling, at most ``capacity`` rows), never to the
+    whole catalogue up front.
+    """
+
+    def __init__(self, n_rows, shape, budget_mb=2048, dtype=torch.float32, name="cache"):
+        self.n_rows, self.shape, self.dtype, self.name = int(n_rows), tuple(shape), dtype, name
+        row_bytes = max(1, math.prod(self.shape)) * torch.empty((), dtype=dtype).element_size()
+        self.capacity = self.n_rows if budget_mb is None else min(self.n_rows, int(budget_mb * 2 ** 20 // row_bytes))
+        self.row_bytes = row_bytes
+        self.slot = None  # (n_rows,) long on the store's device: slot of a cached row, -1 = not cached
+        self.store = None  # (allocated, *shape)
+        self.used = 0
+        self.uncached = 0  # rows computed without a slot once the budget was spent
+        self._warned = False
+
+    def _ensure(self, device):
+        if self.slot is None or self.slot.device != device:
+            self.slot = torch.full((self.n_rows,), -1, dtype=torch.long, device=device)
+            self.store, self.used = None, 0
+
+    def _grow(self, needed, device):
+        allocated = 0 if self.store is None else self.store.size(0)
+        if needed <= allocated:
+            return
+        size = min(self.capacity, max(needed, 2 * allocated, 64))
+        store = torch.empty((size,) + self.shape, dtype=self.dtype, device=device)
+        if allocated:
+            store[:allocated] = self.store
+        self.store = store
+
+    def nbytes(self):
+        return 0 if self.store is None else self.store.numel() * self.store.element_size()
+
+    def get(self, rows, compute):
+        device = rows.device
+        self._ensure(device)
+        slots = self.slot[rows]
+        hit = slots >= 0
+        if rows.numel() and hit.all():
+            return self.store[slots].float() if self.dtype != torch.float32 else self.store[slots]
+        miss_rows, inverse = torch.unique(rows[~hit], return_inverse=True)
+        values = compute(miss_rows)
+        out = values.new_empty((rows.size(0),) + tuple(values.shape[1:]))
+        if hit.any():
+            out[hit] = self.store[slots[hit]].to(values.dtype)
+        out[~hit] = values[inverse]
+        room = self.capacity - self.used
+        keep = min(room, miss_rows.numel())
+        if keep > 0:
+            self._grow(self.used + keep, device)
+            new_slots = torch.arange(self.used, self.used + keep, device=device)
+            self.store[new_slots] = values[:keep].detach().to(self.dtype)
+            self.slot[miss_rows[:keep]] = new_slots
+            self.used += keep
+        if keep < miss_rows.numel():
+            self.uncached += miss_rows.numel() - keep
+            if not self._warned:
+                self._warned = True
+                logger.info(f"{self.name}: budget full ({self.used:,} of {self.n_rows:,} items, "
+                            f"{self.nbytes() / 2 ** 20:.0f} MiB); further items are recomputed each time they occur")
+        return out
+
+
 class FinetuneTextEncoder(nn.Module):
     """Item text -> vector with a partly trainable ``transformers`` encoder.
 
@@ -40,10 +116,12 @@ class FinetuneTextEncoder(nn.Module):
         unique_items: encode each unique item of a batch once (``False``: every position,
             padding included, as the original TSSR code does).
         cache_lower: cache the frozen lower layers' output per item (BERT-like encoders).
+        cache_mb: the cache's budget in MiB (``None``: every item the batches bring).
+        cache_dtype: ``float32`` (exact) or ``float16`` (half the memory per item).
     """
 
     def __init__(self, encoder, input_ids, attention_mask, trainable_layers=1, pooling="mean",
-                 unique_items=True, cache_lower=True, train_bn="frozen"):
+                 unique_items=True, cache_lower=True, cache_mb=2048, cache_dtype="float32"):
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
@@ -74,8 +152,11 @@ class FinetuneTextEncoder(nn.Module):
                 p.requires_grad = True
         self.n_layers = n_layers
         self.out_dim = encoder.config.hidden_size
-        self._cache = None  # (n_items, T, H) lower-layer outputs, filled lazily
-        self._cached = None  # (n_items,) bool
+        if cache_dtype not in ("float32", "float16"):
+            raise ValueError(f"encoder cache dtype must be float32 or float16, got {cache_dtype!r}")
+        self.cache = BoundedRowCache(
+            input_ids.size(0), (input_ids.size(1), self.out_dim), budget_mb=cache_mb,
+            dtype=getattr(torch, cache_dtype), name="encoder lower-layer cache")
 
     def _layers(self):
         for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):
@@ -120,17 +201,8 @@ class FinetuneTextEncoder(nn.Module):
             out = self.encoder(input_ids=ids, attention_mask=mask)
             return _pool(out.last_hidden_state, mask, self.pooling, getattr(self.encoder, "pooler", None))
         if self.cache_lower:
-            if self._cache is None or self._cache.device != device:
-                n, t = self.input_ids.shape
-                self._cache = torch.zeros(n, t, self.out_dim, device=device)
-                self._cached = torch.zeros(n, dtype=torch.bool, device=device)
-            rows_d = rows.to(device)
-            todo = rows_d[~self._cached[rows_d]]
-            if todo.numel():
-                self._cache[todo] = self._lower(self.input_ids[todo.cpu()].to(device),
-                                                self.attention_mask[todo.cpu()].to(device))
-                self._cached[todo] = True
-            h = self._cache[rows_d]
+            h = self.cache.get(rows.to(device), lambda todo: self._lower(
+                self.input_ids[todo.cpu()].to(device), self.attention_mask[todo.cpu()].to(device)))
         else:
             h = self._lower(ids, mask)
         ext = self._extended_mask(mask, h.dtype)

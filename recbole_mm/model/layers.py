@@ -245,21 +245,65 @@ def gather_positions(output, index):
     return output[torch.arange(output.size(0), device=output.device), index]
 
 
-def all_gather_with_grad(x):
-    """Concatenate ``x`` over DDP ranks keeping the local slice differentiable; identity otherwise."""
+def _process_group():
+    """``torch.distributed`` when a process group of more than one rank is running, else None."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 (ranks may hold different row counts). Backward: every rank's gradient
+    of the gathered tensor is summed (all-reduce) and each rank keeps the slice of its own rows, so
+    a loss one rank computes against the gathered rows trains the rows of every rank."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank):
+        dist = _process_group()
+        padded = x.new_zeros((max(sizes),) + tuple(x.shape[1:]))
+        padded[: x.size(0)] = x
+        parts = [torch.zeros_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.sizes, ctx.rank = sizes, rank
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        _process_group().all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start: start + ctx.sizes[ctx.rank]], None, None
+
+
+def gather_rows(x, differentiable=False):
+    """``(rows of every DDP rank concatenated, offset of this rank's rows)``; ``(x, 0)`` without DDP.
+
+    ``differentiable=True``: gradients reach every rank's rows (:class:`_GatherRows`); otherwise the
+    result is a constant (labels, ids). For contrastive losses computed as this rank's rows
+    against the gathered columns (:func:`contrastive_scale`).
+    """
+    dist = _process_group()
+    if dist is None:
+        return x, 0
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([x.size(0)], device=x.device))
-    max_n = int(max(s.item() for s in sizes))
-    pad = torch.zeros((max_n - x.size(0),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded = torch.cat([x, pad], 0)
-    gathered = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded.detach())
-    gathered[dist.get_rank()] = padded
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)], 0)
+    sizes = [int(n.item()) for n in sizes]
+    rank = dist.get_rank()
+    if differentiable and torch.is_grad_enabled() and x.requires_grad:
+        return _GatherRows.apply(x, sizes, rank), sum(sizes[:rank])
+    with torch.no_grad():
+        return _GatherRows.forward(type("ctx", (), {})(), x.detach(), sizes, rank), sum(sizes[:rank])
+
+
+def contrastive_scale(n_global_rows):
+    """Factor that turns a rank's summed per-row losses into its share of the global mean such that
+    DDP's gradient average equals the gradient of the global mean: world_size / global rows
+    (1 / rows without DDP)."""
+    dist = _process_group()
+    world = dist.get_world_size() if dist is not None else 1
+    return world / max(int(n_global_rows), 1)
 
 
 def xavier_init(module, bias_value=0.0, embedding_bound=None):

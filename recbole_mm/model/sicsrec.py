@@ -41,11 +41,13 @@ from recbole_mm.study import STEP1_SHARE_ENV
 from recbole_mm.model.layers import (
     AttentionStack,
     LowRankAdapter,
-    all_gather_with_grad,
     causal_padding_mask,
+    contrastive_scale,
     gather_positions,
+    gather_rows,
     keep_out_of_checkpoints,
 )
+from recbole_mm.model.softmax import CatalogueSoftmax
 from recbole_mm.model.sicsrec_stage1 import base_feature_names, modalities, stage1_feature_names
 from recbole_mm.trainer import MMTrainer, format_metrics
 
@@ -163,6 +165,7 @@ class SICSRec(SequentialRecommender):
         # fusion and item-side dropout
         self.fusion = nn.Linear(3 * d, d)
         self.item_dropout = nn.Dropout(self.item_dropout_prob)
+        self.softmax = CatalogueSoftmax(config, dataset, self.n_items, "SICSRec")
 
         self._init_weights()
         self.freeze_id_encoder()
@@ -308,24 +311,38 @@ class SICSRec(SequentialRecommender):
             return s @ self.item_matrix().t()  # official: s . E, no temperature
         return s @ self.item_matrix().t() / self.tau
 
-    def _gather(self, x):
-        return all_gather_with_grad(x) if self.contrast_negatives == "global" else x
+    def ce_loss(self, s, target):
+        """Next-item CE of the training states ``s`` against ``target``: softmax over every item, or
+        ``softmax: sampled`` (:class:`~recbole_mm.model.softmax.CatalogueSoftmax`) over a subset of
+        the rows of :meth:`item_matrix` (the same dropout, normalisation and temperature)."""
+        def rows(ids):
+            return F.normalize(self.item_dropout(self.item_embedding(ids)), dim=-1)
+
+        return self.softmax(s / self.tau, target, rows, all_items=self.item_matrix)
 
     def cacl_loss(self, s, target):
         """Content-aware contrastive loss: s_b against the content vectors of the batch's targets.
 
         In-batch rows whose target equals row b's target are removed from b's denominator
-        (``neg_inf``) or, as the official code, set to logit 0 (``zero``).
+        (``neg_inf``) or, as the official code, set to logit 0 (``zero``). Under DDP with
+        ``contrast_negatives: global`` this rank's rows go against the targets of every rank
+        (:func:`~recbole_mm.model.layers.gather_rows`); DDP's averaged gradient is that of the loss
+        over the whole global batch.
         """
-        s, target = self._gather(s), self._gather(target)
-        if s.size(0) < 2:
+        if self.contrast_negatives == "global":
+            target_all, offset = gather_rows(target)
+        else:
+            target_all, offset = target, 0
+        n = target_all.size(0)
+        if n < 2:
             return s.sum() * 0.0
-        logits = s @ self.item_content(target).t() / self.tau
-        dup = target[None, :] == target[:, None]
-        dup.fill_diagonal_(False)
+        logits = s @ self.item_content(target_all).t() / self.tau
+        rows = torch.arange(s.size(0), device=s.device)
+        dup = target[:, None] == target_all[None, :]
+        dup[rows, rows + offset] = False
         fill = float("-inf") if self.cacl_duplicate_mask == "neg_inf" else 0.0
         logits = logits.masked_fill(dup, fill)
-        return F.cross_entropy(logits, torch.arange(s.size(0), device=s.device))
+        return F.cross_entropy(logits, rows + offset, reduction="sum") * contrastive_scale(n)
 
     @torch.no_grad()
     def content_spread(self, batch_size=65536):
@@ -363,7 +380,7 @@ class SICSRec(SequentialRecommender):
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         target = interaction[self.POS_ITEM_ID]
         s = self.forward(item_seq, item_seq_len)
-        losses = [F.cross_entropy(self.logits(s), target)]
+        losses = [self.ce_loss(s, target)]
         if self.alpha > 0:
             losses.append(self.alpha * self.cacl_loss(s, target))
         if self.reg_weight > 0:
@@ -457,7 +474,8 @@ def _step1_share_dir():
 
 def _history_of(trainer):
     history = getattr(trainer, "history", None) or {}
-    return {k: jsonable(history[k]) for k in ("train_loss", "valid_score", "valid_result") if k in history}
+    return {k: jsonable(history[k]) for k in ("train_loss", "valid_score", "valid_result", "train_epoch_s", "valid_epoch_s")
+            if k in history}
 
 
 def publish_step1(config, trainer, train_data, valid_data, best_valid_score, best_valid_result):

@@ -20,12 +20,13 @@ from recbole_mm.model.layers import (
     AttentionStack,
     ContentProjector,
     ElementwiseGate,
-    all_gather_with_grad,
     causal_padding_mask,
     checkpointed_sum,
-    chunked_cross_entropy,
+    contrastive_scale,
+    gather_rows,
     xavier_init,
 )
+from recbole_mm.model.softmax import CatalogueSoftmax
 
 _CHOICES = {
     "content_modality": ("text", "image", "both"),
@@ -128,6 +129,7 @@ class TSSR(SequentialRecommender):
         # linear: TSSR's own output layer (released code); id / id_content: scores are dot products
         # with the item's ID embedding (SASRec's tied output) / ID embedding + projected content
         self.classifier = nn.Linear(d, self.n_items) if self.classifier_kind == "linear" else None
+        self.softmax = CatalogueSoftmax(config, dataset, self.n_items, "TSSR")
 
         self._init_weights()
 
@@ -145,6 +147,8 @@ class TSSR(SequentialRecommender):
             pooling=config["encoder_pooling"] or spec.get("pooling", "mean"),
             unique_items=config["encoder_unique_items"],
             cache_lower=config["encoder_cache_lower"],
+            cache_mb=config["encoder_cache_mb"],
+            cache_dtype=config["encoder_cache_dtype"] or "float32",
         )
         return _FinetuneContent(text, self.hidden_size)
 
@@ -217,11 +221,18 @@ class TSSR(SequentialRecommender):
 
     def output_item_matrix(self):
         """(n_items, d) item vectors the tied classifiers score against."""
-        w = self.item_embedding.weight
         if self.classifier_kind == "id_content":
-            ids = torch.arange(self.n_items, device=w.device)
+            return self.output_item_vectors(torch.arange(self.n_items, device=self.item_embedding.weight.device))
+        return self.item_embedding.weight
+
+    def output_item_vectors(self, ids):
+        """Rows ``ids`` of the classifier's item vectors (linear: its weight rows)."""
+        if self.classifier is not None:
+            return self.classifier.weight[ids]
+        w = self.item_embedding(ids)
+        if self.classifier_kind == "id_content":
             # PAD's row stays zero (its ID embedding is the zero padding row), as in ``id``
-            w = w + self.item_content(ids) * (ids > 0).unsqueeze(1).to(w.dtype)
+            w = w + self.item_content(ids) * (ids > 0).unsqueeze(-1).to(w.dtype)
         return w
 
     def logits(self, e):
@@ -231,79 +242,103 @@ class TSSR(SequentialRecommender):
         return e @ self.output_item_matrix().t()
 
     def _ce_loss(self, e, labels):
-        """Next-item CE at every valid position (``ce_positions: all``), in chunks of positions whose
-        logits fit ``ce_memory_mb`` (:func:`~recbole_mm.model.layers.chunked_cross_entropy`)."""
+        """Next-item CE at every valid position of ``e`` (..., d) with ``labels`` (...; 0 = none):
+        the full softmax in chunks of positions whose logits fit ``ce_memory_mb``
+        (:func:`~recbole_mm.model.layers.chunked_cross_entropy`), or ``softmax: sampled``
+        (:class:`~recbole_mm.model.softmax.CatalogueSoftmax`)."""
         valid = labels > 0
         if self.classifier is not None:
-            weight, bias = self.classifier.weight, self.classifier.bias
-        else:
-            weight, bias = self.output_item_matrix(), None
-        return chunked_cross_entropy(e[valid], weight, labels[valid], bias=bias, memory_mb=self.ce_memory_mb)
+            bias = self.classifier.bias
+            return self.softmax(e[valid], labels[valid], self.output_item_vectors, lambda ids: bias[ids],
+                                all_items=lambda: self.classifier.weight)
+        return self.softmax(e[valid], labels[valid], self.output_item_vectors, all_items=self.output_item_matrix)
 
-    def _gather(self, x):
-        return all_gather_with_grad(x) if self.contrast_negatives == "global" else x
+    def _global(self):
+        return self.contrast_negatives == "global"
 
     def _user_loss(self, h_id, h_c, item_seq, users):
-        """L_u: symmetric InfoNCE between pooled content and pooled ID sequence outputs."""
+        """L_u: symmetric InfoNCE between pooled content and pooled ID sequence outputs.
+
+        This rank's rows against the columns of every rank (``contrast_negatives: global``, under
+        DDP; :func:`~recbole_mm.model.layers.gather_rows`): each rank computes its own rows, and
+        DDP's averaged gradient is that of the loss over the whole global batch."""
         if self.lu_pooling == "masked":
             m = (item_seq > 0).unsqueeze(-1).to(h_id.dtype)
             p_id = (h_id * m).sum(1) / m.sum(1).clamp_min(1.0)
             p_c = (h_c * m).sum(1) / m.sum(1).clamp_min(1.0)
         else:
             p_id, p_c = h_id.mean(1), h_c.mean(1)
-        p_id, p_c = self._gather(p_id), self._gather(p_c)
-        users = self._gather(users)
-        if p_id.size(0) < 2:
-            return p_id.sum() * 0.0
-        sim = F.normalize(p_c, dim=-1) @ F.normalize(p_id, dim=-1).t() / self.tau_u
+        p_id, p_c = F.normalize(p_id, dim=-1), F.normalize(p_c, dim=-1)
+        if self._global():
+            (cols_id, offset), (cols_c, _), (users_all, _) = (
+                gather_rows(p_id, differentiable=True), gather_rows(p_c, differentiable=True), gather_rows(users))
+        else:
+            cols_id, cols_c, users_all, offset = p_id, p_c, users, 0
+        n = cols_id.size(0)
+        if n < 2:
+            return (p_id.sum() + p_c.sum()) * 0.0
+        rows = torch.arange(p_id.size(0), device=p_id.device)
+        target = rows + offset
         # several windows of one user in a batch are not negatives of each other
-        same_user = users[:, None] == users[None, :]
-        same_user.fill_diagonal_(False)
-        sim = sim.masked_fill(same_user, float("-inf"))
-        target = torch.arange(sim.size(0), device=sim.device)
-        return F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)
+        same_user = users[:, None] == users_all[None, :]
+        same_user[rows, target] = False
+        content_rows = (p_c @ cols_id.t() / self.tau_u).masked_fill(same_user, float("-inf"))
+        id_rows = (p_id @ cols_c.t() / self.tau_u).masked_fill(same_user, float("-inf"))
+        total = F.cross_entropy(content_rows, target, reduction="sum") + \
+            F.cross_entropy(id_rows, target, reduction="sum")
+        return total * contrastive_scale(n)
 
-    def _item_direction(self, anchors, candidates, labels):
-        """One L_i direction: anchors (B, L, d) vs the next items' vectors (B, L, d), per position.
+    def _item_direction(self, anchors, candidates, labels, labels_all, offset):
+        """One L_i direction: this rank's anchors (b, L, d) vs the next items' vectors of the whole
+        (global) batch (N, L, d), per position; ``labels_all`` (N, L), this rank's rows from ``offset``.
 
-        The (L, B, B) similarities go in blocks of positions that fit ``contrastive_memory_mb``
-        (each recomputed in backward); the loss is the mean over every valid (position, row)."""
+        The (L, b, N) similarities go in blocks of positions that fit ``contrastive_memory_mb``
+        (each recomputed in backward); the loss is the mean over every valid (position, row) of
+        the global batch (:func:`~recbole_mm.model.layers.contrastive_scale`)."""
         if self.li_similarity == "cos":
             anchors, candidates = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
-        a = anchors.transpose(0, 1)  # (L, B, d)
-        c = candidates.transpose(0, 1)
-        lab = labels.t()  # (L, B)
-        rows = int((lab > 0).sum())
-        if not rows:
+        a = anchors.transpose(0, 1)  # (L, b, d)
+        c = candidates.transpose(0, 1)  # (L, N, d)
+        lab, lab_all = labels.t(), labels_all.t()
+        global_rows = int((lab_all > 0).sum())
+        if not global_rows or not bool((lab > 0).any()):
             return (a.sum() + c.sum()) * 0.0
-        length, batch = lab.shape
+        length, batch, columns = lab.size(0), lab.size(1), lab_all.size(1)
         block = length if not self.contrastive_memory_mb else \
-            max(1, int(self.contrastive_memory_mb * 2 ** 20 // (3 * 4 * batch * batch)))
+            max(1, int(self.contrastive_memory_mb * 2 ** 20 // (3 * 4 * batch * columns)))
         if block >= length:
-            return self._item_direction_sum(a, c, lab) / rows
-        return checkpointed_sum(self._item_direction_sum, block, (a, c, lab)) / rows
+            total = self._item_direction_sum(a, c, lab, lab_all, offset)
+        else:
+            total = checkpointed_sum(self._item_direction_sum, block, (a, c, lab, lab_all), (offset,))
+        return total * contrastive_scale(global_rows)
 
-    def _item_direction_sum(self, a, c, lab):
-        """Summed InfoNCE of positions ``a`` (P, B, d) against ``c`` (P, B, d), labels ``lab`` (P, B)."""
-        logits = torch.bmm(a, c.transpose(1, 2)) / self.tau_i  # (P, B, B)
-        invalid_col = (lab == 0)[:, None, :].expand_as(logits)
+    def _item_direction_sum(self, a, c, lab, lab_all, offset):
+        """Summed InfoNCE of positions ``a`` (P, b, d) against ``c`` (P, N, d); labels ``lab`` (P, b)
+        and ``lab_all`` (P, N); row i's own column is ``offset + i``."""
+        logits = torch.bmm(a, c.transpose(1, 2)) / self.tau_i  # (P, b, N)
+        invalid_col = (lab_all == 0)[:, None, :].expand_as(logits)
+        batch = lab.size(1)
+        own = torch.zeros(batch, lab_all.size(1), dtype=torch.bool, device=lab.device)
+        own[torch.arange(batch, device=lab.device), offset + torch.arange(batch, device=lab.device)] = True
         if self.li_mask_duplicates:
-            dup = lab[:, :, None] == lab[:, None, :]
-            eye = torch.eye(lab.size(1), dtype=torch.bool, device=lab.device)[None]
-            invalid_col = invalid_col | (dup & ~eye)
+            dup = lab[:, :, None] == lab_all[:, None, :]
+            invalid_col = invalid_col | (dup & ~own[None])
         logits = logits.masked_fill(invalid_col, float("-inf"))
         rows = lab > 0
         if not rows.any():  # (every column masked: the logits are -inf, and -inf * 0 is NaN)
             return (a.sum() + c.sum()) * 0.0
-        target = torch.arange(lab.size(1), device=lab.device)[None].expand_as(lab)
+        target = (offset + torch.arange(batch, device=lab.device))[None].expand_as(lab)
         return F.cross_entropy(logits[rows], target[rows], reduction="sum")
 
     def _item_loss(self, h_id, h_c, labels):
-        """L_i: content state -> next item's ID embedding, ID state -> next item's content vector."""
-        h_id, h_c, labels = self._gather(h_id), self._gather(h_c), self._gather(labels)
-        next_id = self.item_embedding(labels)
-        next_c = self.item_content(labels)
-        return self._item_direction(h_c, next_id, labels) + self._item_direction(h_id, next_c, labels)
+        """L_i: content state -> next item's ID embedding, ID state -> next item's content vector;
+        the candidates are the next items of the whole (global) batch, computed on this rank from
+        the gathered labels."""
+        labels_all, offset = gather_rows(labels) if self._global() else (labels, 0)
+        next_id = self.item_embedding(labels_all)
+        next_c = self.item_content(labels_all)
+        return self._item_direction(h_c, next_id, labels, labels_all, offset) + \
+            self._item_direction(h_id, next_c, labels, labels_all, offset)
 
     @property
     def loss_names(self):
@@ -318,7 +353,7 @@ class TSSR(SequentialRecommender):
         labels = self.position_labels(item_seq, item_seq_len, target)
         if self.ce_positions == "last":
             out = self.forward(item_seq, item_seq_len, query_positions=item_seq_len - 1)
-            losses = [F.cross_entropy(self.logits(out["e"][:, 0]), target)]
+            losses = [self._ce_loss(out["e"][:, 0], target)]
         else:
             out = self.forward(item_seq, item_seq_len)
             losses = [self._ce_loss(out["e"], labels)]
