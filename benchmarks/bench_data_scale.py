@@ -5,6 +5,7 @@
         [--modes recbole,lazy] [--trim auto[,true,false]] [--bucketing [--bucket-pool-batches 64]]
         [--model SASRec] [--max-len 50] [--hidden-size 64] [--batch-size 2048]
         [--epoch-batches K] [--threads 1] [--nproc 1 [--ddp-timeout 7200]] [--json results.json]
+        [--variant 'NAME=model:TSSR;softmax:sampled' ...]   (named variants, models side by side)
 
 Each variant runs in a fresh subprocess, so its peak RSS (``VmHWM``) is its own: ``recbole``
 (RecBole's own ``create_dataset`` and ``data_preparation``: its Python CSV parser, splits and
@@ -340,6 +341,9 @@ def child_main(spec_json, out_path):
 # ----------------------------------------------------------------------------- parent
 def variants(args):
     """(name, extra config) for each variant asked for."""
+    if args.variant:  # named lazy variants, each with its own keys (``model`` included)
+        return [(name, dict({"sequence_samples": "lazy", "trim_batches": "auto"}, **extra))
+                for name, extra in args.variant]
     out = []
     for mode in args.modes:
         if mode in ("recbole", "plugin"):  # RecBole's own pipeline | the plugin's loading + RecBole's augmentation
@@ -359,6 +363,8 @@ def variants(args):
 
 
 def run_child(name, extra, args):
+    extra = dict(extra)
+    model = extra.pop("model", args.model)
     config = {
         "data_path": args.data_path,
         "MAX_ITEM_LIST_LENGTH": args.max_len,
@@ -369,7 +375,7 @@ def run_child(name, extra, args):
         **args.set,
         **extra,
     }
-    spec = {"name": name, "model": args.model, "dataset": args.dataset, "config": config,
+    spec = {"name": name, "model": model, "dataset": args.dataset, "config": config,
             "threads": args.threads, "epoch_batches": args.epoch_batches}
     if args.nproc > 1:
         spec.update(nproc=args.nproc, ddp_timeout=args.ddp_timeout)
@@ -384,7 +390,7 @@ def run_child(name, extra, args):
         if os.path.exists(out_path):
             with open(out_path) as f:
                 result = json.load(f)
-    result.update(name=name, config=config, returncode=proc.returncode, wall_s=wall)
+    result.update(name=name, model=model, config=config, returncode=proc.returncode, wall_s=wall)
     if proc.returncode != 0:
         result["status"] = "failed"
         if "error" not in result:
@@ -437,7 +443,8 @@ def markdown(results, args, command):
     lines = [
         f"`{command}`",
         "",
-        f"{args.model} on {args.dataset} ({interactions} interactions), "
+        (f"{', '.join(dict.fromkeys(r.get('model', args.model) for r in results))}" if args.variant
+         else args.model) + f" on {args.dataset} ({interactions} interactions), "
         f"MAX_ITEM_LIST_LENGTH {args.max_len}, hidden {args.hidden_size}, batch {args.batch_size}, "
         + (f"{args.nproc} DDP ranks ({first.get('ddp_backend', '?')}), " if args.nproc > 1 else "")
         + f"{args.threads} thread(s){' per rank' if args.nproc > 1 else ''}, device {first.get('device', '?')}, "
@@ -491,6 +498,9 @@ def main(argv=None):
                    help="one lazy variant per value of a config key (YAML values, ~ = None), e.g. ce_memory_mb=~,1024")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config for every variant (YAML value), repeatable, e.g. --set train_windows=last")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE;KEY:VALUE",
+                   help="a named lazy variant with its own settings, e.g. 'TSSR sampled=model:TSSR;softmax:sampled' "
+                        "(repeatable; replaces --modes/--trim/--vary; ratios against the first)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.nproc < 1:
@@ -512,6 +522,19 @@ def main(argv=None):
         key, values = key_values(args.vary, "--vary")
         args.vary = [(key, v) for v in values]
     args.set = dict((k, v[0]) for k, v in (key_values(t, "--set") for t in args.set))
+    named = []
+    for text in args.variant:
+        name, _, settings = text.partition("=")
+        if not name or not settings:
+            p.error("--variant takes NAME=KEY:VALUE;KEY:VALUE")
+        extra = {}
+        for item in settings.split(";"):
+            key, sep, value = item.partition(":")
+            if not sep:
+                p.error(f"--variant {name}: {item!r} is not KEY:VALUE")
+            extra[key.strip()] = yaml.safe_load(value)
+        named.append((name, extra))
+    args.variant = named
     args.modes = args.modes.split(",")
     args.trim = args.trim.split(",")
     for value, allowed, opt in ((args.modes, ("recbole", "plugin", "lazy"), "--modes"),

@@ -8,7 +8,8 @@ with ``--data_path=<out> --dataset=<name>``. ``benchmarks/data/`` is git-ignored
 
 * users and items scale with the interactions as in ML-1M (6,040 users and 3,706 items per
   million interactions) unless given;
-* item popularity is Zipf-like (exponent 1 over a random ranking of the items);
+* item popularity is Zipf-like (exponent 1 over a random ranking of the items; ``--zipf-exponent``
+  flattens it, so that more of a large catalogue occurs);
 * history lengths are 5 plus a lognormal share of the rest (sigma 1: mean/median ~1.6 as in ML-1M,
   a few histories tens of times the median), so every user survives leave-one-out splitting;
 * timestamps strictly increase within a user (so no two rows are equal on user, item and time),
@@ -45,20 +46,21 @@ def history_lengths(rng, n_interactions, n_users):
     return MIN_HISTORY + extra
 
 
-def zipf_items(rng, n, n_items):
-    """``n`` item ids (0-based) drawn with probability ~ 1 / rank; ranks are shuffled over the ids."""
-    cdf = np.cumsum(1.0 / np.arange(1, n_items + 1) ** ZIPF_EXPONENT)
+def zipf_items(rng, n, n_items, exponent=None):
+    """``n`` item ids (0-based) drawn with probability ~ 1 / rank ** exponent; ranks shuffled over the ids."""
+    exponent = ZIPF_EXPONENT if exponent is None else exponent
+    cdf = np.cumsum(1.0 / np.arange(1, n_items + 1) ** exponent)
     rank = np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"), n_items - 1)
     return rng.permutation(n_items)[rank]
 
 
-def remove_consecutive_repeats(rng, users, items, n_items):
+def remove_consecutive_repeats(rng, users, items, n_items, exponent=None):
     """Redraw (in place) every item equal to the same user's previous one until none is left."""
     while True:
         repeat = np.flatnonzero((items[1:] == items[:-1]) & (users[1:] == users[:-1])) + 1
         if repeat.size == 0:
             return
-        items[repeat] = zipf_items(rng, repeat.size, n_items)
+        items[repeat] = zipf_items(rng, repeat.size, n_items, exponent)
 
 
 def timestamps(rng, lengths):
@@ -71,13 +73,13 @@ def timestamps(rng, lengths):
     return elapsed - np.repeat(elapsed[starts] - gaps[starts], lengths)
 
 
-def generate(n_interactions, n_users, n_items, seed):
+def generate(n_interactions, n_users, n_items, seed, exponent=None):
     """A DataFrame with the three atomic columns, grouped by user and in time order within a user."""
     rng = np.random.default_rng(seed)
     lengths = history_lengths(rng, n_interactions, n_users)
     users = np.repeat(np.arange(1, n_users + 1, dtype=np.int64), lengths)
-    items = zipf_items(rng, n_interactions, n_items)
-    remove_consecutive_repeats(rng, users, items, n_items)
+    items = zipf_items(rng, n_interactions, n_items, exponent)
+    remove_consecutive_repeats(rng, users, items, n_items, exponent)
     frame = pd.DataFrame({
         "user_id:token": users,
         "item_id:token": items + 1,
@@ -92,6 +94,8 @@ def main(argv=None):
     p.add_argument("--users", type=int, help=f"default: {USERS_PER_MILLION} per million interactions")
     p.add_argument("--items", type=int, help=f"default: {ITEMS_PER_MILLION} per million interactions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zipf-exponent", type=float, default=ZIPF_EXPONENT,
+                   help="item popularity ~ 1 / rank ** this (default 1; smaller: flatter, more items occur)")
     p.add_argument("--out", default=DATA_DIR, help="data_path folder (default: benchmarks/data/, git-ignored)")
     p.add_argument("--name", help="dataset name (default synth_<interactions>)")
     p.add_argument("--text-dim", type=int, default=0,
@@ -109,7 +113,7 @@ def main(argv=None):
     name = args.name or f"synth_{n}"
 
     t0 = time.perf_counter()
-    frame, lengths = generate(n, n_users, n_items, args.seed)
+    frame, lengths = generate(n, n_users, n_items, args.seed, args.zipf_exponent)
     folder = os.path.join(args.out, name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.inter")
