@@ -348,8 +348,8 @@ def test_image_features_with_bad_files(tmp_path, tiny_vit, caplog, monkeypatch):
     assert np.isfinite(good).all() and (np.abs(good).sum(axis=1) > 0).all()
     assert not np.allclose(good[0], good[1]) and not np.allclose(good[1], good[2])
     man = fm.manifest
-    assert man["problem_counts"] == {"missing_file": 1, "corrupt": 3}
-    assert man["problems"] == {"missing_file": ["5"], "corrupt": ["4", "6", "7"]}
+    assert man["problem_counts"] == {"missing_file": 1, "corrupt": 3, "unsupported_format": 0}
+    assert man["problems"] == {"missing_file": ["5"], "corrupt": ["4", "6", "7"], "unsupported_format": []}
     assert sorted(man["missing"]) == ["4", "5", "6", "7"]
     for name in ("4.jpg", "6.jpg", "7.jpg"):
         assert name in caplog.text
@@ -392,7 +392,7 @@ def test_image_features_with_bad_files(tmp_path, tiny_vit, caplog, monkeypatch):
 def test_encode_images_all_missing(tiny_vit, tmp_path):
     x, missing, problems = encode_images([None, str(tmp_path / "nope.jpg")], tiny_vit, show_progress=False)
     assert x.shape == (2, 32) and missing.all() and (x == 0).all()
-    assert problems == {"missing_file": [0, 1], "corrupt": []}
+    assert problems == {"missing_file": [0, 1], "corrupt": [], "unsupported_format": []}
 
 
 # ----------------------------------------------------------------------------- CLI

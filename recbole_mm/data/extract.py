@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 
 from .features import USER_TYPE, FeatureMatrix, FeatureStore
+from .images import (PROBLEMS as IMAGE_PROBLEMS, image_extensions, open_image, parse_background, problem_kind,
+                     readable_extensions, unsupported_extensions)
 from recbole_mm.atomic import atomic_open, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ DEFAULT_MISSING_VALUES = ("nan", "none", "null", "n/a", "na", "")
 CONSUMER_SPEC_KEYS = {"dim", "encode_items"}
 ENCODE_ITEMS = ("used", "all")
 IMAGE_SPEC_KEYS = {"type", "image_dir", "image_field", "encoder", "pooling", "batch_size", "dtype",
-                   "id_field", "chunk_size", "fp16"}
+                   "id_field", "chunk_size", "fp16", "image_background"}
 
 
 # ============================================================================ encoders & models
@@ -539,55 +541,48 @@ def read_item_texts(item_file, fields=None, template=None, id_field=None, missin
 # ============================================================================ images
 
 
-def _pillow_extensions() -> set:
-    from PIL import Image
-
-    Image.init()
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
 def find_item_images(image_dir, tokens) -> list:
-    """Per token, the path of ``<image_dir>/<token>.<ext>`` (any Pillow extension) or None."""
+    """Per token, the path of ``<image_dir>/<token>.<ext>`` or None.
+
+    A file Pillow reads (any extension it decodes) is preferred; an item whose only file is in a
+    known format Pillow cannot read (SVG, HEIC, PDF ...) gets that file, so that it is reported
+    as an unsupported format (convert it), not as a missing image."""
     image_dir = os.fspath(image_dir)
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder {image_dir} not found")
-    exts = _pillow_extensions()
+    readable, unsupported = readable_extensions(), unsupported_extensions()
     by_stem: dict = {}
+    fallback: dict = {}
     for fname in sorted(os.listdir(image_dir)):
         stem, ext = os.path.splitext(fname)
-        if ext.lower() not in exts or not os.path.isfile(os.path.join(image_dir, fname)):
+        ext = ext.lower()
+        if (ext not in readable and ext not in unsupported) or not os.path.isfile(os.path.join(image_dir, fname)):
+            continue
+        if ext in unsupported:
+            fallback.setdefault(stem, fname)
             continue
         if stem in by_stem:
             logger.warning("several images for item %r in %s; using %s, ignoring %s",
                            stem, image_dir, by_stem[stem], fname)
             continue
         by_stem[stem] = fname
+    for stem, fname in fallback.items():
+        by_stem.setdefault(stem, fname)
     return [os.path.join(image_dir, by_stem[t]) if t in by_stem else None for t in map(str, tokens)]
-
-
-def _open_image(path):
-    """(RGB image, None) or (None, reason) -- never raises."""
-    from PIL import Image
-
-    if path is None or not os.path.isfile(path):
-        return None, "missing_file"
-    try:
-        with Image.open(path) as im:
-            im.load()  # force decoding: truncated files fail here
-            return im.convert("RGB"), None
-    except Exception as e:  # corrupt, truncated, unsupported, decompression bomb ...
-        return None, f"corrupt: {type(e).__name__}: {e}"
 
 
 def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, fp16=None,
                   pooling: str = "pooler", show_progress: bool = True, chunk_dir=None,
-                  chunk_size: int = DEFAULT_IMAGE_CHUNK, labels: Sequence | None = None):
+                  chunk_size: int = DEFAULT_IMAGE_CHUNK, labels: Sequence | None = None, background=None):
     """Encode image files with a ``transformers`` vision model.
 
     Returns ``(matrix, missing, problems)``: float32 ``(len(paths), dim)``, bool ``missing``
-    (zero rows), and ``problems = {"missing_file": [indices], "corrupt": [indices]}``.
-    A path that is None/absent or a file Pillow cannot decode (corrupt, truncated) is logged as
-    a warning naming the file and skipped -- never raised.
+    (zero rows), and ``problems = {"missing_file": [indices], "corrupt": [indices],
+    "unsupported_format": [indices]}``. A path that is None/absent, a file in a format Pillow
+    cannot read by design (SVG, HEIC, ...: convert it to PNG/JPEG) or a file Pillow cannot decode
+    (corrupt, truncated) is logged as a warning naming the file and skipped -- never raised.
+    Transparent images are composited onto ``background`` (``[R, G, B]``, default white; see
+    :mod:`recbole_mm.data.images`).
 
     ``pooling``: ``"pooler"`` uses ``pooler_output`` (flattened) when the model has one, else the
     CLS token (sequence models) / the spatial mean (feature maps); ``"cls"``; ``"mean"``.
@@ -601,6 +596,7 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
         raise ValueError(f"unknown pooling {pooling!r}; use 'pooler', 'cls' or 'mean'")
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be >= 1")
+    background = parse_background(background)
     dev = _pick_device(device)
     use_fp16 = (dev.type == "cuda") if fp16 is None else bool(fp16)
     processor, model = _load_image_encoder(encoder, dev, use_fp16)
@@ -616,14 +612,15 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
 
     key = {"kind": "image", "paths": sha256_strings("" if p is None else p for p in paths),
            "encoder": str(encoder), "fingerprint": encoder_fingerprint(os.fspath(encoder)),
-           "pooling": pooling, "fp16": use_fp16, "chunk_size": int(chunk_size)}
+           "pooling": pooling, "fp16": use_fp16, "chunk_size": int(chunk_size), "background": list(background)}
     chunks = _Chunks(chunk_dir, key)
-    status = np.zeros(n, dtype=np.int8)  # 0 ok, 1 missing_file, 2 corrupt
+    status = np.zeros(n, dtype=np.int8)  # 0 ok, then 1 + index in IMAGE_PROBLEMS (missing_file, corrupt, unsupported)
+    codes = {kind: 1 + j for j, kind in enumerate(IMAGE_PROBLEMS)}
     out = None
     dim = None
     reused = 0
     n_chunks = (n + chunk_size - 1) // chunk_size
-    warned = {1: 0, 2: 0}
+    warned = {code: 0 for code in codes.values()}
 
     def label(i):
         return f"item {labels[i]!r} " if labels is not None else ""
@@ -642,9 +639,9 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
                 for b in range(lo, hi, batch_size):
                     idx, images = [], []
                     for i in range(b, min(hi, b + batch_size)):
-                        img, reason = _open_image(paths[i])
+                        img, reason = open_image(paths[i], background)
                         if img is None:
-                            code = 1 if reason == "missing_file" else 2
+                            code = codes[problem_kind(reason)]
                             st[i - lo] = code
                             warned[code] += 1
                             if warned[code] <= _MAX_PROBLEM_WARNINGS:
@@ -665,8 +662,8 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
                                 except PoolingError:
                                     raise
                                 except Exception as e:
-                                    st[i - lo] = 2
-                                    warned[2] += 1
+                                    st[i - lo] = codes["corrupt"]
+                                    warned[codes["corrupt"]] += 1
                                     logger.warning("image for %s%s: corrupt: %s: %s", label(i), paths[i],
                                                    type(e).__name__, e)
                                     feats.append(None)
@@ -689,12 +686,17 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
             out[lo:hi] = emb
     if out is None:  # no paths at all
         out = np.zeros((0, _probe_image_dim(forward)), dtype=np.float32)
-    for code, reason in ((1, "missing_file"), (2, "corrupt")):
+    for reason, code in codes.items():
         if warned[code] > _MAX_PROBLEM_WARNINGS:
             logger.warning("... %d more images with reason %r", warned[code] - _MAX_PROBLEM_WARNINGS, reason)
     if reused:
         logger.info("resumed image encoding: reused %d/%d finished chunks from %s", reused, n_chunks, chunks.dir)
-    problems = {"missing_file": np.flatnonzero(status == 1).tolist(), "corrupt": np.flatnonzero(status == 2).tolist()}
+    problems = {reason: np.flatnonzero(status == code).tolist() for reason, code in codes.items()}
+    if problems["unsupported_format"]:
+        examples = [os.path.basename(paths[i]) for i in problems["unsupported_format"][:5]]
+        logger.warning("%d item image(s) are in a format Pillow cannot read (e.g. %s): convert them to PNG or "
+                       "JPEG; until then those items are image-less", len(problems["unsupported_format"]),
+                       ", ".join(examples))
     return out, status != 0, problems
 
 
@@ -763,7 +765,7 @@ def _image_inputs(dataset_dir, dataset_name, spec, item_file):
     else:
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"neither {item_file} nor the image folder {image_dir} exists")
-        exts = _pillow_extensions()
+        exts = image_extensions()
         tokens = sorted({os.path.splitext(f)[0] for f in os.listdir(image_dir)
                          if os.path.splitext(f)[1].lower() in exts})
         logger.info("%s not found: using the %d image file names in %s as item tokens",
@@ -813,7 +815,8 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
     ``missing_values`` (field values read as missing, default nan/none/null/n/a/na/empty);
     image: ``type="image"``, ``encoder`` (required), ``image_dir`` (default ``images``, relative
     to ``dataset_dir``) or ``image_field`` (a column of the .item file holding paths),
-    ``pooling`` ("pooler"), ``batch_size`` (32); both: ``dtype`` (float32|float16),
+    ``pooling`` ("pooler"), ``batch_size`` (32), ``image_background`` ([R, G, B] transparent
+    images are composited onto, default white); both: ``dtype`` (float32|float16),
     ``id_field``, ``chunk_size``, ``fp16`` (None = on CUDA only).  ``dim`` (the dimension a model
     expects, checked by :func:`align_to_dataset`) and ``encode_items`` (``used``/``all``, turned
     into ``items`` by :func:`items_to_encode`) are accepted and ignored here; other unknown keys
@@ -888,10 +891,12 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
         if not encoder:
             raise ValueError(f"feature {name!r}: spec['encoder'] is required for image features "
                              "(a hub name such as 'google/vit-base-patch16-224-in21k' or a local folder)")
+        background = parse_background(spec.get("image_background"), f"feature {name!r}: image_background")
         all_tokens, all_paths, source = _image_inputs(dataset_dir, dataset_name, spec, item_file)
         base_key = {
             "type": "image", "encoder": str(encoder), "encoder_fingerprint": encoder_fingerprint(os.fspath(encoder)),
-            "pooling": spec.get("pooling", "pooler"), "dtype": str(out_dtype), **source,
+            "pooling": spec.get("pooling", "pooler"), "dtype": str(out_dtype),
+            "image_background": list(background), **source,
         }
         hashed = {}  # image files are read to be hashed: once per selection
 
@@ -995,7 +1000,8 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
         matrix, missing, problems = encode_images(
             [paths[i] for i in sel], encoder, batch_size=int(spec.get("batch_size", 32)), device=device,
             fp16=spec.get("fp16"), pooling=key["pooling"], show_progress=show_progress, chunk_dir=shard_dir,
-            chunk_size=int(spec.get("chunk_size", DEFAULT_IMAGE_CHUNK)), labels=[tokens[i] for i in sel])
+            chunk_size=int(spec.get("chunk_size", DEFAULT_IMAGE_CHUNK)), labels=[tokens[i] for i in sel],
+            background=background)
         if sharded:
             shards = _dist_all_gather((sel, matrix, missing, problems))
             shutil.rmtree(shard_dir, ignore_errors=True)
@@ -1080,6 +1086,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = p.add_argument_group("image")
     i.add_argument("--image_dir", default=None, help="folder of <item_token>.<ext> files (default: images/)")
     i.add_argument("--image_field", default=None, help="column of the .item file holding image paths")
+    i.add_argument("--image_background", type=int, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="colour transparent images are composited onto (default: 255 255 255, white)")
     return p
 
 
@@ -1087,7 +1095,7 @@ def spec_from_args(args) -> dict:
     spec = {"type": args.type}
     common = ("encoder", "pooling", "batch_size", "dtype", "id_field", "chunk_size", "fp16")
     per_type = (("fields", "template", "max_length", "missing_values") if args.type == "text"
-                else ("image_dir", "image_field"))
+                else ("image_dir", "image_field", "image_background"))
     for k in common + per_type:
         v = getattr(args, k)
         if v is not None:

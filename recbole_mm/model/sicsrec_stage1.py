@@ -300,34 +300,63 @@ def _block_list(model):
     return (best[1], best[2]) if best else (None, None)
 
 
-def _open_rgb(path):
-    from PIL import Image
+def _open_rgb(path, background=None):
+    """The item image as RGB (transparency composited onto ``background``, default white), or None."""
+    from recbole_mm.data.images import open_image, parse_background
 
     if path is None or not os.path.isfile(path):
         return None
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as e:  # corrupt / unsupported: the item has no image
-        logger.warning("SICSRec stage 1: cannot read image %s (%s: %s); the item is treated as image-less",
-                       path, type(e).__name__, e)
-        return None
+    img, reason = open_image(path, parse_background(background))
+    if img is None:  # corrupt / unsupported format: the item has no image
+        logger.warning("SICSRec stage 1: cannot read image %s (%s); the item is treated as image-less", path, reason)
+    return img
+
+
+def frozen_modules(model):
+    """The largest submodules of ``model`` (``model`` itself included) that have parameters and
+    none requiring grad: the frozen parts, whose BatchNorm statistics (and dropout) must not
+    change while the rest trains."""
+    out, inside = [], []  # named_modules is pre-order: a frozen module's descendants follow it
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside[-1]):
+            continue
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(module)
+            if not name:
+                break  # the whole model is frozen
+            inside.append(f"{name}.")
+    return out
+
+
+def keep_frozen_in_eval(model):
+    """Put the frozen parts of ``model`` (see :func:`frozen_modules`) in eval mode, so a training
+    forward leaves their BatchNorm running mean / var untouched; returns them."""
+    parts = frozen_modules(model)
+    for module in parts:
+        module.eval()
+    return parts
 
 
 class ImageTower(nn.Module):
     """A ``transformers`` vision model with its top ``k`` blocks trainable, per item id.
 
-    ``paths[i]`` is item ``i``'s image file (None: no image). ``pooling``: ``pooler``
+    ``paths[i]`` is item ``i``'s image file (None: no image); transparent images are composited
+    onto ``background`` ([R, G, B], default white). ``pooling``: ``pooler``
     (``pooler_output`` when the model has one, else CLS / spatial mean), ``cls``, ``mean`` or
     ``logits`` (an image-classification model's class logits, as the official Swin export).
-    Embeddings and the lower blocks are frozen; with ``k > 0`` the top ``k`` blocks and every
-    parameter after the block stack (final norm, pooler, classifier) train.
+    Everything before the block stack (embeddings, a CNN's stem) and the lower blocks are frozen;
+    with ``k > 0`` the top ``k`` blocks and every parameter after the block stack (final norm,
+    pooler, classifier) train. Frozen parts stay in eval mode when the tower is put in train mode
+    (a frozen BatchNorm's running statistics never move).
     """
 
-    def __init__(self, name_or_path, paths, trainable_layers=1, pooling="pooler", cache_items=4096):
+    def __init__(self, name_or_path, paths, trainable_layers=1, pooling="pooler", cache_items=4096,
+                 background=None):
         super().__init__()
         from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
+
+        from recbole_mm.data.images import parse_background
 
         if pooling not in IMAGE_POOLINGS:
             raise ValueError(f"sft_image_pooling must be one of {IMAGE_POOLINGS}, got {pooling!r}")
@@ -343,6 +372,7 @@ class ImageTower(nn.Module):
         self.model = model
         self.pooling = pooling
         self.paths = list(paths)
+        self.background = parse_background(background, "image_background")
         self.valid = torch.tensor([p is not None for p in self.paths], dtype=torch.bool)
         self.cache_items = int(cache_items)
         self._cache = {}
@@ -354,8 +384,11 @@ class ImageTower(nn.Module):
             p.requires_grad = False
         if trainable_layers > 0:
             block_params = {id(p) for p in blocks.parameters()} if blocks is not None else set()
+            seen_blocks = False  # parameters registered before the block stack (embeddings, stem) stay frozen
             for pname, p in model.named_parameters():
-                if id(p) not in block_params and "embeddings" not in pname:
+                if id(p) in block_params:
+                    seen_blocks = True
+                elif seen_blocks and "embeddings" not in pname:
                     p.requires_grad = True
             if blocks is not None:
                 for block in list(blocks)[n_blocks - trainable_layers:]:
@@ -370,18 +403,19 @@ class ImageTower(nn.Module):
     @property
     def out_dim(self):
         with torch.no_grad():
-            was = self.model.training
+            modes = [(m, m.training) for m in self.model.modules()]  # restored as they were (frozen parts in eval)
             self.model.eval()
             from PIL import Image
 
             dim = self._encode_images([Image.new("RGB", (32, 32), (127, 127, 127))]).shape[1]
-            self.model.train(was)
+            for m, was in modes:
+                m.training = was
         return int(dim)
 
     def train(self, mode=True):
         super().train(mode)
-        if self.trainable_layers == 0:
-            self.model.eval()
+        if mode:
+            keep_frozen_in_eval(self.model)
         return self
 
     def _pixels(self, rows):
@@ -392,7 +426,7 @@ class ImageTower(nn.Module):
             if r in self._cache:
                 px = self._cache[r]
             else:
-                img = _open_rgb(self.paths[r]) if self.valid[r] else None
+                img = _open_rgb(self.paths[r], self.background) if self.valid[r] else None
                 if img is None:
                     self.valid[r] = False
                     px = None
@@ -570,12 +604,15 @@ def stage1_inputs(dataset, mods):
         if not enc_name:
             raise ValueError("SICSRec stage 1 with images needs sft_image_encoder (or an encoder in the "
                              f"'{base['image']}' feature spec): a hub name or a local vision model folder")
+        from recbole_mm.data.images import parse_background
+
+        background = parse_background(spec.get("image_background"), f"feature {base['image']!r}: image_background")
         paths = _image_paths(dataset, base["image"])
         inputs["image"] = {
-            "encoder": enc_name, "paths": paths, "feature": base["image"],
+            "encoder": enc_name, "paths": paths, "feature": base["image"], "background": background,
             "valid": torch.tensor([p is not None for p in paths], dtype=torch.bool),
             "key": {"encoder": str(enc_name), "fingerprint": encoder_fingerprint(os.fspath(enc_name)),
-                    "images": _file_sig(paths), "feature": base["image"]},
+                    "images": _file_sig(paths), "feature": base["image"], "image_background": list(background)},
         }
     return inputs
 
@@ -596,7 +633,8 @@ def build_aligner(dataset, inputs):
                                    cache_lower=bool(_cfg(config, "sft_cache_lower", True)))
     if "image" in inputs:
         image = ImageTower(inputs["image"]["encoder"], inputs["image"]["paths"],
-                           int(_cfg(config, "sft_image_trainable_layers", 1)), _cfg(config, "sft_image_pooling", "pooler"))
+                           int(_cfg(config, "sft_image_trainable_layers", 1)),
+                           _cfg(config, "sft_image_pooling", "pooler"), background=inputs["image"].get("background"))
     return Stage1Aligner(text, image, int(_cfg(config, "sft_proj_hidden", 128)), int(_cfg(config, "sft_proj_dim", 64)))
 
 
