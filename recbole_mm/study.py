@@ -13,9 +13,11 @@ loses at most the running cell. A finished cell whose configuration has changed 
 error (before any training), never a silent mix of configurations.
 
 Outputs in the study folder: ``cells.csv``, ``cells.json``, ``tables/<dataset>.md`` (mean ± std
-over seeds, best in bold, relative improvement of each proposed model over the best baseline
-with a paired t-test across seeds), ``results.md`` (all tables, machine, wall time per cell)
-and ``plots/<dataset>_metrics.png`` / ``plots/<dataset>_valid.png``.
+over seeds with 95% t confidence intervals, best in bold, relative improvement of each proposed
+model over the best baseline with a paired t-test across seeds, p-values adjusted for multiple
+comparisons over the whole report: ``p_adjust``, :func:`holm`, :func:`benjamini_hochberg`),
+``results.md`` (all tables, machine, wall time per cell) and ``plots/<dataset>_metrics.png`` /
+``plots/<dataset>_valid.png``.
 
 Entry points: :func:`run_study`, ``python run_recbole_mm.py --study <file.yaml>`` (:func:`main`).
 """
@@ -71,7 +73,12 @@ STUDY_KEYS = {
     "keep_checkpoints": "keep each cell's best checkpoint (default: true)",
     "cell_timeout_s": "kill a cell after this many seconds (default: none)",
     "strict_keys": "unknown config keys are errors (default: true); false: warnings",
+    "p_adjust": "multiple-comparison correction of the report's p-values: holm (default), bh or none",
 }
+# p_adjust values (study key): the multiple-comparison correction of a report's p-values
+P_ADJUST_METHODS = {"holm": "Holm's step-down method, family-wise error rate",
+                    "bh": "Benjamini-Hochberg, false discovery rate",
+                    "none": "raw p-values only"}
 # Keys the study sets for every cell itself.
 RESERVED_CONFIG_KEYS = {
     "model": "list models under 'models:'",
@@ -453,6 +460,13 @@ class Study:
             err.add(_key_line(raw, "cell_timeout_s"), "cell_timeout_s", f"must be a positive number, got {timeout!r}")
             timeout = None
         self.cell_timeout_s = timeout
+        p_adjust = raw.get("p_adjust", "holm")
+        if not isinstance(p_adjust, str) or p_adjust.lower() not in P_ADJUST_METHODS:
+            err.add(_key_line(raw, "p_adjust"), "p_adjust", f"must be one of {', '.join(P_ADJUST_METHODS)} ("
+                    + "; ".join(f"{k}: {v}" for k, v in P_ADJUST_METHODS.items())
+                    + f"), got {p_adjust!r}{_suggest(str(p_adjust).lower(), P_ADJUST_METHODS)}")
+            p_adjust = "holm"
+        self.p_adjust = p_adjust.lower()
         self.sources = self._validate_sources()
 
         for path, mapping in self._override_maps():
@@ -949,6 +963,8 @@ BEHAVIOUR_KEEPING_DEFAULTS = (
     # the same samples, order and scores (tests/test_lazy.py); bucketing's default (False) is the old behaviour
     "sequence_samples", "trim_batches", "length_bucketing", "bucket_pool_batches", "ce_memory_mb", "eval_memory_mb",
     "contrastive_memory_mb",
+    # softmax: full (the default) is the exact CE as before (tests/test_softmax.py)
+    "softmax", "sampled_negatives", "n_sampled_negatives", "logq_correction",
 )
 BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
 
@@ -1398,6 +1414,158 @@ def _paired_test(a, b):
     return None, n
 
 
+# ---------------------------------------------------------------- multiple comparisons, intervals
+
+
+def _tested(pvalues):
+    """Indices of the tested p-values (neither None nor NaN), which make the family; a p-value
+    outside [0, 1] is an error."""
+    indices = []
+    for i, p in enumerate(pvalues):
+        if p is None or math.isnan(p):
+            continue
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p-value {p!r} (position {i}) is not in [0, 1]")
+        indices.append(i)
+    return sorted(indices, key=lambda i: pvalues[i])  # stable: ties keep their order
+
+
+def holm(pvalues):
+    """Holm's (1979) step-down adjusted p-values, in the order given.
+
+    Over the m tested values sorted ascending, p_(1) <= ... <= p_(m): adjusted
+    p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)), so the adjusted values are monotone in p and
+    at most 1. Rejecting where the adjusted p <= alpha controls the family-wise error rate at
+    alpha under any dependence between the tests. None and NaN entries (comparisons without a
+    test) are returned as they are and do not count in m."""
+    out = list(pvalues)
+    order = _tested(pvalues)
+    m, running = len(order), 0.0
+    for j, i in enumerate(order):  # j = rank - 1
+        running = max(running, min(1.0, (m - j) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def benjamini_hochberg(pvalues):
+    """Benjamini-Hochberg (1995) step-up adjusted p-values, in the order given.
+
+    Over the m tested values sorted ascending: adjusted p_(i) = min_{j >= i} min(1, m p_(j) / j).
+    Rejecting where the adjusted p <= q controls the false discovery rate at q for independent
+    or positively dependent tests. None and NaN entries as in :func:`holm`."""
+    out = list(pvalues)
+    order = _tested(pvalues)
+    m, running = len(order), 1.0
+    for j in range(m - 1, -1, -1):
+        running = min(running, m * pvalues[order[j]] / (j + 1))
+        out[order[j]] = running
+    return out
+
+
+P_ADJUST_FUNCTIONS = {"holm": holm, "bh": benjamini_hochberg}
+P_ADJUST_FULL_NAMES = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
+CI_LEVEL = 0.95
+
+
+def ci_half_width(std, n, level=CI_LEVEL):
+    """Half-width of the two-sided ``level`` t confidence interval of a mean of ``n`` values whose
+    sample std is ``std``: t_{(1 + level) / 2, n - 1} * std / sqrt(n); None when n < 2."""
+    if std is None or n is None or n < 2:
+        return None
+    from scipy import stats
+
+    return float(stats.t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
+
+
+class PFamily:
+    """The p-values of one report (or of one table) adjusted together for multiple comparisons.
+
+    Tables are rendered twice: on the first pass (the family open) :meth:`adjust` records the raw
+    p of each tested comparison under its key and returns None; :meth:`close` adjusts them all
+    (``method``: holm, bh or none); on the second pass :meth:`adjust` returns the key's adjusted p
+    (with ``none``, the raw p). Comparisons without a p-value (fewer than 2 pairs, identical runs)
+    are not in the family."""
+
+    def __init__(self, method="holm", scope="report"):
+        self.method = method
+        self.scope = scope  # "report" or "table": what the family is, said in the headers
+        self.raw, self.adjusted = {}, None
+
+    def adjust(self, key, p):
+        if p is None or math.isnan(p):
+            return None
+        if self.adjusted is None:
+            if key in self.raw:
+                raise ValueError(f"comparison {key!r} is in the family twice")
+            self.raw[key] = p
+            return None
+        return self.adjusted.get(key)
+
+    def close(self):
+        keys = list(self.raw)
+        adjust = P_ADJUST_FUNCTIONS.get(self.method)
+        values = [self.raw[k] for k in keys]
+        self.adjusted = dict(zip(keys, adjust(values) if adjust else values))
+        return self
+
+    @property
+    def size(self):
+        return len(self.raw)
+
+    @property
+    def label(self):
+        """The adjusted p's name in the tables (p_Holm, p_BH), None without correction."""
+        return {"holm": "p_Holm", "bh": "p_BH"}.get(self.method)
+
+    def header(self):
+        """For a table header: which p-values the table shows and over which family."""
+        if not self.label:
+            return "p: not adjusted"
+        return (f"{self.label}: {P_ADJUST_FULL_NAMES[self.method]}, {self.size} comparison"
+                f"{'s' if self.size != 1 else ''} in the {self.scope}")
+
+    def sentence(self, marks=False):
+        """For a table's caption: what the adjusted p is (``marks``: and that the table's p < 0.05
+        marks use it)."""
+        if not self.label:
+            return ("p-values are not adjusted for multiple comparisons (`p_adjust: none`)"
+                    + ("; the p<0.05 marks use the raw p." if marks else "."))
+        what = P_ADJUST_METHODS[self.method]
+        family = ("every tested comparison of the report: each proposed model vs the best baseline, "
+                  "the step-1 and the variant comparisons, over all datasets and metrics"
+                  if self.scope == "report" else "the tested comparisons of this table")
+        return (f"{self.label}: p adjusted ({what}) over a family of {self.size} p-value"
+                f"{'s' if self.size != 1 else ''}, {family} (comparisons with p = n/a are not counted); "
+                f"the raw p stands next to it" + (f", and the p<0.05 marks use {self.label}." if marks else "."))
+
+    def significant(self, p, p_adj, alpha=0.05):
+        value = p_adj if self.label else p
+        return value is not None and value < alpha
+
+    def test_text(self, p, p_adj, n):
+        """"p=0.0312, p_Holm=0.0936, n=3" ("p=n/a, n=1" without a test)."""
+        adjusted = f", {self.label}={_fmt_p(p_adj)}" if self.label and p is not None else ""
+        return f"p={_fmt_p(p)}{adjusted}, n={n}"
+
+
+def _in_family(study, family, render):
+    """``render(family)`` with the report's family; called for one table alone (``family`` None),
+    a family of that table: a first pass collects its p-values, the second shows them adjusted."""
+    if family is None:
+        family = PFamily(getattr(study, "p_adjust", "holm"), scope="table")
+        render(family)
+        family.close()
+    return render(family)
+
+
+def _mean_header(label):
+    return f"{label}: mean ± std (± {CI_LEVEL:.0%} CI)"
+
+
+CI_SENTENCE = (f"In brackets: the half-width of the two-sided {CI_LEVEL:.0%} t confidence interval of the "
+               f"mean over the seeds, t({(1 + CI_LEVEL) / 2:g}, n-1) · std / √n (n/a with one seed).")
+
+
 def dataset_summary(study, rows, dataset, metrics):
     """Per model: n, mean/std per metric; per proposed model: improvement and test vs the best baseline."""
     per_model = {}
@@ -1469,19 +1637,24 @@ def _wall_text(cells):
     return _range_text([None if r.get("wall_time_s") is None else round(r["wall_time_s"]) for r in cells], " s")
 
 
-def dataset_table(study, rows, dataset, metrics):
-    """Markdown table (and comparison) for one dataset."""
+def dataset_table(study, rows, dataset, metrics, family=None):
+    """Markdown table (and comparison) for one dataset, and its summary. ``family``: the
+    :class:`PFamily` of the report, whose adjusted p-values it shows (default: one of this table)."""
+    return _in_family(study, family, lambda fam: _dataset_table(study, rows, dataset, metrics, fam))
+
+
+def _dataset_table(study, rows, dataset, metrics, family):
     summary = dataset_summary(study, rows, dataset, metrics)
     pm = summary["per_model"]
     labels = [_metric_label(k) for k in metrics]
     n_max = max((pm[m]["n"] for m in study.models), default=0)
     lines = [f"## {dataset}", ""]
     lines.append(f"Test metrics, mean ± std over seeds ({', '.join(map(str, study.seeds))}); n = finished seeds. "
-                 "**Bold**: best mean per metric. "
+                 f"{CI_SENTENCE} **Bold**: best mean per metric. "
                  f"Baselines: {', '.join(m for m in study.models if m not in study.proposed) or 'none'}; "
                  f"proposed: {', '.join(study.proposed) or 'none'}.")
     lines.append("")
-    lines.append("| Model | Role | n | " + " | ".join(labels) + " | epochs | wall time / cell |")
+    lines.append("| Model | Role | n | " + " | ".join(map(_mean_header, labels)) + " | epochs | wall time / cell |")
     lines.append("|---|---|---|" + "---|" * len(labels) + "---|---|")
     for m in study.models:
         finished = [r for r in rows if r["dataset"] == dataset and r["model"] == m and r["status"] == "finished"]
@@ -1491,7 +1664,7 @@ def dataset_table(study, rows, dataset, metrics):
             if mean is None:
                 cells.append("—")
                 continue
-            text = _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
+            text = _fmt_mean_std(mean, std, len(pm[m]["values"][k]))
             if summary["best"][k] is not None and mean == summary["best"][k]:
                 text = f"**{text}**"
             cells.append(text)
@@ -1506,9 +1679,9 @@ def dataset_table(study, rows, dataset, metrics):
     if study.proposed:
         lines.append("Relative improvement of each proposed model over the best baseline per metric (difference "
                      "of the means / baseline mean), and a two-sided paired t-test over the seeds both finished "
-                     "(scipy.stats.ttest_rel; n = pairs; fewer than 2 seeds: n/a).")
+                     "(scipy.stats.ttest_rel; n = pairs; fewer than 2 seeds: n/a). " + family.sentence(marks=True))
         lines.append("")
-        lines.append("| Model | " + " | ".join(labels) + " |")
+        lines.append(f"| Model ({family.header()}) | " + " | ".join(labels) + " |")
         lines.append("|---|" + "---|" * len(labels))
         verdicts = []
         for m in study.proposed:
@@ -1519,10 +1692,11 @@ def dataset_table(study, rows, dataset, metrics):
                     cells.append("—")
                     continue
                 rel = "n/a" if c["relative_pct"] is None else f"{c['relative_pct']:+.1f}%"
-                test = f"p={_fmt_p(c['p'])}, n={c['n']}"
-                cells.append(f"{rel} vs {c['baseline']} ({test})")
+                c["p_adj"] = family.adjust(("vs best baseline", dataset, m, c["baseline"], k), c["p"])
+                cells.append(f"{rel} vs {c['baseline']} ({family.test_text(c['p'], c['p_adj'], c['n'])})")
+                marked = c["better"] and family.significant(c["p"], c["p_adj"])
                 (wins if c["better"] else losses).append(
-                    label + ("" if c["p"] is None or c["p"] >= 0.05 or not c["better"] else " (p<0.05)"))
+                    label + (f" ({family.label or 'p'}<0.05)" if marked else ""))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
             if wins or losses:
                 text = f"- {m}: "
@@ -1677,8 +1851,16 @@ def _csv_text(rows):
     return buf.getvalue()
 
 
-def _fmt_mean_std(mean, std):
-    return "—" if mean is None else _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
+def _fmt_mean_std(mean, std, n=None):
+    """"0.3100 ± 0.0100"; with ``n`` (the number of values), the CI half-width in brackets:
+    "0.3100 ± 0.0100 (± 0.0248)", "0.3000 (n/a)" for one value."""
+    if mean is None:
+        return "—"
+    text = _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
+    if n is not None:
+        half = ci_half_width(std, n)
+        text += " (n/a)" if half is None else f" (± {_fmt(half)})"
+    return text
 
 
 def _paired_metric(a_by_seed, b_by_seed, k):
@@ -1696,28 +1878,45 @@ def _paired_metric(a_by_seed, b_by_seed, k):
     return out
 
 
-def _comparison_text(c):
-    """A :func:`_paired_metric` result in words: "+4.6% (p=0.0312, n=3)"."""
+def _comparison_text(c, family=None):
+    """A :func:`_paired_metric` result in words: "+4.6% (p=0.0312, n=3)", with a ``family``
+    (:class:`PFamily`) and ``c["p_adj"]``: "+4.6% (p=0.0312, p_Holm=0.0936, n=3)"."""
     if c["a"][0] is None or not c["b"][0]:
         return "—"
     if c["identical"]:  # the same runs (e.g. a SASRec cell and SICSRec's step 1 of that seed)
         return f"identical on every seed (n={c['n']})"
-    return f"{c['relative_pct']:+.1f}% (p={_fmt_p(c['p'])}, n={c['n']})"
+    test = (family.test_text(c["p"], c.get("p_adj"), c["n"]) if family is not None
+            else f"p={_fmt_p(c['p'])}, n={c['n']}")
+    return f"{c['relative_pct']:+.1f}% ({test})"
 
 
-def _paired_rows(a_by_seed, b_by_seed, metrics):
-    """Seeds both have; ``a``'s and ``b``'s mean ± std per metric over those pairs; and ``a``
-    against ``b`` paired by seed ("identical on every seed" when every pair is equal)."""
+def _adjust_all(comparisons, metrics, family, key):
+    """Each comparison's adjusted p (``c["p_adj"]``) from ``family``, keyed by ``key`` + (metric,)."""
+    for c, k in zip(comparisons, metrics):
+        c["p_adj"] = family.adjust(key + (k,), c["p"])
+
+
+def _paired_rows(a_by_seed, b_by_seed, metrics, family, key):
+    """Seeds both have; ``a``'s and ``b``'s mean ± std (and CI) per metric over those pairs; and
+    ``a`` against ``b`` paired by seed, its p adjusted in ``family`` under ``key`` + (metric,)
+    ("identical on every seed" when every pair is equal)."""
     comparisons = [_paired_metric(a_by_seed, b_by_seed, k) for k in metrics]
-    return (sorted(set(a_by_seed) & set(b_by_seed)), [_fmt_mean_std(*c["a"]) for c in comparisons],
-            [_fmt_mean_std(*c["b"]) for c in comparisons], [_comparison_text(c) for c in comparisons])
+    _adjust_all(comparisons, metrics, family, key)
+    return (sorted(set(a_by_seed) & set(b_by_seed)), [_fmt_mean_std(*c["a"], c["n"]) for c in comparisons],
+            [_fmt_mean_std(*c["b"], c["n"]) for c in comparisons],
+            [_comparison_text(c, family) for c in comparisons])
 
 
-def step1_table(study, rows, dataset, metrics):
+def step1_table(study, rows, dataset, metrics, family=None):
     """Markdown: each model whose records carry a step-1 test result (SICSRec) against that step-1
     model, paired per seed (the same run's own ID-only SASRec); '' when no row has one. The other
     models of the study are compared with the same step-1 SASRec of the same seed (same config,
-    split and evaluator), so a study gets a SASRec baseline without a SASRec cell."""
+    split and evaluator), so a study gets a SASRec baseline without a SASRec cell. ``family``: as
+    in :func:`dataset_table`."""
+    return _in_family(study, family, lambda fam: _step1_table(study, rows, dataset, metrics, fam))
+
+
+def _step1_table(study, rows, dataset, metrics, family):
     lines = []
     finished = [r for r in rows if r["dataset"] == dataset and r["status"] == "finished"]
     with_step1 = [m for m in study.models if any(r["model"] == m and r.get("step1_test") for r in finished)]
@@ -1729,12 +1928,14 @@ def step1_table(study, rows, dataset, metrics):
                       "cell of the same seed when it was the same run and was loaded instead) tested by the same "
                       "evaluator: a paired ID-only baseline per seed. Mean ± std over seeds; relative difference "
                       "of the means and a two-sided paired t-test over the seeds. Other models are paired with the "
-                      "step-1 SASRec of the same seed.", "",
-                      "| Model | n | " + " | ".join(_metric_label(k) for k in metrics) + " |",
+                      f"step-1 SASRec of the same seed. {CI_SENTENCE} {family.sentence()}", "",
+                      f"| Model ({family.header()}) | n | "
+                      + " | ".join(_mean_header(_metric_label(k)) for k in metrics) + " |",
                       "|---|---|" + "---|" * len(metrics)]
         step1 = {r["seed"]: r["step1_test"] for r in cells}
         ours_by_seed = {r["seed"]: r["test"] for r in cells}
-        seeds, ours, base, comp = _paired_rows(ours_by_seed, step1, metrics)
+        seeds, ours, base, comp = _paired_rows(ours_by_seed, step1, metrics, family,
+                                               ("vs step 1", dataset, m, f"{m} step 1"))
         lines.append(f"| {m} step 1 (SASRec) | {len(cells)} | " + " | ".join(base) + " |")
         lines.append(f"| {m} | {len(seeds)} | " + " | ".join(ours) + " |")
         lines.append(f"| {m} vs step 1 | | " + " | ".join(comp) + " |")
@@ -1742,7 +1943,8 @@ def step1_table(study, rows, dataset, metrics):
             if other in with_step1:
                 continue
             by_seed = {r["seed"]: r["test"] for r in finished if r["model"] == other}
-            seeds, theirs, _, comp = _paired_rows(by_seed, step1, metrics)
+            seeds, theirs, _, comp = _paired_rows(by_seed, step1, metrics, family,
+                                                  ("vs step 1", dataset, other, f"{m} step 1"))
             if not seeds:
                 continue
             lines.append(f"| {other} | {len(seeds)} | " + " | ".join(theirs) + " |")
@@ -1752,19 +1954,24 @@ def step1_table(study, rows, dataset, metrics):
 
 def within_seed_noise(c):
     """Whether a paired comparison (:func:`_paired_metric`, ``a`` a variant, ``b`` its base model) is
-    within seed noise: p >= 0.05 and the difference of the means at most one std of ``b``; None
-    when it cannot be told (fewer than 2 pairs)."""
+    within seed noise: p >= 0.05 (the adjusted p, ``c["p_adj"]``, when there is one) and the
+    difference of the means at most one std of ``b``; None when it cannot be told (fewer than 2 pairs)."""
     if c["n"] and c["identical"]:
         return True
     if c["n"] < 2 or c["p"] is None:
         return None
-    return c["p"] >= 0.05 and abs(c["a"][0] - c["b"][0]) <= c["b"][1]
+    p = c["p_adj"] if c.get("p_adj") is not None else c["p"]
+    return p >= 0.05 and abs(c["a"][0] - c["b"][0]) <= c["b"][1]
 
 
-def variants_table(study, rows, dataset, metrics):
+def variants_table(study, rows, dataset, metrics, family=None):
     """Markdown: each variant whose model is also in the study against that model, paired per
     seed, with the wall time per cell of both and whether the variant is within seed noise of
-    it; '' when there is no such variant."""
+    it; '' when there is no such variant. ``family``: as in :func:`dataset_table`."""
+    return _in_family(study, family, lambda fam: _variants_table(study, rows, dataset, metrics, fam))
+
+
+def _variants_table(study, rows, dataset, metrics, family):
     pairs = [(v, study.model_of(v)) for v in study.variants if study.model_of(v) in study.models]
     if not pairs:
         return ""
@@ -1777,8 +1984,9 @@ def variants_table(study, rows, dataset, metrics):
              "; ".join(f"{v}: {m} with `{differences[v] or 'the same config'}`" for v, m in pairs)
              + ". Test metrics, mean ± std over the seeds both finished (n); relative difference of the means "
              "(positive: the variant is better) and a two-sided paired t-test over those seeds "
-             "(scipy.stats.ttest_rel); wall time of the cells, shortest-longest.", "",
-             "| Model | n | " + " | ".join(labels) + " | wall time / cell |",
+             f"(scipy.stats.ttest_rel); wall time of the cells, shortest-longest. {CI_SENTENCE} "
+             + family.sentence(), "",
+             f"| Model ({family.header()}) | n | " + " | ".join(map(_mean_header, labels)) + " | wall time / cell |",
              "|---|---|" + "---|" * len(labels) + "---|"]
     verdicts = []
     for variant, base in pairs:
@@ -1786,11 +1994,13 @@ def variants_table(study, rows, dataset, metrics):
         seeds = sorted(set(ours) & set(theirs))
         comparisons = [_paired_metric({s: r["test"] for s, r in ours.items()},
                                       {s: r["test"] for s, r in theirs.items()}, k) for k in metrics]
-        lines += [f"| {base} | {len(seeds)} | " + " | ".join(_fmt_mean_std(*c["b"]) for c in comparisons)
+        _adjust_all(comparisons, metrics, family, ("variant vs base", dataset, variant, base))
+        lines += [f"| {base} | {len(seeds)} | " + " | ".join(_fmt_mean_std(*c["b"], c["n"]) for c in comparisons)
                   + f" | {_wall_text([theirs[s] for s in seeds])} |",
-                  f"| {variant} | {len(seeds)} | " + " | ".join(_fmt_mean_std(*c["a"]) for c in comparisons)
+                  f"| {variant} | {len(seeds)} | " + " | ".join(_fmt_mean_std(*c["a"], c["n"]) for c in comparisons)
                   + f" | {_wall_text([ours[s] for s in seeds])} |",
-                  f"| {variant} vs {base} | | " + " | ".join(map(_comparison_text, comparisons)) + " | |"]
+                  f"| {variant} vs {base} | | " + " | ".join(_comparison_text(c, family) for c in comparisons)
+                  + " | |"]
         noise = {label: within_seed_noise(c) for c, label in zip(comparisons, labels)}
         inside = [label for label, v in noise.items() if v]
         outside = [label for label, v in noise.items() if v is False]
@@ -1801,8 +2011,9 @@ def variants_table(study, rows, dataset, metrics):
         else:
             verdicts.append(f"- {variant}: **not** within seed noise of {base} on {', '.join(outside)}"
                             + (f"; within it on {', '.join(inside)}." if inside else "."))
-    lines += ["", "Within seed noise: the paired t-test finds no difference (p ≥ 0.05) and the difference of the "
-              "means is at most one standard deviation of the base model over these seeds.", ""] + verdicts
+    adjusted = f", using the adjusted {family.label}" if family.label else ""
+    lines += ["", f"Within seed noise: the paired t-test finds no difference (p ≥ 0.05{adjusted}) and the difference "
+              "of the means is at most one standard deviation of the base model over these seeds.", ""] + verdicts
     return "\n".join(lines + [""])
 
 
@@ -1816,12 +2027,22 @@ def write_report(study, rows=None):
     write_text_atomic(paths["cells_csv"], _csv_text(rows))
     _write_json(paths["cells_json"], {"study": study.name, "source": study.source, "cells": rows})
 
-    sections, summaries = [], {}
-    for d in study.datasets:
-        text, summary = dataset_table(study, rows, d, metrics)
-        for extra in (step1_table(study, rows, d, metrics), variants_table(study, rows, d, metrics)):
+    def tables(d, family):
+        text, summary = dataset_table(study, rows, d, metrics, family)
+        for extra in (step1_table(study, rows, d, metrics, family), variants_table(study, rows, d, metrics, family)):
             if extra:
                 text += "\n" + extra
+        return text, summary
+
+    # every p-value of the report is one family: a first pass collects them, the second shows them adjusted
+    family = PFamily(getattr(study, "p_adjust", "holm"), scope="report")
+    for d in study.datasets:
+        tables(d, family)
+    family.close()
+    paths["p_adjust"] = {"method": family.method, "family_size": family.size}
+    sections, summaries = [], {}
+    for d in study.datasets:
+        text, summary = tables(d, family)
         summaries[d] = summary
         table_path = os.path.join(out, "tables", f"{d}.md")
         write_text_atomic(table_path, text + "\n")
@@ -1849,6 +2070,12 @@ def write_report(study, rows=None):
            f"- datasets: {', '.join(study.datasets)}; models: {', '.join(study.models)}; "
            f"seeds: {', '.join(map(str, study.seeds))}",
            _cells_ran_on(rows),
+           f"- statistics: means ± std with the {CI_LEVEL:.0%} t confidence interval's half-width over the seeds; "
+           "two-sided paired t-tests over seeds, "
+           + (f"p-values adjusted by {P_ADJUST_FULL_NAMES[family.method]} ({family.label}) over the "
+              f"{family.size} tested comparisons of this report, raw p next to them"
+              if family.label else "p-values not adjusted for multiple comparisons")
+           + f" (`p_adjust: {family.method}`)",
            f"- report written on machine: {info.get('host')}; {info.get('cpu')} ({info.get('cpu_count')} logical CPUs"
            + (f", {info['memory_gb']} GiB RAM" if info.get("memory_gb") else "") + f"); GPU: {info.get('gpu') or 'none'}; "
            f"{info.get('platform')}; Python {info.get('python')}, torch {info.get('torch')}, "

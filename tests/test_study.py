@@ -129,7 +129,8 @@ def test_tiny_study_killed_and_resumed_without_rerunning_and_reports(env):
 
     # the table: mean ± std, best in bold, improvement over the best baseline with a paired t-test
     table = open(os.path.join(out, "tables", "tiny.md")).read()
-    assert "| Model | Role | n | HR@5 | HR@10 | NDCG@5 | NDCG@10 | epochs | wall time / cell |" in table
+    assert ("| Model | Role | n | HR@5: mean ± std (± 95% CI) | HR@10: mean ± std (± 95% CI) | NDCG@5: mean ± std "
+            "(± 95% CI) | NDCG@10: mean ± std (± 95% CI) | epochs | wall time / cell |") in table
     sas_line = next(line for line in table.splitlines() if line.startswith("| SASRec |"))
     assert sas_line.split(" | ")[-2] == "1 (cap)" and sas_line.endswith(" s |")  # epochs 1 of 1; seconds per cell
     assert "±" in table and table.count("**") >= 8  # 4 metrics, each best value bold
@@ -370,12 +371,15 @@ def test_variants_section_pairs_each_variant_with_its_base_model(env):
     text = st.variants_table(s, rows, "tiny", ["hit@10", "ndcg@10"])
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert "SASRec+bucketing: SASRec with `inner_size: 48, length_bucketing: True, n_layers: 3`" in text
-    assert lines["| SASRec"] == "| SASRec | 3 | 0.3100 ± 0.0100 | 0.2100 ± 0.0100 | 60-70 s |"
-    assert lines["| SASRec+bucketing"] == "| SASRec+bucketing | 3 | 0.3167 ± 0.0208 | 0.2600 ± 0.0100 | 60-70 s |"
+    # mean ± std (± 95% CI half-width: t(0.975, 2) = 4.3027, 4.3027 * 0.01 / sqrt(3) = 0.0248)
+    assert lines["| SASRec"] == "| SASRec | 3 | 0.3100 ± 0.0100 (± 0.0248) | 0.2100 ± 0.0100 (± 0.0248) | 60-70 s |"
+    assert lines["| SASRec+bucketing"] == \
+        "| SASRec+bucketing | 3 | 0.3167 ± 0.0208 (± 0.0517) | 0.2600 ± 0.0100 (± 0.0248) | 60-70 s |"
     # hit@10: differences 0.01, 0.02, -0.01, t = 2 / sqrt(7), p = 1 - sqrt(2) / 3 = 0.529
     # ndcg@10: differences 0.05, 0.06, 0.04, t = 5 sqrt(3), p = 1 - sqrt(75 / 77) = 0.0131
-    assert lines["| SASRec+bucketing vs SASRec"] == \
-        "| SASRec+bucketing vs SASRec | | +2.2% (p=0.529, n=3) | +23.8% (p=0.0131, n=3) | |"
+    # Holm over this table's 2 comparisons: 2 * 0.013072 = 0.0261, max(0.0261, 1 * 0.529) = 0.529
+    assert lines["| SASRec+bucketing vs SASRec"] == ("| SASRec+bucketing vs SASRec | | +2.2% (p=0.529, p_Holm=0.529, "
+                                                     "n=3) | +23.8% (p=0.0131, p_Holm=0.0261, n=3) | |")
     c = st._paired_metric({r["seed"]: r["test"] for r in rows if r["model"] == "SASRec+bucketing"},
                           {r["seed"]: r["test"] for r in rows if r["model"] == "SASRec"}, "hit@10")
     assert c["p"] == pytest.approx(1 - 2 ** 0.5 / 3) and st.within_seed_noise(c)
@@ -388,7 +392,8 @@ def test_variants_section_pairs_each_variant_with_its_base_model(env):
     # the variant is a row of the dataset table like any model (here the best baseline); a study
     # without variants has no section
     table, _ = st.dataset_table(s, rows, "tiny", ["hit@10"])
-    assert "| SASRec+bucketing | baseline | 3 | **0.3167 ± 0.0208** |" in table and "vs SASRec+bucketing (p=" in table
+    assert "| SASRec+bucketing | baseline | 3 | **0.3167 ± 0.0208 (± 0.0517)** |" in table
+    assert "vs SASRec+bucketing (p=" in table
     assert st.variants_table(validate_study(write(env / "t.yaml", TINY_STUDY)), rows, "tiny", ["hit@10"]) == ""
 
 
@@ -478,14 +483,14 @@ def test_table_statistics():
     assert c["baseline"] == "SASRec" and c["n"] == 2  # paired over the seeds both finished
     assert c["p"] == pytest.approx(stats.ttest_rel([0.33, 0.36], [0.30, 0.32]).pvalue)
     assert c["relative_pct"] == pytest.approx((0.345 - 0.31) / 0.31 * 100)
-    assert "| TSSR | proposed | 2 | **0.3450 ± 0.0212** |" in text
+    assert "| TSSR | proposed | 2 | **0.3450 ± 0.0212 (± 0.1906)** |" in text
     assert "+11.3% vs SASRec (p=" in text
     # smaller-is-better metric (RecBole's smaller_metrics): the best is the smallest mean
-    assert "**2.1000 ± 0.1000**" in text and summary["best_baseline"]["averagepopularity@10"] == "GRU4Rec"
+    assert "**2.1000 ± 0.1000 (± 0.2484)**" in text and summary["best_baseline"]["averagepopularity@10"] == "GRU4Rec"
     # one seed: no std, no test
     one = types.SimpleNamespace(models=["SASRec", "TSSR"], proposed=["TSSR"], seeds=[1])
     text1, s1 = st.dataset_table(one, fake_rows({"SASRec": [0.3], "TSSR": [0.2]}), "d", ["hit@10"])
-    assert "| SASRec | baseline | 1 | **0.3000** |" in text1 and "| TSSR | proposed | 1 | 0.2000 |" in text1
+    assert "| SASRec | baseline | 1 | **0.3000 (n/a)** |" in text1 and "| TSSR | proposed | 1 | 0.2000 (n/a) |" in text1
     assert "-33.3% vs SASRec (p=n/a, n=1)" in text1
     assert "TSSR: beats the best baseline on no metric; does **not** beat it on HR@10" in text1
 
