@@ -630,7 +630,9 @@ def build_aligner(dataset, inputs):
         ids, mask = ids[:, :width].contiguous(), mask[:, :width].contiguous()
         text = FinetuneTextEncoder(encoder, ids, mask, trainable_layers=int(_cfg(config, "sft_text_trainable_layers", 1)),
                                    pooling=inputs["text"]["pooling"], unique_items=True,
-                                   cache_lower=bool(_cfg(config, "sft_cache_lower", True)))
+                                   cache_lower=bool(_cfg(config, "sft_cache_lower", True)),
+                                   cache_mb=config["sft_cache_mb"] if "sft_cache_mb" in config else 2048,
+                                   cache_dtype=_cfg(config, "sft_cache_dtype", "float32") or "float32")
     if "image" in inputs:
         image = ImageTower(inputs["image"]["encoder"], inputs["image"]["paths"],
                            int(_cfg(config, "sft_image_trainable_layers", 1)),
@@ -788,7 +790,10 @@ def run_stage1(dataset, show_progress=None):
         "type": "sicsrec_stage1", "stage1_version": STAGE1_VERSION, "modalities": mods,
         "dataset_tokens": sha256_strings(id2token),
         "pairs_checksum": sha256_strings(f"{id2token[a]}|{id2token[b]}" for a, b in pairs.tolist()),
-        "sft": dict({k: _cfg(config, k) for k in SFT_KEYS}, sft_seed=sft_seed(config)), "encoders": {m: inputs[m]["key"] for m in mods},
+        "sft": dict({k: _cfg(config, k) for k in SFT_KEYS}, sft_seed=sft_seed(config),
+                    # a float16 lower-layer cache changes the features slightly (float32: exact, as before)
+                    **({"sft_cache_dtype": "float16"} if _cfg(config, "sft_cache_dtype") == "float16" else {})),
+        "encoders": {m: inputs[m]["key"] for m in mods},
     }
     fresh = all(store.is_fresh(names[m], key) for m in mods)
     rank, world = _dist_info()
