@@ -131,6 +131,20 @@ def matrix_sha256(matrix) -> str:
     return h.hexdigest()
 
 
+def _release_mapped(matrix) -> None:
+    """Tell the kernel this process no longer needs the pages of a read-only memory map it has
+    read (``MADV_DONTNEED``): they leave the process's resident set (they stay in the page cache,
+    reclaimable), so reading a large feature file once does not count as resident memory for
+    the rest of the run. A no-op for in-memory arrays and where ``madvise`` is unavailable."""
+    import mmap
+
+    handle = getattr(matrix, "_mmap", None)
+    if handle is None or not hasattr(handle, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    with contextlib.suppress(OSError, ValueError):
+        handle.madvise(mmap.MADV_DONTNEED)
+
+
 def _scan(matrix, want_sha: bool, want_finite: bool, limit: int = 5):
     """One pass over ``matrix``: (sha256 or None, first ``limit`` non-finite row indices, count)."""
     h = hashlib.sha256() if want_sha else None
@@ -147,6 +161,7 @@ def _scan(matrix, want_sha: bool, want_finite: bool, limit: int = 5):
                 n_bad += int(rows.size)
                 if len(bad) < limit:
                     bad.extend((rows[:limit - len(bad)] + start).tolist())
+            _release_mapped(matrix)  # block by block: at most one block of the file resident
     return (h.hexdigest() if h is not None else None), np.asarray(bad, dtype=np.int64), n_bad
 
 
@@ -667,7 +682,11 @@ def align_to_dataset(fm: FeatureMatrix, id2token, expected_dim: int | None = Non
     if rows.size:
         src = pos[rows - 1]
         order = np.argsort(src, kind="stable")  # monotone reads are kind to memory maps
-        table[rows[order]] = np.asarray(fm.matrix[src[order]], dtype=np.float32)
+        rows, src = rows[order], src[order]
+        step = _block_rows(fm.matrix)  # in blocks: no second whole-table copy while gathering
+        for start in range(0, rows.size, step):
+            table[rows[start:start + step]] = fm.matrix[src[start:start + step]]
+            _release_mapped(fm.matrix)
     missing = ~usable
     missing[0] = True
 
