@@ -15,13 +15,20 @@ initialisation); only the item vector differs. The CE loss can be ``softmax: sam
 by :class:`recbole_mm.model.layers.ContentProjector`, so no gradient ever reaches them and the
 trainer never gives them to the optimizer. PAD (item 0) is always the zero vector.
 Defaults: ``properties/model/ContentSASRec.yaml`` and ``IDContentSASRec.yaml``.
+
+Items without content (no text, no or an unreadable image): ``missing_modality`` (``zero``, the
+default, projects their zero feature row, so in ContentSASRec all of them are one and the same
+vector and a user whose next item has no content can only be served by chance; ``learned``: one
+trained vector per modality, which does not change that for ContentSASRec; ``id``: one trained
+vector per item without content, the recommended setting for ContentSASRec). See
+:class:`recbole_mm.model.layers.MissingContent`.
 """
 
 import torch
 import torch.nn as nn
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_mm.model.layers import ContentProjector
+from recbole_mm.model.layers import ContentProjector, dataset_missing_masks, missing_modality_setting
 from recbole_mm.model.softmax import CatalogueSoftmax
 
 _MODALITIES = ("text", "image", "both")
@@ -55,10 +62,14 @@ class _FeatureSASRec(SASRec):
         missing = [n for n in self.feature_names if n not in features]
         if missing:
             raise KeyError(f"{name}: the dataset has no item features {missing}; known: {sorted(features)}")
+        self.missing_modality = missing_modality_setting(config, name)
         self.content = ContentProjector(
             {n: features[n] for n in self.feature_names},
             self.hidden_size,
             dropout_prob=config["content_dropout_prob"] or 0.0,
+            missing=(dataset_missing_masks(dataset, self.feature_names, name)
+                     if self.missing_modality != "zero" else None),
+            missing_modality=self.missing_modality,
         )
         for proj in self.content.proj.values():
             nn.init.xavier_normal_(proj.weight)
@@ -67,6 +78,9 @@ class _FeatureSASRec(SASRec):
             # MoRec-style: no ID table at all (SASRec.__init__ created one)
             del self.item_embedding
         self.softmax = CatalogueSoftmax(config, dataset, self.n_items, name)
+        if self.content.missing is not None:
+            # drawn like SASRec's embeddings, after every other weight (those stay as with zero)
+            self.content.missing.reset_parameters(lambda w: w.normal_(0.0, self.initializer_range))
 
     # ------------------------------------------------------------------ item vectors
     def item_vectors(self, item_ids):

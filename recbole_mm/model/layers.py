@@ -172,15 +172,112 @@ def keep_out_of_checkpoints(embedding):
     return embedding
 
 
+MISSING_MODALITY = ("zero", "learned", "id")
+
+
+def missing_modality_setting(config, model_name):
+    """The validated ``missing_modality`` of ``config`` (``properties/overall.yaml``)."""
+    mode = config["missing_modality"]
+    mode = "zero" if mode is None else str(mode)
+    if mode not in MISSING_MODALITY:
+        raise ValueError(f"{model_name}: missing_modality must be one of {MISSING_MODALITY}, got {mode!r}")
+    return mode
+
+
+def dataset_missing_masks(dataset, names, model_name):
+    """``name -> bool (n_items,)``: True for the items whose feature ``name`` has no content, from
+    the dataset's own ``mm_missing`` (aligned to internal item ids), with PAD (item 0) False."""
+    found = getattr(dataset, "mm_missing", None) or {}
+    absent = [n for n in names if n not in found]
+    if absent:
+        raise KeyError(f"{model_name}: missing_modality needs the dataset's missing-content masks of {absent} "
+                       f"(MultiModalSequentialDataset.mm_missing); it has {sorted(found)}")
+    masks = {}
+    for n in names:
+        mask = torch.as_tensor(found[n]).to(torch.bool).reshape(-1).clone()
+        if mask.numel() > 0:
+            mask[0] = False  # PAD is not an item without content: it keeps its own (zero) treatment
+        masks[n] = mask
+    return masks
+
+
+class MissingContent(nn.Module):
+    """What stands in for the projected content of items whose feature is missing (``missing_modality``).
+
+    ``masks``: feature name -> bool (n_items,) (:func:`dataset_missing_masks`), kept as
+    non-persistent buffers (rebuilt from the dataset, never in checkpoints). ``mode``:
+
+    * ``learned``: one trainable vector (``hidden_size``) per feature, used for every item without
+      that content; its gradient comes only from such items;
+    * ``id``: one trainable vector per item without that content (rows only for those items, in
+      item-id order; ``row_<name>`` maps an item id to its row, -1 for items with content), so
+      image-less items stay distinguishable in a model without IDs.
+
+    :meth:`replace` swaps the projected vectors of missing items (``torch.where``: projections of
+    items with content are untouched and the projection gets no gradient from missing items).
+    Parameters start at zero without drawing random numbers (the other weights of a model are the
+    same as with ``zero`` under one seed); models draw them with :meth:`reset_parameters` at the
+    end of ``__init__``.
+    """
+
+    def __init__(self, masks, hidden_size, mode):
+        super().__init__()
+        if mode not in MISSING_MODALITY[1:]:
+            raise ValueError(f"MissingContent mode must be one of {MISSING_MODALITY[1:]}, got {mode!r}")
+        self.mode = mode
+        self.names = list(masks)
+        self.vectors = nn.ParameterDict()
+        for n, mask in masks.items():
+            mask = torch.as_tensor(mask, dtype=torch.bool)
+            self.register_buffer(f"mask_{n}", mask, persistent=False)
+            if mode == "learned":
+                self.vectors[n] = nn.Parameter(torch.zeros(hidden_size))
+            elif bool(mask.any()):
+                rows = torch.full(mask.shape, -1, dtype=torch.int32)
+                rows[mask] = torch.arange(int(mask.sum()), dtype=torch.int32)
+                self.register_buffer(f"row_{n}", rows, persistent=False)
+                self.vectors[n] = nn.Parameter(torch.zeros(int(mask.sum()), hidden_size))
+            # id with no missing item: nothing to learn, no (unused) parameter
+
+    def reset_parameters(self, init_fn):
+        """Draw every replacement vector with ``init_fn(tensor)`` (in place)."""
+        with torch.no_grad():
+            for p in self.vectors.values():
+                init_fn(p)
+
+    def counts(self):
+        """Feature name -> number of items without that content."""
+        return {n: int(self.get_buffer(f"mask_{n}").sum()) for n in self.names}
+
+    def replace(self, name, item_ids, z):
+        """``z`` (*item_ids.shape, d), the projected content of ``item_ids``, with the rows of items
+        lacking feature ``name`` replaced."""
+        if name not in self.vectors:
+            return z
+        miss = self.get_buffer(f"mask_{name}")[item_ids].unsqueeze(-1)
+        if self.mode == "learned":
+            sub = self.vectors[name].to(z.dtype).expand_as(z)
+        else:
+            rows = self.get_buffer(f"row_{name}")[item_ids].clamp_min(0)
+            sub = F.embedding(rows, self.vectors[name]).to(z.dtype)
+        return torch.where(miss, sub, z)
+
+
 class ContentProjector(nn.Module):
     """Projects one or more item-feature matrices (text, image) to ``hidden_size`` and sums them.
 
     The frozen feature tables are held as frozen ``nn.Embedding`` s (parameters with
     ``requires_grad=False``), never as buffers: DDP would re-broadcast buffers every step. They
     are left out of checkpoints (:func:`keep_out_of_checkpoints`).
+
+    ``missing_modality`` (``zero`` | ``learned`` | ``id``) with ``missing`` (name -> bool mask,
+    :func:`dataset_missing_masks`): ``zero`` projects an item's zero feature row like any other
+    (every item without that content gets the same vector: the projection's bias); otherwise a
+    :class:`MissingContent` replaces the projection of each missing modality of such items (with
+    two modalities only the missing one is replaced).
     """
 
-    def __init__(self, tables, hidden_size, dropout_prob=0.0):
+    def __init__(self, tables, hidden_size, dropout_prob=0.0, missing=None, missing_modality="zero"):
         super().__init__()
         self.names = list(tables)
         self.tables = nn.ModuleDict({
@@ -188,20 +285,32 @@ class ContentProjector(nn.Module):
             for n, t in tables.items()})
         self.proj = nn.ModuleDict({n: nn.Linear(t.shape[1], hidden_size) for n, t in tables.items()})
         self.dropout = nn.Dropout(dropout_prob)
+        if missing_modality not in MISSING_MODALITY:
+            raise ValueError(f"missing_modality must be one of {MISSING_MODALITY}, got {missing_modality!r}")
+        if missing_modality == "zero":
+            self.missing = None
+        else:
+            if missing is None or any(n not in missing for n in self.names):
+                raise ValueError(f"missing_modality: {missing_modality} needs a missing mask for every feature "
+                                 f"{self.names}")
+            self.missing = MissingContent({n: missing[n] for n in self.names}, hidden_size, missing_modality)
 
     def raw_dims(self):
         return {n: self.tables[n].embedding_dim for n in self.names}
 
-    def project(self, features):
-        """``features``: name -> (..., dim) raw features; returns (..., hidden_size)."""
+    def project(self, features, item_ids=None):
+        """``features``: name -> (..., dim) raw features of ``item_ids``; returns (..., hidden_size).
+        Without ``item_ids`` no missing-content replacement happens."""
         out = None
         for n in self.names:
             z = self.proj[n](self.dropout(features[n]))
+            if self.missing is not None and item_ids is not None:
+                z = self.missing.replace(n, item_ids, z)
             out = z if out is None else out + z
         return out
 
     def forward(self, item_ids):
-        return self.project({n: self.tables[n](item_ids) for n in self.names})
+        return self.project({n: self.tables[n](item_ids) for n in self.names}, item_ids)
 
 
 def checkpointed_sum(fn, chunk, sliced, fixed=()):

@@ -41,11 +41,14 @@ from recbole_mm.study import STEP1_SHARE_ENV
 from recbole_mm.model.layers import (
     AttentionStack,
     LowRankAdapter,
+    MissingContent,
     causal_padding_mask,
     contrastive_scale,
+    dataset_missing_masks,
     gather_positions,
     gather_rows,
     keep_out_of_checkpoints,
+    missing_modality_setting,
 )
 from recbole_mm.model.softmax import CatalogueSoftmax
 from recbole_mm.model.sicsrec_stage1 import base_feature_names, modalities, stage1_feature_names
@@ -121,6 +124,7 @@ class SICSRec(SequentialRecommender):
         self.id_embedding_trainable = bool(_opt(config, "id_embedding_trainable", True))
         self.modalities = modalities(config)
         self.feature_names = dict(zip(self.modalities, self.required_features(config)))
+        self.missing_modality = missing_modality_setting(config, "SICSRec")
         mlp_hidden = _opt(config, "content_mlp_hidden")
         d = self.hidden_size
 
@@ -149,6 +153,12 @@ class SICSRec(SequentialRecommender):
             mlps[m] = nn.Sequential(nn.Linear(table.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, d))
         self.content_tables = nn.ModuleDict(tables)
         self.content_mlps = nn.ModuleDict(mlps)
+        # items without a modality's content (missing_modality): their MLP output is replaced
+        self.missing_content = None
+        if self.missing_modality != "zero":
+            masks = dataset_missing_masks(dataset, list(self.feature_names.values()), "SICSRec")
+            self.missing_content = MissingContent(
+                {m: masks[self.feature_names[m]] for m in self.modalities}, d, self.missing_modality)
         self.content_LayerNorm = nn.LayerNorm(d, eps=self.layer_norm_eps)
         self.content_dropout = nn.Dropout(self.hidden_dropout_prob)
         block = dict(hidden_size=d, n_heads=self.n_heads, inner_size=self.inner_size,
@@ -189,6 +199,8 @@ class SICSRec(SequentialRecommender):
             if adapters is not None:
                 for adapter in adapters:
                     adapter.reset_parameters(self.initializer_range)
+        if self.missing_content is not None:  # last: every other weight is as with missing_modality: zero
+            self.missing_content.reset_parameters(lambda w: w.normal_(0.0, self.initializer_range))
 
     def freeze_id_encoder(self):
         """Step 2: the ID Transformer is frozen; the adapters train; E, positions and the input
@@ -250,12 +262,16 @@ class SICSRec(SequentialRecommender):
         """Normalised content vectors c = normalize(sum_m MLP_m(T_m[x])), shape (*item_ids.shape, d).
 
         Each distinct item of ``item_ids`` goes through the MLPs once (a batch of B x L positions
-        holds far fewer distinct items); the result and its gradients are the same.
+        holds far fewer distinct items); the result and its gradients are the same. With
+        ``missing_modality: learned | id`` the MLP output of a modality an item lacks is replaced
+        (:class:`~recbole_mm.model.layers.MissingContent`).
         """
         uniq, inverse = torch.unique(item_ids.reshape(-1), return_inverse=True)
         z = None
         for m in self.modalities:
             h = self.content_mlps[m](self.content_tables[m](uniq))
+            if self.missing_content is not None:
+                h = self.missing_content.replace(m, uniq, h)
             z = h if z is None else z + h
         return F.normalize(z, dim=-1)[inverse].view(*item_ids.shape, -1)
 

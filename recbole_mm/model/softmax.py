@@ -18,7 +18,7 @@ is too slow:
 
 Only training uses it: validation and test always rank every item. The item frequencies come
 from the training dataset the model is built on (its samples' targets, +1 smoothing), held as a
-non-persistent buffer (never in a checkpoint).
+plain tensor (never in a checkpoint, never broadcast by DDP).
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ class CatalogueSoftmax(nn.Module):
                 counts = torch.ones(n_items, dtype=torch.float64)
                 counts[0] = 0.0
             probs = counts / counts.sum()
-            self.register_buffer("probs", probs.float(), persistent=False)
-            self.register_buffer("log_q", probs.clamp_min(1e-30).log().float(), persistent=False)
+            # plain tensors, not buffers: DDP would broadcast buffers every step; moved on first use
+            self.probs = probs.float()
+            self.log_q = probs.clamp_min(1e-30).log().float()
 
     @property
     def sampled(self):
@@ -126,6 +127,8 @@ class CatalogueSoftmax(nn.Module):
                 item_vectors(torch.arange(self.n_items, device=hidden.device))
             bias = item_bias(torch.arange(self.n_items, device=hidden.device)) if item_bias is not None else None
             return chunked_cross_entropy(hidden, weight, labels, bias=bias, memory_mb=self.memory_mb)
+        if self.log_q.device != hidden.device:
+            self.probs, self.log_q = self.probs.to(hidden.device), self.log_q.to(hidden.device)
         if self.negatives == "in_batch":
             cand_ids, target = torch.unique(labels, return_inverse=True)
             cand = item_vectors(cand_ids)

@@ -11,6 +11,8 @@ Deviations from the released code are named switches in ``properties/model/TSSR.
 defaults are the corrected behaviour (see ``docs/TSSR.md``).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,10 +22,13 @@ from recbole_mm.model.layers import (
     AttentionStack,
     ContentProjector,
     ElementwiseGate,
+    MissingContent,
     causal_padding_mask,
     checkpointed_sum,
     contrastive_scale,
+    dataset_missing_masks,
     gather_rows,
+    missing_modality_setting,
     xavier_init,
 )
 from recbole_mm.model.softmax import CatalogueSoftmax
@@ -102,6 +107,9 @@ class TSSR(SequentialRecommender):
         self.encoder_learning_rate = config["encoder_learning_rate"] or config["learning_rate"]
         self.USER_ID = config["USER_ID_FIELD"]
         self.feature_names = self.required_features(config)
+        self.missing_modality = missing_modality_setting(config, "TSSR")
+        masks = (dataset_missing_masks(dataset, self.feature_names, "TSSR")
+                 if self.missing_modality != "zero" else None)
 
         # layers
         d = self.hidden_size
@@ -112,9 +120,10 @@ class TSSR(SequentialRecommender):
         )
         self.input_dropout = nn.Dropout(self.input_dropout_prob)
         if self.content_mode == "frozen":
-            self.content = ContentProjector({n: dataset.mm_features[n] for n in self.feature_names}, d)
+            self.content = ContentProjector({n: dataset.mm_features[n] for n in self.feature_names}, d,
+                                            missing=masks, missing_modality=self.missing_modality)
         else:
-            self.content = self._build_finetune_content(config, dataset)
+            self.content = self._build_finetune_content(config, dataset, masks)
         block = dict(
             hidden_size=d, n_heads=self.n_heads, inner_size=self.inner_size,
             hidden_dropout_prob=self.hidden_dropout_prob, attn_dropout_prob=self.attn_dropout_prob,
@@ -133,7 +142,7 @@ class TSSR(SequentialRecommender):
 
         self._init_weights()
 
-    def _build_finetune_content(self, config, dataset):
+    def _build_finetune_content(self, config, dataset, masks=None):
         from recbole_mm.model.encoders import FinetuneTextEncoder, load_text_encoder
 
         name = self.feature_names[0]
@@ -150,7 +159,8 @@ class TSSR(SequentialRecommender):
             cache_mb=config["encoder_cache_mb"],
             cache_dtype=config["encoder_cache_dtype"] or "float32",
         )
-        return _FinetuneContent(text, self.hidden_size)
+        missing = MissingContent({name: masks[name]}, self.hidden_size, self.missing_modality) if masks else None
+        return _FinetuneContent(text, self.hidden_size, name, missing)
 
     def _init_weights(self):
         # TSSR's init (xavier-normal Linear, constant bias, uniform ID embeddings); a pretrained
@@ -161,6 +171,11 @@ class TSSR(SequentialRecommender):
                 xavier_init(module, bias_value=self.init_bias)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
+        if self.content.missing is not None:
+            # missing-content vectors: drawn like the ID embeddings, after every other weight (so
+            # those are the same as with missing_modality: zero under one seed)
+            bound = math.sqrt(1.0 / self.n_items)
+            self.content.missing.reset_parameters(lambda w: nn.init.uniform_(w, -bound, bound))
 
     def optimizer_param_groups(self):
         """Trainable parameters; a finetuned encoder gets ``encoder_learning_rate``."""
@@ -380,15 +395,20 @@ class TSSR(SequentialRecommender):
 
 
 class _FinetuneContent(nn.Module):
-    """Text encoder (partly trainable) + projection to ``hidden_size``: C[x] for any id tensor."""
+    """Text encoder (partly trainable) + projection to ``hidden_size``: C[x] for any id tensor;
+    ``missing`` (a :class:`~recbole_mm.model.layers.MissingContent` or None) replaces the vectors
+    of items without text (``missing_modality``)."""
 
-    def __init__(self, text_encoder, hidden_size):
+    def __init__(self, text_encoder, hidden_size, name="text", missing=None):
         super().__init__()
         self.text = text_encoder
         self.proj = nn.Linear(text_encoder.out_dim, hidden_size)
+        self.name = name
+        self.missing = missing
 
     def encoder_modules(self):
         return list(self.text.encoder.modules())
 
     def forward(self, item_ids):
-        return self.proj(self.text(item_ids))
+        z = self.proj(self.text(item_ids))
+        return z if self.missing is None else self.missing.replace(self.name, item_ids, z)
