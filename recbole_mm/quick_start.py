@@ -129,6 +129,7 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
         "best_valid_score": result.get("best_valid_score"),
         "best_valid_result": result.get("best_valid_result"),
         "test_result": result.get("test_result"),
+        "test_slices": result.get("test_slices"),  # test metrics per bucket (recbole_mm.slices)
         "timings_s": timings,
         "history": getattr(trainer, "history", None),
         "checkpoint": getattr(trainer, "saved_model_file", None) if result.get("saved") else None,
@@ -152,6 +153,22 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
     if error is not None:
         record["error"] = error
     return jsonable(record)
+
+
+def _test_slices(trainer, config, dataset, valid_data, test_data, logger):
+    """``test_slices`` of the record (:mod:`recbole_mm.slices`) from the test evaluation just run. A
+    failure here is logged and recorded, never allowed to lose the finished run."""
+    from recbole_mm.slices import compute_test_slices
+
+    rows = trainer.last_eval_topk() if hasattr(trainer, "last_eval_topk") else None
+    try:
+        slices = compute_test_slices(rows, config, dataset, valid_data, test_data)
+    except Exception as exc:  # noqa: BLE001 - the metrics are computed; the slices are extra
+        logger.warning(f"test slices not computed: {type(exc).__name__}: {exc}")
+        return {"skipped": f"error: {type(exc).__name__}: {exc}"}
+    if "skipped" in slices:
+        logger.info(set_color("test slices", "blue") + f": skipped ({slices['skipped']})")
+    return slices
 
 
 def global_rank(config):
@@ -439,6 +456,8 @@ def run_recbole_mm(
                 test_data, load_best_model=saved, show_progress=config["show_progress"]
             )
             timings["test"] = time.perf_counter() - t0
+            if global_rank(config) == 0:  # before any other evaluation replaces the trainer's rows
+                result["test_slices"] = _test_slices(trainer, config, dataset_obj, valid_data, test_data, logger)
             if hasattr(trainer, "evaluate_step1"):  # SICSRec: its step-1 SASRec on the same test split
                 result["step1_test_result"] = trainer.evaluate_step1(test_data, show_progress=config["show_progress"])
             if saved and global_rank(config) == 0:

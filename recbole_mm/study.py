@@ -15,7 +15,8 @@ error (before any training), never a silent mix of configurations.
 Outputs in the study folder: ``cells.csv``, ``cells.json``, ``tables/<dataset>.md`` (mean ± std
 over seeds with 95% t confidence intervals, best in bold, relative improvement of each proposed
 model over the best baseline with a paired t-test across seeds, p-values adjusted for multiple
-comparisons over the whole report: ``p_adjust``, :func:`holm`, :func:`benjamini_hochberg`),
+comparisons over the whole report: ``p_adjust``, :func:`holm`, :func:`benjamini_hochberg`; test
+metrics per slice of the test users from the records' ``test_slices``: :func:`slices_table`),
 ``results.md`` (all tables, machine, wall time per cell) and ``plots/<dataset>_metrics.png`` /
 ``plots/<dataset>_valid.png``.
 
@@ -1361,6 +1362,10 @@ def collect_cells(study, live_status=None):
         # SICSRec: its step-1 ID SASRec tested on the same split (None for other models)
         step1_test = (step1 or {}).get("test_result")
         row["step1_test"] = {k: float(v) for k, v in step1_test.items()} if step1_test else None
+        slices = (rec or {}).get("test_slices")
+        # test metrics per slice (recbole_mm.slices); absent or {"skipped": why} when not sliced
+        row["slices"] = {k: v for k, v in slices.items() if isinstance(v, dict) and "buckets" in v} \
+            if isinstance(slices, dict) else None
         row["valid_curve"] = [float(v) for v in history.get("valid_score") or []]
         row["eval_step"] = config.get("eval_step") or 1
         row["record"] = os.path.relpath(paths["record"], study.output_dir)
@@ -1714,6 +1719,69 @@ def _dataset_table(study, rows, dataset, metrics, family):
     return "\n".join(lines), summary
 
 
+SLICE_TITLES = {"target_popularity": "Target popularity (training interactions of the target item)",
+                "history_length": "History length (the user's interactions before the test target)",
+                "modality": "Target modality (content the target item has)"}
+
+
+def _slice_metrics(cells, metrics):
+    """The report's metrics at the valid metric's cut-off (``ndcg@10`` -> HR@10, NDCG@10, ...) that the
+    records slice; all sliced report metrics when the valid metric has no cut-off."""
+    sliced = set()
+    for r in cells:
+        for family in r["slices"].values():
+            for bucket in family["buckets"].values():
+                sliced.update(k for k in bucket if k != "n")
+    valid = next((str(r["valid_metric"]).lower() for r in cells if r.get("valid_metric")), "")
+    k = valid.partition("@")[2]
+    chosen = [m for m in metrics if m in sliced and (not k or m.partition("@")[2] == k)]
+    return chosen or [m for m in metrics if m in sliced]
+
+
+def slices_table(study, rows, dataset, metrics):
+    """The "Slices" section of one dataset (markdown; "" when no finished record has slices): per
+    slice family, per model and bucket, the mean over finished seeds of the valid metric's family
+    (e.g. HR@10 / NDCG@10), and the test users per bucket."""
+    cells = [r for r in rows if r["dataset"] == dataset and r["status"] == "finished" and r.get("slices")]
+    keys = _slice_metrics(cells, metrics) if cells else []
+    if not keys:
+        return ""
+    lines = [f"### {dataset}: slices", "",
+             f"Test metrics per slice of the test users: {' / '.join(_metric_label(k) for k in keys)}, mean over "
+             "the finished seeds; `users`: test users in the bucket (a range when the runs differ). Buckets "
+             "no run has users in are left out; a model without item features has no modality slice. "
+             "Definitions and bucket edges: `test_slices` of each run record (`recbole_mm.slices`).", ""]
+    for family in ("target_popularity", "history_length", "modality"):
+        have = [r for r in cells if family in r["slices"]]
+        if not have:
+            continue
+        labels = []
+        for r in have:
+            labels += [b for b, v in r["slices"][family]["buckets"].items() if v.get("n") and b not in labels]
+        if not labels:
+            continue
+        lines += [f"**{SLICE_TITLES.get(family, family)}**", ""]
+        lines.append("| Model | " + " | ".join(labels) + " |")
+        lines.append("|---|" + "---|" * len(labels))
+        users = [_range_text([(r["slices"][family]["buckets"].get(b) or {}).get("n") for r in have]) for b in labels]
+        lines.append("| users | " + " | ".join(users) + " |")
+        for m in study.models:
+            mine = [r for r in have if r["model"] == m]
+            if not mine:
+                continue
+            texts = []
+            for b in labels:
+                means = []
+                for k in keys:
+                    values = [r["slices"][family]["buckets"].get(b, {}).get(k) for r in mine]
+                    values = [float(v) for v in values if v is not None]
+                    means.append(_fmt(sum(values) / len(values)) if values else "—")
+                texts.append(" / ".join(means))
+            lines.append(f"| {m} | " + " | ".join(texts) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def machine_info():
     info = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
@@ -2029,7 +2097,8 @@ def write_report(study, rows=None):
 
     def tables(d, family):
         text, summary = dataset_table(study, rows, d, metrics, family)
-        for extra in (step1_table(study, rows, d, metrics, family), variants_table(study, rows, d, metrics, family)):
+        for extra in (step1_table(study, rows, d, metrics, family), variants_table(study, rows, d, metrics, family),
+                      slices_table(study, rows, d, metrics)):
             if extra:
                 text += "\n" + extra
         return text, summary

@@ -160,14 +160,18 @@ def _null_tensorboard(logger):
 
 
 class GatheringCollector(Collector):
-    """RecBole's ``Collector`` that, under DDP, gathers every rank's evaluation rows.
+    """RecBole's ``Collector`` that, under DDP, gathers every rank's evaluation rows, and keeps the
+    per-sample top-k rows (``rec.topk``) of the last evaluation in ``last_topk`` for the test
+    slices (:mod:`recbole_mm.slices`).
 
     ``DistributedSampler(shuffle=False)`` gives rank ``r`` the samples ``r, r + W, r + 2W, ...``
     of the list padded to a multiple of ``W`` with its first samples. Interleaving the ranks'
     rows back and cutting at the true number of samples restores the single-process order
     without duplicates, so the metrics are computed once over exactly the rows a
     single-process evaluation sees. When the rows do not line up with the samples (a loader
-    with several rows per sample), RecBole's per-rank average is kept.
+    with several rows per sample), RecBole's per-rank average is kept, and ``last_topk`` is None
+    (a rank's rows alone are not the evaluation's). In a single process it is RecBole's collector
+    plus ``last_topk``.
     """
 
     ROW_KEYS = ("rec.items", "rec.topk", "rec.meanrank", "rec.score", "data.label")
@@ -176,6 +180,7 @@ class GatheringCollector(Collector):
         super().__init__(config)
         self._expect = None
         self.gathered = False
+        self.last_topk = None
 
     def expect(self, eval_data):
         sampler = getattr(eval_data, "sampler", None)
@@ -205,7 +210,10 @@ class GatheringCollector(Collector):
                     merged = torch.stack(parts, dim=1).reshape((-1,) + tuple(t.shape[1:]))[:n_total]
                     self.data_struct[k] = merged
                 self.gathered = True
-        return super().get_data_struct()
+        struct = super().get_data_struct()
+        complete = world == 1 or self.gathered
+        self.last_topk = struct.get("rec.topk") if complete and "rec.topk" in struct else None
+        return struct
 
 
 def format_metrics(metrics, places=4):
@@ -255,8 +263,9 @@ class SafeLoadingMixin:
         # same second (a parallel study's seeds) would share it and test each other's models.
         base, ext = os.path.splitext(self.saved_model_file)
         self.saved_model_file = f"{base}-{run_key(config)}-{os.getpid()}{ext}"
+        # RecBole's collector (gathering under DDP) that keeps the last evaluation's top-k rows
+        self.eval_collector = GatheringCollector(config)
         if distributed:
-            self.eval_collector = GatheringCollector(config)
             # RecBole names the best checkpoint after each rank's clock: use rank 0's name.
             self.saved_model_file = broadcast_object(self.saved_model_file)
         self.resumed_from = None
@@ -369,6 +378,11 @@ class SafeLoadingMixin:
         return super().evaluate(
             eval_data, load_best_model=False, model_file=None, show_progress=show_progress
         )
+
+    def last_eval_topk(self):
+        """RecBole's per-sample ``rec.topk`` rows of the last ``evaluate`` (all ranks' rows, in the
+        evaluation set's order), or None (no top-k metric; DDP rows that could not be gathered)."""
+        return getattr(self.eval_collector, "last_topk", None)
 
     def resume_checkpoint(self, resume_file):
         resume_file = str(resume_file)
