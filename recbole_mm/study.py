@@ -2,7 +2,8 @@
 
 A study YAML (see ``docs/STUDIES.md`` and ``properties/study/``) names datasets, models (plugin
 or RecBole, or variants of them with their own config), seeds, shared and per-model / per-dataset
-config overrides, the metrics to report and an output folder. Each cell (dataset, model, seed) is one
+config overrides, the metrics to report and an output folder. Each cell (dataset, model, seed; with a
+``sparsity:`` list also the fraction of the training data kept, ``sparsity_keep``) is one
 ``recbole_mm.quick_start.run_recbole_mm(..., saved=True)`` run in its own Python process, with
 ``record_path`` pointing at the cell's record in the study folder; the runner writes that JSON
 atomically on success (``.failed.json`` on failure).
@@ -18,7 +19,9 @@ model over the best baseline with a paired t-test across seeds, p-values adjuste
 comparisons over the whole report: ``p_adjust``, :func:`holm`, :func:`benjamini_hochberg`; test
 metrics per slice of the test users from the records' ``test_slices``: :func:`slices_table`),
 ``results.md`` (all tables, machine, wall time per cell) and ``plots/<dataset>_metrics.png`` /
-``plots/<dataset>_valid.png``.
+``plots/<dataset>_valid.png``. With the sparsity axis: each dataset's tables and plots once per
+level (``plots/<dataset>_keep<level>_*.png``) after a table of accuracy vs sparsity per model
+(:func:`sparsity_table`) and ``plots/<dataset>_sparsity.png``.
 
 Entry points: :func:`run_study`, ``python run_recbole_mm.py --study <file.yaml>`` (:func:`main`).
 """
@@ -62,6 +65,8 @@ STUDY_KEYS = {
     "datasets": "list of dataset names",
     "models": "list of model names (plugin or RecBole) or variants {name, model, config, role}",
     "seeds": "list of integer seeds (default: [2020])",
+    "sparsity": "list of fractions of the training data kept (sparsity_keep), a cell axis like seeds, e.g. "
+                "[1.0, 0.5, 0.25] (default: none; every cell trains on all of it)",
     "metrics": "RecBole metrics for every cell, e.g. [Hit, NDCG]",
     "topk": "RecBole cut-offs for every cell, e.g. [5, 10]",
     "report": "metrics shown in the tables, e.g. [hit@10, ndcg@10] (default: metrics x topk)",
@@ -405,6 +410,7 @@ class Study:
                 err.add(_item_line(seeds, i), f"seeds[{i}]", f"seed {seed} is listed twice")
             else:
                 self.seeds.append(seed)
+        self.sparsity = self._sparsity_levels()
 
         # proposed models (the rest are baselines); a variant has its model's role unless it gives one
         proposed = raw.get("proposed")
@@ -478,6 +484,13 @@ class Study:
         for key in self.overrides:
             if key in RESERVED_CONFIG_KEYS:
                 err.add(None, f"command line --{key}", f"cannot be overridden: {RESERVED_CONFIG_KEYS[key]}")
+        if self.sparsity is not None:  # the axis sets sparsity_keep per cell
+            for path, mapping in self._override_maps():
+                if "sparsity_keep" in mapping:
+                    err.add(_key_line(mapping, "sparsity_keep"), f"{path}.sparsity_keep",
+                            "'sparsity_keep' is set per cell by the study's `sparsity:` list")
+            if "sparsity_keep" in self.overrides:
+                err.add(None, "command line --sparsity_keep", "set per cell by the study's `sparsity:` list")
         if self.metrics is not None and "metrics" in self.config:
             err.add(_key_line(self.config, "metrics"), "config.metrics", "metrics are given twice (top level and config)")
         if self.topk is not None and "topk" in self.config:
@@ -488,7 +501,32 @@ class Study:
         if self.models and self.datasets:
             self._validate_config_keys_and_datasets()
         err.raise_if_any()
-        self.cells = [(d, m, s) for d in self.datasets for m in self.models for s in self.seeds]
+        if self.sparsity is None:
+            self.cells = [(d, m, s) for d in self.datasets for m in self.models for s in self.seeds]
+        else:  # (dataset, model, seed, level): a dataset's levels in the order given, all models at each
+            self.cells = [(d, m, s, k) for d in self.datasets for k in self.sparsity for m in self.models
+                          for s in self.seeds]
+
+    def _sparsity_levels(self):
+        """The ``sparsity:`` axis (fractions of the training data kept, as floats), or None."""
+        raw, err = self.raw, self.errors
+        levels = raw.get("sparsity")
+        if levels is None:
+            return None
+        if not isinstance(levels, list) or not levels:
+            err.add(_key_line(raw, "sparsity"), "sparsity", "must be a non-empty list of fractions of the training "
+                    f"data kept, in (0, 1], e.g. [1.0, 0.5, 0.25]; got {levels!r}")
+            return None
+        out = []
+        for i, k in enumerate(levels):
+            if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+                err.add(_item_line(levels, i), f"sparsity[{i}]",
+                        f"a level is the fraction of the training data kept, in (0, 1], got {k!r}")
+            elif float(k) in out:
+                err.add(_item_line(levels, i), f"sparsity[{i}]", f"level {k:g} is listed twice")
+            else:
+                out.append(float(k))
+        return out
 
     def _name_list(self, key, required, variants=False):
         """The names listed under ``key`` (and, with ``variants``, its mapping entries as they are)."""
@@ -791,24 +829,32 @@ class Study:
     def cell_dir(self, dataset, model):
         return os.path.join(self.output_dir, "records", dataset, model)
 
-    def cell_paths(self, dataset, model, seed):
-        base = os.path.join(self.cell_dir(dataset, model), f"seed{seed}")
+    def cell_paths(self, dataset, model, seed, sparsity=None):
+        """A cell's files; with a sparsity level (the study's ``sparsity:`` axis) in a ``keep<level>``
+        folder below the model's."""
+        level = [] if sparsity is None else [level_name(sparsity)]
+        base = os.path.join(self.cell_dir(dataset, model), *level, f"seed{seed}")
         return {
             "record": base + ".json",
             "failed": base + ".failed.json",
             "cell": base + ".cell.json",
             "lock": base + ".lock",
-            "log": os.path.join(self.output_dir, "logs", dataset, model, f"seed{seed}.log"),
+            "log": os.path.join(self.output_dir, "logs", dataset, model, *level, f"seed{seed}.log"),
         }
 
-    def finished_record(self, dataset, model, seed):
+    def finished_record(self, dataset, model, seed, sparsity=None):
         """The complete record of a finished cell, else None."""
-        return complete_record(self.cell_paths(dataset, model, seed)["record"], dataset, self.model_of(model), seed)
+        return complete_record(self.cell_paths(dataset, model, seed, sparsity)["record"], dataset,
+                               self.model_of(model), seed, sparsity)
 
-    def cell_spec(self, dataset, model, seed):
+    def cell_spec(self, dataset, model, seed, sparsity=None):
         """Everything one cell (``model``: its label) needs; ``fingerprint`` identifies its configuration."""
-        paths = self.cell_paths(dataset, model, seed)
+        paths = self.cell_paths(dataset, model, seed, sparsity)
         config = self.cell_overrides(dataset, model)
+        level = []
+        if sparsity is not None:
+            config["sparsity_keep"] = sparsity
+            level = [level_name(sparsity)]
         config["data_path"] = os.path.dirname(self.data_dirs[dataset])
         if "checkpoint_dir" in config:
             config["checkpoint_dir"] = os.path.abspath(str(config["checkpoint_dir"]))
@@ -818,9 +864,11 @@ class Study:
         forced = dict(config, seed=seed, record_path=paths["record"], record_runs=True)
         if not self.strict_keys:  # the study allowed unknown keys (with warnings): so does the cell's run
             forced["strict_config_keys"] = False
-        forced.setdefault("checkpoint_dir", os.path.join(self.output_dir, "saved", dataset, model))
+        # one folder per level: RecBole's saved dataloaders (save_dataloaders) do not check sparsity_keep
+        forced.setdefault("checkpoint_dir", os.path.join(self.output_dir, "saved", dataset, model, *level))
         return {
             "model": self.model_of(model), "name": model, "dataset": dataset, "seed": seed,
+            **({} if sparsity is None else {"sparsity": sparsity}),
             "config_files": list(self.config_files), "config_dict": forced,
             "user_config": config, "fingerprint": fingerprint,
             # what the cell's configuration also depends on, as of this study start: the default
@@ -830,6 +878,16 @@ class Study:
             "config_file_shas": [[f, _file_sha(f)] for f in self.config_files],
             "keep_checkpoints": self.keep_checkpoints, **paths,
         }
+
+
+def level_name(sparsity):
+    """A sparsity level in folder and file names: ``keep0.5``."""
+    return f"keep{sparsity:g}"
+
+
+def cell_text(dataset, model, seed, sparsity=None):
+    """A cell in messages: ``Bili_Food / SASRec / seed 2020`` (``/ keep 0.5`` on the sparsity axis)."""
+    return f"{dataset} / {model} / seed {seed}" + ("" if sparsity is None else f" / keep {sparsity:g}")
 
 
 def _build_mmconfig(model, dataset, config_dict, config_files=None):
@@ -878,7 +936,7 @@ def _read_json(path):
         return None
 
 
-def complete_record(path, dataset=None, model=None, seed=None):
+def complete_record(path, dataset=None, model=None, seed=None, sparsity=None):
     """The record at ``path`` if it is a complete, finished run of that cell, else None."""
     rec = _read_json(path)
     if not isinstance(rec, dict) or rec.get("status") != "finished":
@@ -889,6 +947,11 @@ def complete_record(path, dataset=None, model=None, seed=None):
         return None
     for key, want in (("dataset", dataset), ("model", model), ("seed", seed)):
         if want is not None and rec.get(key) != want:
+            return None
+    config = rec.get("config")
+    if sparsity is not None and isinstance(config, dict):  # a run at another level is not this cell's
+        kept = config.get("sparsity_keep")
+        if not isinstance(kept, (int, float)) or abs(float(kept) - sparsity) > 1e-9:
             return None
     return rec
 
@@ -966,6 +1029,11 @@ BEHAVIOUR_KEEPING_DEFAULTS = (
     "contrastive_memory_mb",
     # softmax: full (the default) is the exact CE as before (tests/test_softmax.py)
     "softmax", "sampled_negatives", "n_sampled_negatives", "logq_correction",
+    # missing_modality: zero is today's content vectors bit for bit (tests/test_missing_modality.py); the
+    # finetune caches' budgets decide what is recomputed, not the values (float32 default: exact)
+    "missing_modality", "encoder_cache_mb", "encoder_cache_dtype", "sft_cache_mb", "sft_cache_dtype",
+    # sparsity_keep: 1.0 (the default) thins nothing: the same training samples (tests/test_sparsity.py)
+    "sparsity_keep", "sparsity_mode", "sparsity_seed",
 )
 BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
 
@@ -1026,14 +1094,15 @@ def changed_since_study_start(spec):
 def _check_finished_specs(study):
     """A finished cell whose configuration changed since is an error (before any training)."""
     changed = []
-    for d, m, s in study.cells:
-        spec = study.cell_spec(d, m, s)
-        if complete_record(spec["record"], d, None, s) is None:  # any model: a variant's may have changed
+    for cell in study.cells:
+        spec = study.cell_spec(*cell)
+        # any model: a variant's may have changed
+        if complete_record(spec["record"], spec["dataset"], None, spec["seed"], spec.get("sparsity")) is None:
             continue
         old = _read_json(spec["cell"])
         diff = config_changes(old, spec) if isinstance(old, dict) else []
         if diff:
-            changed.append(f"  {d} / {m} / seed {s}: " + "; ".join(diff))
+            changed.append(f"  {cell_text(*cell)}: " + "; ".join(diff))
     if changed:
         raise StudyError(
             f"{study.source}: {len(changed)} finished cell(s) in {study.output_dir} were run with a different "
@@ -1082,6 +1151,10 @@ def _stop(proc, grace_s=10):
         proc.wait()
 
 
+def _spec_text(spec):
+    return cell_text(spec["dataset"], spec["name"], spec["seed"], spec.get("sparsity"))
+
+
 def _run_cell(study, spec, log, stop=None):
     """Run one cell in a fresh subprocess; returns its status. ``stop`` (a threading.Event)
     set by another thread stops the subprocess (parallel studies interrupted)."""
@@ -1099,7 +1172,7 @@ def _run_cell(study, spec, log, stop=None):
     _write_json(spec["cell"], state)
     status, t0, stopped = "failed", time.perf_counter(), False
     with open(spec["log"], "a", encoding="utf-8") as logf:
-        logf.write(f"\n===== {spec['dataset']} / {spec['name']} / seed {spec['seed']}: attempt at {started}\n")
+        logf.write(f"\n===== {_spec_text(spec)}: attempt at {started}\n")
         logf.flush()
         env = _child_env(study)
         if spec["name"] in study.variants:  # the step-1 key does not cover every setting a variant may change
@@ -1129,7 +1202,8 @@ def _run_cell(study, spec, log, stop=None):
             raise
     wall = time.perf_counter() - t0
     if status != "timeout":
-        if complete_record(spec["record"], spec["dataset"], spec["model"], spec["seed"]) is not None:
+        if complete_record(spec["record"], spec["dataset"], spec["model"], spec["seed"], spec.get("sparsity")) \
+                is not None:
             status = "finished"
         elif proc.returncode == EXIT_BUSY:
             status = "busy"
@@ -1141,7 +1215,7 @@ def _run_cell(study, spec, log, stop=None):
                    returncode=proc.returncode, status=status)
     _write_json(spec["cell"], state)
     if status != "finished":
-        log(f"cell {spec['dataset']} / {spec['name']} / seed {spec['seed']}: {status} "
+        log(f"cell {_spec_text(spec)}: {status} "
             f"(exit code {proc.returncode}); log: {spec['log']}")
     return status
 
@@ -1208,7 +1282,7 @@ def _run_cells_parallel(study, todo, jobs, live, bar, log):
             cell, status = future.result()
             if status != "not started":
                 live[cell] = status
-                bar.set_postfix_str(f"done {cell[0]} / {cell[1]} / seed {cell[2]}: {status}")
+                bar.set_postfix_str(f"done {cell_text(*cell)}: {status}")
                 bar.update(1)
     except BaseException:
         stop.set()
@@ -1253,7 +1327,8 @@ def _cell_worker(cell_file):
                     return EXIT_BUSY
                 time.sleep(0.5)
     try:
-        if complete_record(spec["record"], spec["dataset"], spec["model"], spec["seed"]) is not None:
+        if complete_record(spec["record"], spec["dataset"], spec["model"], spec["seed"], spec.get("sparsity")) \
+                is not None:
             print("recbole_mm.study: cell already finished; nothing to do")
             return 0
         sys.argv = [sys.argv[0]]  # RecBole's Config reads --key=value from the command line
@@ -1268,10 +1343,11 @@ def _cell_worker(cell_file):
                      "cells that used the old configuration)")
             print(f"recbole_mm.study: {error}", file=sys.stderr)
             _write_json(spec["failed"], {"status": "failed", "model": spec["model"], "dataset": spec["dataset"],
-                                        "seed": spec["seed"], "error": error})
+                                        "seed": spec["seed"], **({"sparsity": spec["sparsity"]} if "sparsity" in spec
+                                                                 else {}), "error": error})
             return EXIT_DEFAULTS_CHANGED
 
-        print(f"cell: {spec['dataset']} / {spec['name']} / seed {spec['seed']}", flush=True)
+        print(f"cell: {_spec_text(spec)}", flush=True)
         try:
             result = run_recbole_mm(model=spec["model"], dataset=spec["dataset"],
                                     config_file_list=spec["config_files"] or None,
@@ -1309,18 +1385,21 @@ def collect_cells(study, live_status=None):
     """One row per cell: identity, status, timings and every validation/test metric."""
     rows = []
     live_status = live_status or {}
-    for d, m, s in study.cells:
-        paths = study.cell_paths(d, m, s)
-        rec = study.finished_record(d, m, s)
+    for cell in study.cells:
+        d, m, s = cell[:3]
+        level = cell[3] if len(cell) > 3 else None
+        paths = study.cell_paths(*cell)
+        rec = study.finished_record(*cell)
         state = _read_json(paths["cell"]) or {}
         attempts = state.get("attempts", []) if isinstance(state, dict) else []
         last = attempts[-1] if attempts else {}
-        row = {"dataset": d, "model": m, "seed": s, "role": _model_role(m, study.proposed)}
+        row = {"dataset": d, "model": m, "seed": s, **({} if level is None else {"sparsity": level}),
+               "role": _model_role(m, study.proposed)}
         dead = dead_run(paths["record"]) if rec is None else None
         if rec is not None:
             row["status"] = "finished"
-        elif (d, m, s) in live_status:
-            row["status"] = live_status[d, m, s]
+        elif cell in live_status:
+            row["status"] = live_status[cell]
         elif last and "ended" not in last:
             row["status"] = "interrupted"
         elif last and not (dead is not None and last.get("status", "failed") == "failed"):
@@ -1368,6 +1447,9 @@ def collect_cells(study, live_status=None):
             if isinstance(slices, dict) else None
         row["valid_curve"] = [float(v) for v in history.get("valid_score") or []]
         row["eval_step"] = config.get("eval_step") or 1
+        if level is not None:  # how the level thinned the training data (the records' own settings)
+            row["sparsity_mode"] = config.get("sparsity_mode")
+            row["sparsity_seed"] = config.get("sparsity_seed")
         row["record"] = os.path.relpath(paths["record"], study.output_dir)
         row["log"] = os.path.relpath(paths["log"], study.output_dir)
         row["error"] = None
@@ -1782,6 +1864,71 @@ def slices_table(study, rows, dataset, metrics):
     return "\n".join(lines)
 
 
+def _valid_family(cells, metrics):
+    """The report's metrics at the valid metric's cut-off (``ndcg@10`` -> hit@10, ndcg@10, ...); the
+    valid metric alone when it has no cut-off; every metric when neither is among them."""
+    valid = next((str(r["valid_metric"]).lower() for r in cells if r.get("valid_metric")), "")
+    k = valid.partition("@")[2]
+    chosen = [m for m in metrics if m.partition("@")[2] == k] if k else [m for m in metrics if m == valid]
+    return chosen or list(metrics)
+
+
+def sparsity_table(study, rows, dataset, metrics):
+    """The "accuracy vs sparsity" section of one dataset (the study's ``sparsity:`` axis): per metric
+    of the valid metric's family, a table of models x levels with the mean ± std of the test metric
+    over the finished seeds and the change of the mean from the model's at the largest level.
+    Returns ``(markdown, curves)``, ``curves[metric][model]``: ``[(level, mean, std), ...]`` (for
+    :func:`plot_sparsity`)."""
+    levels = sorted(study.sparsity or [], reverse=True)
+    finished = [r for r in rows
+                if r["dataset"] == dataset and r["status"] == "finished" and r.get("sparsity") is not None]
+    keys = _valid_family(finished, metrics)
+    modes = sorted({str(r.get("sparsity_mode") or "prefix") for r in finished})
+    seeds = sorted({"the run's seed" if r.get("sparsity_seed") is None else str(r["sparsity_seed"]) for r in finished})
+    lines = [f"## {dataset}: accuracy vs training-data sparsity", "",
+             f"Test {' / '.join(_metric_label(k) for k in keys)} (the valid metric's family) per level of the "
+             "study's `sparsity:` axis, the fraction of the training data kept (`sparsity_keep`"
+             + (f"; mode {', '.join(modes)}, draws seeded by {', '.join(seeds)}" if finished else "")
+             + "; `recbole_mm.data.sparsity`, docs/STUDIES.md). Only the training split is thinned: validation and "
+             "test samples, targets and histories are the same at every level. Mean ± std over the finished "
+             f"seeds; in brackets the change of the mean from the model's own at keep {levels[0]:g}"
+             + f"; [n=…] where not all {len(study.seeds)} seeds finished.",
+             ""]
+    curves = {k: {} for k in keys}
+    if not finished:
+        return "\n".join(lines + ["_No finished cells yet._", ""]), curves
+    for key in keys:
+        lines += [f"**{_metric_label(key)}**", "",
+                  "| Model | " + " | ".join(f"keep {k:g}" for k in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for m in study.models:
+            stats = {}
+            for k in levels:
+                values = [r["test"][key] for r in finished
+                          if r["model"] == m and r["sparsity"] == k and key in r["test"]]
+                if values:
+                    stats[k] = (*_mean_std(values), len(values))
+            if not stats:
+                continue
+            reference = stats.get(levels[0], (None,))[0]
+            texts = []
+            for k in levels:
+                if k not in stats:
+                    texts.append("—")
+                    continue
+                mean, std, n = stats[k]
+                text = _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
+                if k != levels[0] and reference:
+                    text += f" ({(mean - reference) / abs(reference) * 100:+.1f}%)"
+                if n < len(study.seeds):
+                    text += f" [n={n}]"
+                texts.append(text)
+            lines.append(f"| {m} | " + " | ".join(texts) + " |")
+            curves[key][m] = [(k, stats[k][0], stats[k][1]) for k in sorted(stats)]
+        lines.append("")
+    return "\n".join(lines), curves
+
+
 def machine_info():
     info = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
@@ -1890,6 +2037,37 @@ def plot_valid_curves(study, rows, dataset, path):
     return _save_figure(fig, path)
 
 
+def plot_sparsity(study, curves, dataset, path):
+    """Accuracy vs the fraction of the training data kept: one panel per metric (the valid metric's
+    family), one line per model (mean over seeds, error bars = std), keep on a log axis."""
+    keys = [k for k in curves if curves[k]]
+    if not keys:
+        return None
+    levels = sorted(study.sparsity or [])
+    fig = _figure(max(5.0, 4.2 * len(keys)), 3.8)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        for j, m in enumerate(study.models):
+            points = curves[key].get(m)
+            if not points:
+                continue
+            xs, means, stds = zip(*points)
+            ax.errorbar(xs, means, yerr=[s or 0.0 for s in stds], marker="o", markersize=4, capsize=3, label=m,
+                        color=f"C{j % 10}", linestyle="--" if m in study.proposed else "-")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(levels)
+        ax.set_xticklabels([f"{k:g}" for k in levels])
+        ax.set_xlabel("fraction of the training data kept")
+        ax.set_ylabel(f"test {_metric_label(key)}")
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8)
+    fig.subplots_adjust(wspace=0.3)
+    fig.suptitle(f"{study.name}: {dataset}, accuracy vs training-data sparsity (mean ± std over seeds)")
+    return _save_figure(fig, path)
+
+
 # ============================================================================ report
 
 
@@ -1901,18 +2079,22 @@ def _csv_text(rows):
     import csv
     import io
 
+    fixed = list(_CSV_FIXED)
+    if any("sparsity" in r for r in rows):  # the study's sparsity axis: the level after the seed
+        fixed.insert(fixed.index("seed") + 1, "sparsity")
+
     test_keys, valid_keys, step1_keys = [], [], []
     for r in rows:
         test_keys += [k for k in r["test"] if k not in test_keys]
         valid_keys += [k for k in r["valid"] if k not in valid_keys]
         step1_keys += [k for k in (r.get("step1_test") or {}) if k not in step1_keys]
-    header = (_CSV_FIXED + [f"test_{k}" for k in test_keys] + [f"valid_{k}" for k in valid_keys]
+    header = (fixed + [f"test_{k}" for k in test_keys] + [f"valid_{k}" for k in valid_keys]
               + [f"step1_test_{k}" for k in step1_keys] + ["record", "log", "error"])
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for r in rows:
-        writer.writerow([r.get(c) if r.get(c) is not None else "" for c in _CSV_FIXED]
+        writer.writerow([r.get(c) if r.get(c) is not None else "" for c in fixed]
                         + [r["test"].get(k, "") for k in test_keys] + [r["valid"].get(k, "") for k in valid_keys]
                         + [(r.get("step1_test") or {}).get(k, "") for k in step1_keys]
                         + [r["record"], r["log"], r["error"] or ""])
@@ -2095,36 +2277,65 @@ def write_report(study, rows=None):
     write_text_atomic(paths["cells_csv"], _csv_text(rows))
     _write_json(paths["cells_json"], {"study": study.name, "source": study.source, "cells": rows})
 
-    def tables(d, family):
-        text, summary = dataset_table(study, rows, d, metrics, family)
-        for extra in (step1_table(study, rows, d, metrics, family), variants_table(study, rows, d, metrics, family),
-                      slices_table(study, rows, d, metrics)):
+    def tables(d, d_rows, family):
+        text, summary = dataset_table(study, d_rows, d, metrics, family)
+        for extra in (step1_table(study, d_rows, d, metrics, family),
+                      variants_table(study, d_rows, d, metrics, family), slices_table(study, d_rows, d, metrics)):
             if extra:
                 text += "\n" + extra
         return text, summary
 
+    levels = getattr(study, "sparsity", None)
+
+    def parts(d):
+        """``(label, file stem, rows)`` of each part of dataset ``d``'s report: the dataset, or (sparsity
+        axis) one part per level, labelled "<dataset>, keep <level>", whose rows carry that label."""
+        if levels is None:
+            return [(d, d, rows)]
+        return [(f"{d}, keep {k:g}", f"{d}_{level_name(k)}",
+                 [dict(r, dataset=f"{d}, keep {k:g}") for r in rows if r["dataset"] == d and r.get("sparsity") == k])
+                for k in sorted(levels, reverse=True)]
+
+    def links(plots):
+        return "\n" + " ".join(f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in plots) + "\n"
+
     # every p-value of the report is one family: a first pass collects them, the second shows them adjusted
     family = PFamily(getattr(study, "p_adjust", "holm"), scope="report")
     for d in study.datasets:
-        tables(d, family)
+        for label, _, d_rows in parts(d):
+            tables(label, d_rows, family)
     family.close()
     paths["p_adjust"] = {"method": family.method, "family_size": family.size}
     sections, summaries = [], {}
     for d in study.datasets:
-        text, summary = tables(d, family)
-        summaries[d] = summary
+        file_parts, md_parts = [], []
+        if levels is not None:
+            text, curves = sparsity_table(study, rows, d, metrics)
+            file_parts.append(text)
+            plot = None
+            with contextlib.suppress(ImportError):
+                plot = plot_sparsity(study, curves, d, os.path.join(out, "plots", f"{d}_sparsity.png"))
+            if plot:
+                paths["plots"].append(plot)
+                text += links([plot])
+            md_parts.append(text)
+        for label, stem, d_rows in parts(d):
+            text, summary = tables(label, d_rows, family)
+            summaries[label] = summary
+            file_parts.append(text)
+            plots = []
+            with contextlib.suppress(ImportError):
+                p1 = plot_metrics(study, summary, label, metrics, os.path.join(out, "plots", f"{stem}_metrics.png"))
+                p2 = plot_valid_curves(study, d_rows, label, os.path.join(out, "plots", f"{stem}_valid.png"))
+                plots = [p for p in (p1, p2) if p]
+            paths["plots"] += plots
+            if plots:
+                text += links(plots)
+            md_parts.append(text)
         table_path = os.path.join(out, "tables", f"{d}.md")
-        write_text_atomic(table_path, text + "\n")
+        write_text_atomic(table_path, "\n".join(file_parts) + "\n")
         paths["tables"][d] = table_path
-        plots = []
-        with contextlib.suppress(ImportError):
-            p1 = plot_metrics(study, summary, d, metrics, os.path.join(out, "plots", f"{d}_metrics.png"))
-            p2 = plot_valid_curves(study, rows, d, os.path.join(out, "plots", f"{d}_valid.png"))
-            plots = [p for p in (p1, p2) if p]
-        paths["plots"] += plots
-        if plots:
-            text += "\n" + " ".join(f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in plots) + "\n"
-        sections.append(text)
+        sections.append("\n".join(md_parts))
 
     counts = {}
     for r in rows:
@@ -2137,7 +2348,9 @@ def write_report(study, rows=None):
            f"- written: {datetime.datetime.now().isoformat(timespec='seconds')}",
            f"- cells: {len(rows)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})",
            f"- datasets: {', '.join(study.datasets)}; models: {', '.join(study.models)}; "
-           f"seeds: {', '.join(map(str, study.seeds))}",
+           f"seeds: {', '.join(map(str, study.seeds))}"
+           + ("" if levels is None else f"; sparsity levels (fraction of the training data kept): "
+                                        f"{', '.join(f'{k:g}' for k in levels)}"),
            _cells_ran_on(rows),
            f"- statistics: means ± std with the {CI_LEVEL:.0%} t confidence interval's half-width over the seeds; "
            "two-sided paired t-tests over seeds, "
@@ -2154,20 +2367,23 @@ def write_report(study, rows=None):
            "Wall time: the cell's process from start to end (imports, data, training, test), summed over "
            "its attempts when it was interrupted and resumed; train: `timings_s.train` of the run record "
            "(the last attempt).", "",
-           "| Dataset | Model | Seed | Status | Device | Epochs | Attempts | Train (s) | Wall time (s) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| Dataset | Model | Seed | " + ("" if levels is None else "Keep | ")
+           + "Status | Device | Epochs | Attempts | Train (s) | Wall time (s) |",
+           "|---|---|---|" + ("" if levels is None else "---|") + "---|---|---|---|---|---|"]
     total = 0.0
     for r in rows:
         if r["wall_time_s"] is not None:
             total += r["wall_time_s"]
-        md.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {r['status']} | {r['device'] or '—'} | "
+        keep = "" if levels is None else f"{r['sparsity']:g} | "
+        md.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {keep}{r['status']} | {r['device'] or '—'} | "
                   f"{_epochs_text([r])} | {r.get('attempts') or '—'} | "
                   f"{_fmt(r['train_time_s'], 1)} | "
                   f"{_fmt(r['wall_time_s'], 1)} |")
     md += ["", f"Total wall time of the finished cells: {total:.1f} s ({total / 3600:.2f} h).", ""]
     failed = [r for r in rows if r["error"]]
     if failed:
-        md += ["## Failed cells", ""] + [f"- {r['dataset']} / {r['model']} / seed {r['seed']}: {r['error']} "
+        md += ["## Failed cells", ""] + [f"- {cell_text(r['dataset'], r['model'], r['seed'], r.get('sparsity'))}: "
+                                         f"{r['error']} "
                                          f"(log: `{r['log']}`)" for r in failed] + [""]
     write_text_atomic(paths["results_md"], "\n".join(md))
     paths["summaries"] = summaries
@@ -2225,11 +2441,11 @@ def run_study(path_or_dict, output_dir=None, overrides=None, max_cells=None, pro
                        disable=not progress, file=sys.stderr, dynamic_ncols=True)
             try:
                 if jobs <= 1:
-                    for d, m, s in todo:
-                        bar.set_postfix_str(f"{d} / {m} / seed {s}")
-                        live[d, m, s] = _run_cell(study, study.cell_spec(d, m, s), log)
+                    for cell in todo:
+                        bar.set_postfix_str(cell_text(*cell))
+                        live[cell] = _run_cell(study, study.cell_spec(*cell), log)
                         bar.update(1)
-                        if live[d, m, s] == "interrupted":
+                        if live[cell] == "interrupted":
                             log("a cell was stopped by a signal: not starting the next ones (run again to resume)")
                             break
                 else:
@@ -2313,8 +2529,9 @@ def main(argv=None):
         return 128 + signal.SIGTERM
     if args.dry_run:
         study = result["study"]
+        levels = f" x {len(study.sparsity)} sparsity levels" if study.sparsity is not None else ""
         print(f"study {study.name}: valid; {len(study.cells)} cells ({len(study.datasets)} datasets x "
-              f"{len(study.models)} models x {len(study.seeds)} seeds), {result['finished']} finished; "
+              f"{len(study.models)} models x {len(study.seeds)} seeds{levels}), {result['finished']} finished; "
               f"folder {study.output_dir}")
         for d, src in result["to_build"].items():
             print(f"  dataset {d} will be built from its {src['type']} source")

@@ -32,7 +32,10 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
       ``all_prefixes`` (RecBole: every prefix -> next item), ``last`` (one sample per user:
       the prefix whose target is the last training item) or ``sliding`` (samples whose
       targets are ``MAX_ITEM_LIST_LENGTH`` apart, ending at the last training item: with a
-      loss at every position each training item is a label exactly once).
+      loss at every position each training item is a label exactly once). With
+      ``sparsity_keep`` < 1 the training samples are thinned first (``super().build()``,
+      :mod:`recbole_mm.data.sparsity`) and the windows are taken from those left: ``last`` is
+      still each user's last training sample, its history cut at the first kept interaction.
     """
 
     def __init__(self, config):

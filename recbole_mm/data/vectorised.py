@@ -6,6 +6,10 @@ lists (``_grouped_index``, ~0.3 s) and indexes its ``Interaction`` with Python l
 index is turned into a list first: ~1.8 s for the leave-one-out split). :class:`VectorisedDatasetMixin`
 gives the same DataFrames, groups, splits and row order with pandas' C parser and numpy/torch
 indexing. Every dataset the plugin builds (RecBole's models included) goes through it.
+
+Its ``build`` is also where the training split is thinned for ``sparsity_keep`` < 1
+(:mod:`recbole_mm.data.sparsity`): after the split, on the training part only, so validation and
+test are those of the full data.
 """
 
 import numpy as np
@@ -63,6 +67,16 @@ class VectorisedDatasetMixin:
             return super()._load_feat(filepath, source)
         finally:
             recbole_dataset.pd = pd
+
+    def build(self):
+        """RecBole's ``build`` (splits), then the training split thinned as ``sparsity_keep`` /
+        ``sparsity_mode`` / ``sparsity_seed`` say (nothing at the default ``sparsity_keep: 1.0``);
+        ``sparsity_stats``: what was kept (None when nothing was thinned)."""
+        from recbole_mm.data.sparsity import thin_training
+
+        datasets = super().build()
+        self.sparsity_stats = thin_training(self, datasets[0])
+        return datasets
 
     def _grouped_index(self, group_by_list):
         order, counts = group_order(group_by_list)
