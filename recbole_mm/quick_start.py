@@ -148,6 +148,8 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
         record["cpu_threads"] = result["cpu_threads"]  # [threads, why]: results may differ with the count
     if result.get("data_checks"):
         record["data_checks"] = result["data_checks"]  # duplicates found (and dropped) at load
+    if result.get("sparsity"):
+        record["sparsity"] = jsonable(result["sparsity"])  # what sparsity_keep < 1 kept of the training split
     if result.get("step1_published"):
         record["step1_published"] = result["step1_published"]  # offered to SICSRec runs as their step 1
     if error is not None:
@@ -481,6 +483,7 @@ def run_recbole_mm(
                 test_result=test_result,
             )
             result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
+            result["sparsity"] = getattr(dataset_obj, "sparsity_stats", None)
         except BaseException as exc:
             _WRITING_RECORD[0] = True
             try:
