@@ -37,6 +37,7 @@ import platform
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -1424,6 +1425,9 @@ def collect_cells(study, live_status=None):
         history = (rec or {}).get("history") or {}
         config = (rec or {}).get("config") or {}
         row["epochs"] = len(history.get("train_loss") or []) if rec else None
+        # median seconds of one training pass (no evaluation) over the run's epochs (records since 2026-12-04)
+        epoch_s = [float(x) for x in history.get("train_epoch_s") or [] if x is not None]
+        row["train_epoch_s"] = round(statistics.median(epoch_s), 3) if epoch_s else None
         row["max_epochs"] = config.get("epochs")
         # a two-step run (SICSRec): its step 1's epochs (None when step 1 was reused, not trained)
         step1 = history.get("step1") if isinstance(history.get("step1"), dict) else None
@@ -1722,6 +1726,12 @@ def _epochs_text(cells):
 
 def _wall_text(cells):
     return _range_text([None if r.get("wall_time_s") is None else round(r["wall_time_s"]) for r in cells], " s")
+
+
+def _epoch_time_text(cells):
+    """Seconds per training epoch (each cell's median over its epochs), shortest-longest over cells."""
+    return _range_text([None if r.get("train_epoch_s") is None else round(r["train_epoch_s"], 1) for r in cells],
+                       " s")
 
 
 def dataset_table(study, rows, dataset, metrics, family=None):
@@ -2071,7 +2081,8 @@ def plot_sparsity(study, curves, dataset, path):
 # ============================================================================ report
 
 
-_CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "attempts", "run_time_s", "train_time_s", "epochs",
+_CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "attempts", "run_time_s", "train_time_s",
+              "train_epoch_s", "epochs",
               "max_epochs", "step1_epochs", "device", "host", "torch", "valid_metric", "best_valid_score"]
 
 
@@ -2234,10 +2245,12 @@ def _variants_table(study, rows, dataset, metrics, family):
              "; ".join(f"{v}: {m} with `{differences[v] or 'the same config'}`" for v, m in pairs)
              + ". Test metrics, mean ± std over the seeds both finished (n); relative difference of the means "
              "(positive: the variant is better) and a two-sided paired t-test over those seeds "
-             f"(scipy.stats.ttest_rel); wall time of the cells, shortest-longest. {CI_SENTENCE} "
+             f"(scipy.stats.ttest_rel); seconds per training epoch (each cell's median over its epochs, training "
+             f"pass only) and wall time of the cells, shortest-longest. {CI_SENTENCE} "
              + family.sentence(), "",
-             f"| Model ({family.header()}) | n | " + " | ".join(map(_mean_header, labels)) + " | wall time / cell |",
-             "|---|---|" + "---|" * len(labels) + "---|"]
+             f"| Model ({family.header()}) | n | " + " | ".join(map(_mean_header, labels))
+             + " | s / training epoch | wall time / cell |",
+             "|---|---|" + "---|" * len(labels) + "---|---|"]
     verdicts = []
     for variant, base in pairs:
         ours, theirs = ({r["seed"]: r for r in finished if r["model"] == m} for m in (variant, base))
@@ -2246,11 +2259,11 @@ def _variants_table(study, rows, dataset, metrics, family):
                                       {s: r["test"] for s, r in theirs.items()}, k) for k in metrics]
         _adjust_all(comparisons, metrics, family, ("variant vs base", dataset, variant, base))
         lines += [f"| {base} | {len(seeds)} | " + " | ".join(_fmt_mean_std(*c["b"], c["n"]) for c in comparisons)
-                  + f" | {_wall_text([theirs[s] for s in seeds])} |",
+                  + f" | {_epoch_time_text([theirs[s] for s in seeds])} | {_wall_text([theirs[s] for s in seeds])} |",
                   f"| {variant} | {len(seeds)} | " + " | ".join(_fmt_mean_std(*c["a"], c["n"]) for c in comparisons)
-                  + f" | {_wall_text([ours[s] for s in seeds])} |",
+                  + f" | {_epoch_time_text([ours[s] for s in seeds])} | {_wall_text([ours[s] for s in seeds])} |",
                   f"| {variant} vs {base} | | " + " | ".join(_comparison_text(c, family) for c in comparisons)
-                  + " | |"]
+                  + " | | |"]
         noise = {label: within_seed_noise(c) for c, label in zip(comparisons, labels)}
         inside = [label for label, v in noise.items() if v]
         outside = [label for label, v in noise.items() if v is False]
@@ -2366,10 +2379,11 @@ def write_report(study, rows=None):
     md += ["## Wall time per cell", "",
            "Wall time: the cell's process from start to end (imports, data, training, test), summed over "
            "its attempts when it was interrupted and resumed; train: `timings_s.train` of the run record "
-           "(the last attempt).", "",
+           "(the last attempt); s / epoch: the median training pass over its epochs (evaluation not "
+           "included; records written since 2026-12-04).", "",
            "| Dataset | Model | Seed | " + ("" if levels is None else "Keep | ")
-           + "Status | Device | Epochs | Attempts | Train (s) | Wall time (s) |",
-           "|---|---|---|" + ("" if levels is None else "---|") + "---|---|---|---|---|---|"]
+           + "Status | Device | Epochs | Attempts | Train (s) | s / epoch | Wall time (s) |",
+           "|---|---|---|" + ("" if levels is None else "---|") + "---|---|---|---|---|---|---|"]
     total = 0.0
     for r in rows:
         if r["wall_time_s"] is not None:
@@ -2377,7 +2391,7 @@ def write_report(study, rows=None):
         keep = "" if levels is None else f"{r['sparsity']:g} | "
         md.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {keep}{r['status']} | {r['device'] or '—'} | "
                   f"{_epochs_text([r])} | {r.get('attempts') or '—'} | "
-                  f"{_fmt(r['train_time_s'], 1)} | "
+                  f"{_fmt(r['train_time_s'], 1)} | {_fmt(r.get('train_epoch_s'), 1)} | "
                   f"{_fmt(r['wall_time_s'], 1)} |")
     md += ["", f"Total wall time of the finished cells: {total:.1f} s ({total / 3600:.2f} h).", ""]
     failed = [r for r in rows if r["error"]]

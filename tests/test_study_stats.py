@@ -182,7 +182,7 @@ def test_a_report_adjusts_every_p_value_of_the_report_together(env):
     assert lines["| GRU4Rec"] == ("| GRU4Rec | -6.3% vs SASRec+bucketing (p=0.0742, p_Holm=0.148, n=3) "
                                   "| +11.5% vs SASRec+bucketing (p=0.0351, p_Holm=0.105, n=3) |")
     assert lines["| SASRec+bucketing vs SASRec"] == ("| SASRec+bucketing vs SASRec | | +2.2% (p=0.529, p_Holm=0.529, "
-                                                     "n=3) | +23.8% (p=0.0131, p_Holm=0.0523, n=3) | |")
+                                                     "n=3) | +23.8% (p=0.0131, p_Holm=0.0523, n=3) | | |")
     assert "| Model (p_Holm: Holm, 4 comparisons in the report) | n | HR@10: mean ± std (± 95% CI) |" in table
     # raw p = 0.035 < 0.05, but not after Holm: no mark
     assert "- GRU4Rec: beats the best baseline on NDCG@10; does **not** beat it on HR@10." in table
@@ -226,3 +226,26 @@ def test_a_wrong_p_adjust_names_its_line(env):
     with pytest.raises(StudyError, match=r"p_adjust: must be one of holm, bh, none .*got 0.05"):
         validate_study(write(env / "v.yaml", VARIANT_STUDY + "p_adjust: 0.05\n"))
     assert validate_study(write(env / "v.yaml", VARIANT_STUDY + "p_adjust: BH\n")).p_adjust == "bh"
+
+
+def test_seconds_per_training_epoch_in_the_variants_and_cells_tables(env):
+    """The median training pass of each cell (history.train_epoch_s) next to the wall time."""
+    study = _fake_study(env)
+    epochs = {"SASRec": [10.0, 12.0, 11.0], "SASRec+bucketing": [5.0, 7.0, 6.0]}
+    for model, seconds in epochs.items():
+        for seed in (1, 2, 3):
+            path = study.cell_paths("tiny", model, seed)["record"]
+            with open(path) as f:
+                rec = json.load(f)
+            rec["history"] = {"train_loss": [1.0] * 3, "train_epoch_s": [s + seed for s in seconds]}
+            with open(path, "w") as f:
+                json.dump(rec, f)
+    paths = st.write_report(study)
+    table = open(paths["tables"]["tiny"]).read()
+    lines = _table_lines(table)
+    # medians: SASRec 12, 13, 14 s over seeds 1-3; SASRec+bucketing 7, 8, 9 s; wall time 60 s each
+    assert lines["| SASRec"].endswith("| 12.0-14.0 s | 60 s |")
+    assert lines["| SASRec+bucketing"].endswith("| 7.0-9.0 s | 60 s |")
+    results = open(paths["results_md"]).read()
+    assert "| Train (s) | s / epoch | Wall time (s) |" in results
+    assert "| tiny | SASRec | 2 | finished | — | 3 | — | — | 13.0 | 60.0 |" in results
