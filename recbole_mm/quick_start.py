@@ -150,6 +150,10 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
         record["data_checks"] = result["data_checks"]  # duplicates found (and dropped) at load
     if result.get("sparsity"):
         record["sparsity"] = jsonable(result["sparsity"])  # what sparsity_keep < 1 kept of the training split
+    if result.get("cold_items"):
+        record["cold_items"] = jsonable(result["cold_items"])  # the items held out of training (recbole_mm.data.cold)
+    if result.get("test_item_sets"):
+        record["test_item_sets"] = jsonable(result["test_item_sets"])  # test metrics of warm- / cold-target users
     if result.get("step1_published"):
         record["step1_published"] = result["step1_published"]  # offered to SICSRec runs as their step 1
     if error is not None:
@@ -171,6 +175,19 @@ def _test_slices(trainer, config, dataset, valid_data, test_data, logger):
     if "skipped" in slices:
         logger.info(set_color("test slices", "blue") + f": skipped ({slices['skipped']})")
     return slices
+
+
+def test_item_sets(config, slices):
+    """``test_item_sets`` of the record: for each set of ``eval_item_sets`` but ``all`` (warm, cold),
+    the ``item_set`` slice's bucket (``n`` and the test metrics of the users whose target is in that
+    set, ranked over all items); None without such sets or without cold items."""
+    from recbole_mm.data.cold import eval_item_sets
+
+    sets = [s for s in eval_item_sets(config) if s != "all"]
+    family = (slices or {}).get("item_set") if isinstance(slices, dict) else None
+    if not sets or not family:
+        return None
+    return {s: family["buckets"].get(s, {"n": 0}) for s in sets}
 
 
 def global_rank(config):
@@ -484,6 +501,8 @@ def run_recbole_mm(
             )
             result["data_checks"] = getattr(dataset_obj, "interaction_checks", None)
             result["sparsity"] = getattr(dataset_obj, "sparsity_stats", None)
+            result["cold_items"] = getattr(dataset_obj, "cold_stats", None)
+            result["test_item_sets"] = test_item_sets(config, result.get("test_slices"))
         except BaseException as exc:
             _WRITING_RECORD[0] = True
             try:

@@ -18,6 +18,10 @@ number of samples ``n`` (one per test user under leave-one-out):
   a feature's modality: :func:`feature_modality`; ``modalities`` lists those loaded, and with one of them
   the buckets are that one and ``none``, e.g. ``text | none``); runs without item features
   (RecBole's own models) have no modality slice.
+* ``item_set``: whether the test target is a ``warm`` item or a ``cold`` one (held out of training:
+  ``cold_items`` / ``cold_items_after``, :mod:`recbole_mm.data.cold`); runs without cold items have no
+  item-set slice. Ranking is over every item, as in ``test_result``: the warm / cold metrics are the
+  overall metrics restricted to the users whose target is warm / cold.
 
 Every family partitions the test samples, so the ``n``-weighted mean of a family's buckets equals
 the overall metric (``test_result``, which RecBole rounds to ``metric_decimal_place``). The per-sample
@@ -40,13 +44,16 @@ import torch
 POPULARITY_EDGES = (0, 5, 20, 100)  # upper bounds (inclusive) of the buckets; the last bucket is open
 HISTORY_EDGES = (5, 10, 20)
 MODALITY_BUCKETS = ("text+image", "text", "image", "none")
-FAMILIES = ("target_popularity", "history_length", "modality")
+FAMILIES = ("target_popularity", "history_length", "modality", "item_set")
+ITEM_SET_BUCKETS = ("warm", "cold")
 DEFINITIONS = {
     "target_popularity": "interactions of the target item in the training data (every interaction but the "
                          "validation and test targets)",
     "history_length": "interactions of the user before the test target (the whole history, not the "
                       "MAX_ITEM_LIST_LENGTH the model reads)",
     "modality": "content the target item has, from the missing masks of the item features the run loaded",
+    "item_set": "whether the test target is a warm item or a cold one (held out of training, recbole_mm.data.cold); "
+                "ranked over all items, as test_result",
 }
 PLACES = 6  # decimals kept in the record
 
@@ -255,6 +262,10 @@ def compute_test_slices(topk_rows, config, dataset, valid_data, test_data):
     if modality is not None:
         codes, labels, loaded = modality
         out["modality"] = {"modalities": loaded, "codes": codes, "labels": labels}
+    cold = getattr(dataset, "cold_items", None)
+    if cold is not None:
+        out["item_set"] = {"codes": np.asarray(cold, dtype=bool)[items].astype(np.int64),
+                           "labels": list(ITEM_SET_BUCKETS)}
     slices = {}
     for family, spec in out.items():
         entry = {"definition": DEFINITIONS[family]}

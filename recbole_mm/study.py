@@ -1813,7 +1813,8 @@ def _dataset_table(study, rows, dataset, metrics, family):
 
 SLICE_TITLES = {"target_popularity": "Target popularity (training interactions of the target item)",
                 "history_length": "History length (the user's interactions before the test target)",
-                "modality": "Target modality (content the target item has)"}
+                "modality": "Target modality (content the target item has)",
+                "item_set": "Target item set (cold_items: warm = trained on, cold = held out of training)"}
 
 
 def _slice_metrics(cells, metrics):
@@ -1843,7 +1844,7 @@ def slices_table(study, rows, dataset, metrics):
              "the finished seeds; `users`: test users in the bucket (a range when the runs differ). Buckets "
              "no run has users in are left out; a model without item features has no modality slice. "
              "Definitions and bucket edges: `test_slices` of each run record (`recbole_mm.slices`).", ""]
-    for family in ("target_popularity", "history_length", "modality"):
+    for family in ("target_popularity", "history_length", "modality", "item_set"):
         have = [r for r in cells if family in r["slices"]]
         if not have:
             continue

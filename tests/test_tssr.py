@@ -373,3 +373,24 @@ def test_blockwise_item_contrastive_equals_one_block(workdir):
     assert torch.isfinite(l1) and l1 > 0 and torch.allclose(l1, l2, atol=1e-6)
     assert any(g is not None for g in g1)
     assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(built):
+    """activation_checkpointing: every block recomputed in backward (dropout replayed): same loss and
+    gradients as keeping the activations, in training with dropout on."""
+    inter = batch(built)
+    results = []
+    for flag in (False, True):
+        model = make_model(built, activation_checkpointing=flag, hidden_dropout_prob=0.3, attn_dropout_prob=0.3,
+                           rezero=False)
+        assert all(m.checkpoint is flag for m in model.modules() if type(m).__name__ == "AttentionStack")
+        model.train()
+        torch.manual_seed(7)
+        loss = sum(model.calculate_loss(inter))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
+    assert g1.keys() == g2.keys() and g1
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -9,7 +9,9 @@ indexing. Every dataset the plugin builds (RecBole's models included) goes throu
 
 Its ``build`` is also where the training split is thinned for ``sparsity_keep`` < 1
 (:mod:`recbole_mm.data.sparsity`): after the split, on the training part only, so validation and
-test are those of the full data.
+test are those of the full data. Before it, ``cold_items`` / ``cold_items_after`` hold items out
+of training (:mod:`recbole_mm.data.cold`): every interaction with a cold item leaves the training
+split (targets and histories), validation and test stay as they are.
 """
 
 import numpy as np
@@ -59,6 +61,9 @@ class _CParserPandas:
 class VectorisedDatasetMixin:
     """For :class:`recbole.data.dataset.Dataset` subclasses (see the module docstring)."""
 
+    cold_items = None  # bool numpy array over internal item ids: the items held out (None: none)
+    cold_stats = None
+
     def _load_feat(self, filepath, source):
         import recbole.data.dataset.dataset as recbole_dataset
 
@@ -69,12 +74,17 @@ class VectorisedDatasetMixin:
             recbole_dataset.pd = pd
 
     def build(self):
-        """RecBole's ``build`` (splits), then the training split thinned as ``sparsity_keep`` /
-        ``sparsity_mode`` / ``sparsity_seed`` say (nothing at the default ``sparsity_keep: 1.0``);
-        ``sparsity_stats``: what was kept (None when nothing was thinned)."""
+        """RecBole's ``build`` (splits), then the cold items' interactions removed from the training
+        split (``cold_items``, ``cold_items_after``, ``cold_seed``; nothing at the defaults;
+        ``cold_items``: the mask, ``cold_stats``: what was held out), then the training split thinned
+        as ``sparsity_keep`` / ``sparsity_mode`` / ``sparsity_seed`` say (nothing at the default
+        ``sparsity_keep: 1.0``); ``sparsity_stats``: what was kept (None when nothing was thinned)."""
+        from recbole_mm.data.cold import cold_item_mask, hold_out_cold_items
         from recbole_mm.data.sparsity import thin_training
 
+        self.cold_items = cold_item_mask(self)  # from the interactions, before the split; copies inherit it
         datasets = super().build()
+        self.cold_stats = hold_out_cold_items(self, datasets, self.cold_items)
         self.sparsity_stats = thin_training(self, datasets[0])
         return datasets
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_mm.model.layers import ContentProjector, dataset_missing_masks, missing_modality_setting
+from recbole_mm.model.layers import (ContentProjector, dataset_missing_masks, missing_modality_setting,
+                                     with_cold_items)
 from recbole_mm.model.softmax import CatalogueSoftmax
 
 _MODALITIES = ("text", "image", "both")
@@ -77,6 +78,8 @@ class _FeatureSASRec(SASRec):
         if not self.use_id_embedding:
             # MoRec-style: no ID table at all (SASRec.__init__ created one)
             del self.item_embedding
+        else:  # cold items (recbole_mm.data.cold): scored with the mean warm ID row plus their content
+            self.item_embedding = with_cold_items(self.item_embedding, dataset)
         self.softmax = CatalogueSoftmax(config, dataset, self.n_items, name)
         if self.content.missing is not None:
             # drawn like SASRec's embeddings, after every other weight (those stay as with zero)

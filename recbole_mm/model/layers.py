@@ -111,16 +111,38 @@ class AttentionBlock(nn.Module):
 
 
 class AttentionStack(nn.Module):
-    """``n_layers`` :class:`AttentionBlock` s; in cross mode every layer reads the same keys/values."""
+    """``n_layers`` :class:`AttentionBlock` s; in cross mode every layer reads the same keys/values.
+
+    ``checkpoint`` (set by :func:`set_activation_checkpointing`): in training each block keeps only
+    its input and is recomputed in backward (``torch.utils.checkpoint``, with the dropout RNG state
+    replayed): the same outputs and gradients, a fraction of the activation memory, about one
+    more forward pass of time."""
+
+    checkpoint = False
 
     def __init__(self, n_layers, **block_kwargs):
         super().__init__()
         self.layers = nn.ModuleList(AttentionBlock(**block_kwargs) for _ in range(n_layers))
 
     def forward(self, h, mask, key_value=None):
+        recompute = self.checkpoint and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, mask, key_value)
+            if recompute:
+                from torch.utils.checkpoint import checkpoint
+
+                h = checkpoint(layer, h, mask, key_value, use_reentrant=False)
+            else:
+                h = layer(h, mask, key_value)
         return h
+
+
+def set_activation_checkpointing(model, enabled):
+    """Turn block-wise activation checkpointing on or off for every :class:`AttentionStack` of
+    ``model`` (config ``activation_checkpointing``); returns how many stacks it set."""
+    stacks = [m for m in model.modules() if isinstance(m, AttentionStack)]
+    for stack in stacks:
+        stack.checkpoint = bool(enabled)
+    return len(stacks)
 
 
 class ElementwiseGate(nn.Module):
@@ -413,6 +435,75 @@ def contrastive_scale(n_global_rows):
     dist = _process_group()
     world = dist.get_world_size() if dist is not None else 1
     return world / max(int(n_global_rows), 1)
+
+
+class ColdRows(nn.Module):
+    """The cold-item rule (:mod:`recbole_mm.data.cold`) for any per-item table ``(n_items, ...)``
+    (ID embeddings, a linear classifier's weight rows and bias): the rows of cold items (held out
+    of training) are replaced by the mean of the warm items' rows (PAD excluded), detached, so a
+    cold item's own row never receives a gradient and every cold item gets the average warm row
+    (plus whatever content the model adds). Non-persistent buffers: no checkpoint key."""
+
+    def __init__(self, cold_items):
+        super().__init__()
+        cold = torch.as_tensor(cold_items, dtype=torch.bool).clone()
+        cold[0] = False
+        warm = ~cold
+        warm[0] = False
+        self.register_buffer("cold", cold, persistent=False)
+        self.register_buffer("warm", warm, persistent=False)
+
+    def mean_row(self, table):
+        return table.detach()[self.warm].mean(0)
+
+    def forward(self, table):
+        """``table`` with its cold rows replaced."""
+        mask = self.cold.view((-1,) + (1,) * (table.dim() - 1))
+        return torch.where(mask, self.mean_row(table).to(table.dtype), table)
+
+    def rows(self, table, ids, looked_up):
+        """``looked_up`` (= ``table[ids]``) with the cold ids' rows replaced."""
+        mask = self.cold[ids].view(tuple(ids.shape) + (1,) * (looked_up.dim() - ids.dim()))
+        return torch.where(mask, self.mean_row(table).to(looked_up.dtype), looked_up)
+
+
+def cold_rows(dataset):
+    """A :class:`ColdRows` for ``dataset``'s cold items (``dataset.cold_items``), or None without any."""
+    cold = getattr(dataset, "cold_items", None)
+    if cold is None:
+        return None
+    cold = torch.as_tensor(cold, dtype=torch.bool)
+    return ColdRows(cold) if bool(cold[1:].any()) else None
+
+
+class ItemIDEmbedding(nn.Embedding):
+    """An item-ID table with the cold-item rule (:class:`ColdRows`) applied wherever it is read:
+    lookups (``forward``) and the whole table (:func:`id_table`). Shares the weight of the
+    ``nn.Embedding`` it replaces (:func:`with_cold_items`), so checkpoints keep
+    ``item_embedding.weight`` as before."""
+
+    def __init__(self, embedding, rule):
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+                         _weight=embedding.weight.data, _freeze=not embedding.weight.requires_grad)
+        self.cold_rule = rule.to(embedding.weight.device)
+
+    def table(self):
+        return self.cold_rule(self.weight)
+
+    def forward(self, ids):
+        return self.cold_rule.rows(self.weight, ids, super().forward(ids))
+
+
+def with_cold_items(embedding, dataset):
+    """``embedding`` (a model's item-ID ``nn.Embedding``) as an :class:`ItemIDEmbedding` sharing its
+    weight when ``dataset`` has cold items (``dataset.cold_items``); unchanged otherwise."""
+    rule = cold_rows(dataset)
+    return embedding if rule is None else ItemIDEmbedding(embedding, rule)
+
+
+def id_table(embedding):
+    """The (n_items, d) ID table a model scores with (cold rows replaced for :class:`ItemIDEmbedding`)."""
+    return embedding.table() if isinstance(embedding, ItemIDEmbedding) else embedding.weight
 
 
 def xavier_init(module, bias_value=0.0, embedding_bound=None):

@@ -47,8 +47,11 @@ from recbole_mm.model.layers import (
     dataset_missing_masks,
     gather_positions,
     gather_rows,
+    id_table,
     keep_out_of_checkpoints,
     missing_modality_setting,
+    set_activation_checkpointing,
+    with_cold_items,
 )
 from recbole_mm.model.softmax import CatalogueSoftmax
 from recbole_mm.model.sicsrec_stage1 import base_feature_names, modalities, stage1_feature_names
@@ -176,8 +179,10 @@ class SICSRec(SequentialRecommender):
         self.fusion = nn.Linear(3 * d, d)
         self.item_dropout = nn.Dropout(self.item_dropout_prob)
         self.softmax = CatalogueSoftmax(config, dataset, self.n_items, "SICSRec")
+        set_activation_checkpointing(self, config["activation_checkpointing"])
 
         self._init_weights()
+        self.item_embedding = with_cold_items(self.item_embedding, dataset)  # cold items: recbole_mm.data.cold
         self.freeze_id_encoder()
 
     # ------------------------------------------------------------------ set-up
@@ -315,7 +320,7 @@ class SICSRec(SequentialRecommender):
     def item_matrix(self):
         """Item-side vectors used for scoring: normalize(Dropout(E)) in training, normalize(E)
         at inference (or raw E with ``predict_normalize_items: False``, the official inference)."""
-        weight = self.item_embedding.weight
+        weight = id_table(self.item_embedding)
         if self.training:
             return F.normalize(self.item_dropout(weight), dim=-1)
         if self.predict_normalize_items:
@@ -377,7 +382,7 @@ class SICSRec(SequentialRecommender):
         return float((total.pow(2).sum() - n) / (n * (n - 1)))
 
     def reg_loss(self):
-        tables = [self.item_embedding.weight] if self.item_embedding.weight.requires_grad else []
+        tables = [id_table(self.item_embedding)] if self.item_embedding.weight.requires_grad else []
         tables += [t.weight for t in self.content_tables.values() if t.weight.requires_grad]
         if not tables:
             return self.fusion.weight.sum() * 0.0

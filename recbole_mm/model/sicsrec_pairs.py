@@ -63,6 +63,9 @@ def user_sequences(dataset) -> list:
     targets and the rest is the training part. With ``benchmark_filename`` (separate
     train/valid/test files) the training part is the first training row's history followed by
     every training row's target, then the validation and test targets.
+
+    The training part is what training reads: without the interactions with held-out (cold) items
+    and those ``sparsity_keep`` drops (:func:`training_as_built`).
     """
     config = dataset.config
     uid_field, iid_field = dataset.uid_field, dataset.iid_field
@@ -92,7 +95,7 @@ def user_sequences(dataset) -> list:
                     continue
                 seq = [int(x) for x in valid[list_field].iloc[0] if int(x) > 0]
             out.append(UserSequence(str(id2user[u]), seq + later, len(seq)))
-        return out
+        return training_as_built(dataset, out)
     split = (config["eval_args"] or {}).get("split") or {}
     if split.get("LS") not in ("valid_and_test", [1, 1]):
         logger.warning("SICSRec stage 1 assumes leave-one-out (eval_args.split: {LS: valid_and_test}); "
@@ -103,7 +106,31 @@ def user_sequences(dataset) -> list:
     for u, items in frame.groupby(uid_field, sort=True)[iid_field]:
         seq = [int(x) for x in items]
         out.append(UserSequence(str(id2user[u]), seq, max(0, len(seq) - 2)))
-    return out
+    return training_as_built(dataset, out)
+
+
+def training_as_built(dataset, seqs):
+    """``seqs`` with each training part cut to what training reads (:mod:`recbole_mm.data.cold`,
+    :mod:`recbole_mm.data.sparsity`): the interactions with held-out (cold) items removed, then only
+    the most recent ones ``sparsity_keep`` keeps, as in ``build()``. Validation and test targets stay."""
+    from recbole_mm.data.cold import cold_item_mask
+    from recbole_mm.data.sparsity import kept_interactions, sparsity_settings, user_draws
+
+    cold = cold_item_mask(dataset)
+    keep, mode, seed = sparsity_settings(dataset.config)
+    if cold is None and keep >= 1.0:
+        return seqs
+    if cold is not None and (dataset.config["pair_target"] or "train_last") != "train_last":
+        raise ValueError("pair_target: full_last mines pairs from the validation and test targets, cold items "
+                         "included: a held-out item's interactions would reach stage 1. Use pair_target: "
+                         "train_last with cold_items / cold_items_after")
+    trains = [[x for x in s.items[:s.n_train] if cold is None or not cold[x]] for s in seqs]
+    if keep < 1.0:
+        token2id = dataset.field2token_id[dataset.uid_field]
+        users = np.asarray([token2id[s.user] for s in seqs], dtype=np.int64)
+        k = kept_interactions(users, [len(t) for t in trains], keep, mode, user_draws(dataset.user_num, seed))
+        trains = [t[len(t) - int(n):] for t, n in zip(trains, k)]
+    return [UserSequence(s.user, t + list(s.items[s.n_train:]), len(t)) for s, t in zip(seqs, trains)]
 
 
 def pair_query(seq: UserSequence, pair_target="train_last", drop_self=True, max_candidates=50):

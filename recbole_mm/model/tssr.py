@@ -25,10 +25,14 @@ from recbole_mm.model.layers import (
     MissingContent,
     causal_padding_mask,
     checkpointed_sum,
+    cold_rows,
     contrastive_scale,
     dataset_missing_masks,
     gather_rows,
+    id_table,
     missing_modality_setting,
+    set_activation_checkpointing,
+    with_cold_items,
     xavier_init,
 )
 from recbole_mm.model.softmax import CatalogueSoftmax
@@ -139,8 +143,13 @@ class TSSR(SequentialRecommender):
         # with the item's ID embedding (SASRec's tied output) / ID embedding + projected content
         self.classifier = nn.Linear(d, self.n_items) if self.classifier_kind == "linear" else None
         self.softmax = CatalogueSoftmax(config, dataset, self.n_items, "TSSR")
+        set_activation_checkpointing(self, config["activation_checkpointing"])
 
         self._init_weights()
+        # cold items (recbole_mm.data.cold): their ID rows, and their rows of the linear classifier,
+        # are the mean warm row (layers.ColdRows)
+        self.item_embedding = with_cold_items(self.item_embedding, dataset)
+        self.classifier_cold = cold_rows(dataset) if self.classifier is not None else None
 
     def _build_finetune_content(self, config, dataset, masks=None):
         from recbole_mm.model.encoders import FinetuneTextEncoder, load_text_encoder
@@ -238,12 +247,15 @@ class TSSR(SequentialRecommender):
         """(n_items, d) item vectors the tied classifiers score against."""
         if self.classifier_kind == "id_content":
             return self.output_item_vectors(torch.arange(self.n_items, device=self.item_embedding.weight.device))
-        return self.item_embedding.weight
+        return id_table(self.item_embedding)
 
     def output_item_vectors(self, ids):
         """Rows ``ids`` of the classifier's item vectors (linear: its weight rows)."""
         if self.classifier is not None:
-            return self.classifier.weight[ids]
+            weight = self.classifier.weight
+            if self.classifier_cold is not None:
+                return self.classifier_cold.rows(weight, ids, weight[ids])
+            return weight[ids]
         w = self.item_embedding(ids)
         if self.classifier_kind == "id_content":
             # PAD's row stays zero (its ID embedding is the zero padding row), as in ``id``
@@ -253,6 +265,9 @@ class TSSR(SequentialRecommender):
     def logits(self, e):
         """Scores over all items (column 0 is padding) for fused states ``e`` (..., d)."""
         if self.classifier is not None:
+            if self.classifier_cold is not None:
+                rule = self.classifier_cold
+                return F.linear(e, rule(self.classifier.weight), rule(self.classifier.bias))
             return self.classifier(e)
         return e @ self.output_item_matrix().t()
 
@@ -263,9 +278,11 @@ class TSSR(SequentialRecommender):
         (:class:`~recbole_mm.model.softmax.CatalogueSoftmax`)."""
         valid = labels > 0
         if self.classifier is not None:
-            bias = self.classifier.bias
+            bias, weight = self.classifier.bias, self.classifier.weight
+            if self.classifier_cold is not None:  # cold items: the mean warm row and bias
+                bias, weight = self.classifier_cold(bias), self.classifier_cold(weight)
             return self.softmax(e[valid], labels[valid], self.output_item_vectors, lambda ids: bias[ids],
-                                all_items=lambda: self.classifier.weight)
+                                all_items=lambda: weight)
         return self.softmax(e[valid], labels[valid], self.output_item_vectors, all_items=self.output_item_matrix)
 
     def _global(self):
