@@ -31,24 +31,31 @@ def cli_args(cfg):
     return [f"--{k}={v}" for k, v in cfg.items()]
 
 
+def ddp_cli_run(root, model):
+    """``run_recbole_mm.py --model=<model> --nproc=2`` (gloo on CPU) on a fresh tiny dataset of 41
+    users in ``root``; returns (config dict, run record, completed process)."""
+    # 41 users: DistributedSampler pads the 2 shards with a duplicate user, so RecBole's
+    # average of per-rank averages would differ from the single-process metrics
+    write_tiny_dataset(root / "data", n_users=41)
+    cfg = dict(FAST, data_path=str(root / "data"), checkpoint_dir=str(root / "saved"))
+    cmd = [sys.executable, os.path.join(REPO, "run_recbole_mm.py"), f"--model={model}", "--dataset=tiny",
+           "--nproc=2", f"--port={free_port()}"] + cli_args(cfg)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    records = [p for p in glob.glob(str(root / "log" / model / "*.json")) if not p.endswith(".failed.json")]
+    assert len(records) == 1, records
+    with open(records[0]) as f:
+        record = json.load(f)
+    return cfg, record, proc
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """One TSSR epoch with 2 processes on CPU (gloo), on a fresh tiny dataset (so the text
     features are extracted, sharded over the two ranks, inside the run)."""
     root = tmp_path_factory.mktemp("ddp")
-    # 41 users: DistributedSampler pads the 2 shards with a duplicate user, so RecBole's
-    # average of per-rank averages would differ from the single-process metrics
-    write_tiny_dataset(root / "data", n_users=41)
-    cfg = dict(FAST, data_path=str(root / "data"), checkpoint_dir=str(root / "saved"))
-    cmd = [sys.executable, os.path.join(REPO, "run_recbole_mm.py"), "--model=TSSR", "--dataset=tiny",
-           "--nproc=2", f"--port={free_port()}"] + cli_args(cfg)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    records = [p for p in glob.glob(str(root / "log" / "TSSR" / "*.json")) if not p.endswith(".failed.json")]
-    assert len(records) == 1, records
-    with open(records[0]) as f:
-        record = json.load(f)
+    cfg, record, proc = ddp_cli_run(root, "TSSR")
     return root, cfg, record, proc
 
 

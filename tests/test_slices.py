@@ -250,27 +250,13 @@ def test_ddp_slices_equal_single_process_slices(workdir):
     """2 CPU processes (gloo) on 41 users (DistributedSampler pads the shards with a duplicate): the
     record's slices are computed on the rows gathered from both ranks, so they equal the slices of a
     single-process evaluation of the same checkpoint."""
-    import glob
-    import subprocess
-    import sys
-
     from recbole_mm.config import MMConfig
     from recbole_mm.data.lazy import data_preparation
     from recbole_mm.quick_start import create_dataset
     from recbole_mm.registry import get_model, get_trainer
-    from test_distributed import cli_args, free_port
+    from test_distributed import ddp_cli_run
 
-    from conftest import REPO
-
-    write_tiny_dataset(workdir / "data", n_users=41)
-    cfg = dict(FAST, data_path=str(workdir / "data"), checkpoint_dir=str(workdir / "saved"))
-    cmd = [sys.executable, os.path.join(REPO, "run_recbole_mm.py"), "--model=SASRec", "--dataset=tiny",
-           "--nproc=2", f"--port={free_port()}"] + cli_args(cfg)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    (path,) = [p for p in glob.glob(str(workdir / "log" / "SASRec" / "*.json")) if not p.endswith("failed.json")]
-    record = json.load(open(path))
+    cfg, record, _proc = ddp_cli_run(workdir, "SASRec")
     assert record["distributed"]["world_size"] == 2
 
     config = MMConfig(model="SASRec", dataset="tiny", config_dict=dict(cfg, checkpoint_dir=str(workdir / "eval")))

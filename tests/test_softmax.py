@@ -3,8 +3,6 @@ gradients only where candidates are, chunking, and every model that offers it.""
 
 import copy
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 
 from recbole_mm.model.softmax import CatalogueSoftmax, item_frequencies
 
-from conftest import FAST, build_tiny, instantiate, write_tiny_dataset
+from conftest import build_tiny, instantiate
 
 
 class _Data:
@@ -232,23 +230,11 @@ def test_content_baselines_sampled_softmax(tiny_content, model_name):
 
 
 def test_sicsrec_sampled_softmax(tmp_path):
-    from recbole_mm.config import MMConfig
-    from recbole_mm.data.lazy import data_preparation
     from recbole_mm.model.sicsrec import SICSRec
-    from recbole_mm.quick_start import create_dataset
 
-    old, argv = os.getcwd(), sys.argv
-    os.chdir(tmp_path)
-    sys.argv = ["pytest"]
-    try:
-        write_tiny_dataset(tmp_path / "data", n_users=40, n_items=30)
-        cfg = dict(FAST, data_path=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "saved"), stage1=False,
-                   n_layers=1, n_heads=2, hidden_dropout_prob=0.0, attn_dropout_prob=0.0, item_dropout_prob=0.0)
-        config = MMConfig(model="SICSRec", dataset="tiny", config_dict=cfg)
-        train, _v, _t = data_preparation(config, create_dataset(config))
-    finally:
-        os.chdir(old)
-        sys.argv = argv
+    config, _dataset, (train, _v, _t) = build_tiny(
+        tmp_path, "SICSRec", stage1=False, n_layers=1, n_heads=2, hidden_dropout_prob=0.0, attn_dropout_prob=0.0,
+        item_dropout_prob=0.0)
     batch = next(iter(train))
     losses = {}
     for mode in ("full", "sampled"):
