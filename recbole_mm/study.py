@@ -1035,6 +1035,10 @@ BEHAVIOUR_KEEPING_DEFAULTS = (
     "missing_modality", "encoder_cache_mb", "encoder_cache_dtype", "sft_cache_mb", "sft_cache_dtype",
     # sparsity_keep: 1.0 (the default) thins nothing: the same training samples (tests/test_sparsity.py)
     "sparsity_keep", "sparsity_mode", "sparsity_seed",
+    # cold_items: 0.0 holds nothing out (tests/test_cold_start.py); eval_item_sets adds record fields only;
+    # activation checkpointing recomputes the same blocks (tests/test_tssr.py); a memory-mapped aligned
+    # feature table holds the same values (tests/test_shared_tables.py)
+    "cold_items", "cold_items_after", "cold_seed", "eval_item_sets", "activation_checkpointing", "feature_table_mmap",
 )
 BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
 

@@ -45,6 +45,8 @@ RUN_KEY_IGNORED = frozenset({
     "local_rank", "device", "gpu_id", "use_gpu", "single_spec", "ip", "port", "nproc", "offset",
     "group_offset", "ddp_backend", "ddp_check_replicas", "record_runs", "record_path", "log_wandb",
     "wandb_project", "worker",
+    # how, not what: the same values either way
+    "feature_table_mmap", "activation_checkpointing", "eval_memory_mb", "ce_memory_mb", "contrastive_memory_mb",
 })
 
 

@@ -200,21 +200,51 @@ def test_tune_and_study_share_the_validator(workdir):
 # ----------------------------------------------------------------------------- folders the run writes
 
 
-def test_unwritable_checkpoint_dir_stops_before_data(workdir, monkeypatch):
-    write_tiny_dataset(workdir / "data")
+def _read_only(monkeypatch, target):
+    """Make ``target`` look unwritable (root ignores file modes)."""
     real_access = os.access
-    target = str(workdir / "ro")
-    os.makedirs(target)
 
-    def access(path, mode):  # root ignores file modes: simulate a read-only folder
-        if os.path.abspath(path) == target and mode & os.W_OK:
+    def access(path, mode):
+        if os.path.abspath(path) == os.path.abspath(target) and mode & os.W_OK:
             return False
         return real_access(path, mode)
 
     monkeypatch.setattr(os, "access", access)
+
+
+def test_unwritable_checkpoint_dir_stops_before_data(workdir, monkeypatch):
+    write_tiny_dataset(workdir / "data")
+    target = str(workdir / "ro")
+    os.makedirs(target)
+    _read_only(monkeypatch, target)
     with pytest.raises(ConfigError, match="cannot write checkpoints to .*ro/saved .*checkpoint_dir"):
         run_recbole_mm(model="SASRec", dataset="tiny", config_dict=_cfg(workdir, checkpoint_dir=target + "/saved"))
     assert _no_run_outputs(workdir)
+
+
+@pytest.mark.parametrize("what", ["log", "record"])
+def test_unwritable_log_or_record_folder_stops_before_data(workdir, monkeypatch, what):
+    """RecBole's log/ (in the working directory) and the run record's folder, checked before any data."""
+    write_tiny_dataset(workdir / "data")
+    if what == "log":
+        _read_only(monkeypatch, workdir)  # log/ does not exist yet: its parent, the working directory, decides
+        match, extra = "cannot write RecBole's log to .*Run from a writable working directory", {}
+    else:
+        os.makedirs(workdir / "ro")
+        _read_only(monkeypatch, workdir / "ro")
+        match, extra = "cannot write the run record to .*record_path", {"record_path": str(workdir / "ro" / "r.json")}
+    with pytest.raises(ConfigError, match=match):
+        run_recbole_mm(model="SASRec", dataset="tiny", config_dict=_cfg(workdir, **extra))
+    assert not (workdir / "dataset").exists() and not (workdir / "saved").exists()
+
+
+def test_fresh_on_the_command_line(workdir):
+    """--fresh means resume: false; with --resume=true it is a contradiction, refused in one line."""
+    write_tiny_dataset(workdir / "data")
+    proc = _cli(workdir, "--model=SASRec", "--dataset=tiny", f"--data_path={workdir / 'data'}", "--fresh",
+                "--resume=true")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "error: --fresh and --resume contradict each other; give one"
 
 
 # ----------------------------------------------------------------------------- records and faults
@@ -292,8 +322,11 @@ def test_cli_prints_one_line_and_traceback_only_with_debug(workdir):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
 
 
-def test_sigterm_leaves_an_interrupted_record(workdir):
-    """SIGTERM mid-training: an ``interrupted`` record with the last finished epoch, no running marker."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_leaves_an_interrupted_record(workdir, sig):
+    """SIGTERM (or Ctrl-C's SIGINT) mid-training: an ``interrupted`` record with the last finished
+    epoch, no running marker."""
+    signum = getattr(signal, sig)
     write_tiny_dataset(workdir / "data", n_users=300, n_items=60, min_len=20, max_len=40)
     record = workdir / "rec" / "run.json"
     proc = subprocess.Popen(
@@ -311,15 +344,17 @@ def test_sigterm_leaves_an_interrupted_record(workdir):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.5)
     assert (workdir / "rec" / "run.running.json").exists()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + signum, err
     rec = json.load(open(workdir / "rec" / "run.interrupted.json"))
-    assert rec["status"] == "interrupted" and "SIGTERM" in rec["error"]
+    assert rec["status"] == "interrupted" and (sig in rec["error"] or "KeyboardInterrupt" in rec["error"])
     assert rec["last_finished_epoch"] >= 1
     assert "rerun the same command" in rec["resume"]
     assert not record.exists() and not (workdir / "rec" / "run.running.json").exists()
-    assert "interrupted: stopped by SIGTERM" in err and "Traceback" not in err
+    assert "interrupted:" in err and "Traceback" not in err
+    if sig == "SIGTERM":
+        assert "interrupted: stopped by SIGTERM" in err
 
 
 def test_study_report_names_a_killed_cell(workdir):

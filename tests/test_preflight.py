@@ -194,6 +194,10 @@ def test_empty_file(tmp_path):
     fail(make(tmp_path, raw=b""), "d.inter", "empty (0 bytes)", "line 1")
 
 
+def test_empty_item_file(tmp_path):
+    fail(make(tmp_path, HEADER + "\n" + ROWS, item=""), "d.item", "empty (0 bytes)")
+
+
 def test_header_only(tmp_path):
     fail(make(tmp_path, HEADER + "\n"), "d.inter", "no data rows", "line 2")
     fail(make(tmp_path, HEADER + "\n\n\n", name="e"), "e.inter", "no data rows")

@@ -26,7 +26,9 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
     """Sequential dataset exposing ``mm_features`` / ``mm_missing`` aligned to internal item ids.
 
     - ``mm_features[name]``: float32 tensor (n_items, dim), row 0 = PAD = zeros. Plain tensors,
-      not buffers; models wrap them as frozen embeddings.
+      not buffers; models wrap them as frozen embeddings. With ``feature_table_mmap`` (default)
+      a tensor's storage is a copy-on-write memory map of ``<dataset>.<name>.aligned-<key>.npy``,
+      shared by the processes (DDP ranks, runs) that use the same feature and item ids.
     - ``mm_missing[name]``: bool tensor (n_items,), True for PAD and items without content.
     - ``train_windows`` (config): which augmented training samples to keep:
       ``all_prefixes`` (RecBole: every prefix -> next item), ``last`` (one sample per user:
@@ -68,7 +70,6 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
 
     def _load_feature(self, name):
         from recbole_mm.data.extract import extract_features, items_to_encode
-        from recbole_mm.data.features import align_to_dataset
 
         spec = self.feature_spec(name)
         id2token = self.field2id_token[self.iid_field]
@@ -77,7 +78,23 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
             show_progress=self.config["show_progress"],
             items=items_to_encode(spec, id2token),  # the items kept after filtering (encode_items: used)
         )
-        table, missing, stats = align_to_dataset(fm, id2token, expected_dim=spec.get("dim"))
+        self._set_aligned_feature(name, fm, id2token, expected_dim=spec.get("dim"))
+
+    def _set_aligned_feature(self, name, fm, id2token, expected_dim=None):
+        """Align ``fm`` to the internal item ids into ``mm_features`` / ``mm_missing`` / ``mm_stats``.
+
+        With ``feature_table_mmap`` (default True) the table is a memory map of the aligned file
+        shared by every process using the same feature and ids
+        (:func:`~recbole_mm.data.features.shared_aligned_table`; in memory where the file cannot
+        be written); False: a private in-memory table. The values are the same either way."""
+        from recbole_mm.data.features import align_to_dataset, shared_aligned_table
+
+        use_mmap = self.config["feature_table_mmap"]
+        if use_mmap is None or bool(use_mmap):
+            table, missing, stats, _ = shared_aligned_table(fm, id2token, expected_dim=expected_dim)
+        else:
+            table, missing, stats = align_to_dataset(fm, id2token, expected_dim=expected_dim)
+        # a float32 C-contiguous table (the memory map included) is wrapped, never copied
         self.mm_features[name] = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
         self.mm_missing[name] = torch.from_numpy(np.asarray(missing, dtype=bool))
         self.mm_stats[name] = stats

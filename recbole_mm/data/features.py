@@ -15,7 +15,9 @@ hand) is an error, never silently used or overwritten.  A feature imported with
 Rows are keyed by the raw item token (the string in the dataset's ``.item``/``.inter`` files),
 never by RecBole's remapped integer ids, so a feature file stays valid whatever filtering RecBole
 applies.  :func:`align_to_dataset` turns a :class:`FeatureMatrix` into a table indexed by
-RecBole's internal item ids.
+RecBole's internal item ids; :func:`shared_aligned_table` writes that table once to
+``<dataset_dir>/<dataset>.<name>.aligned-<key>.npy`` (a cache keyed by the feature and the id order)
+and memory-maps it, so the processes using it share one copy.
 
 Writes are atomic: the old manifest is removed first, the matrix is written to a temporary file
 and renamed into place, and the manifest is renamed into place LAST, so an interrupted write never
@@ -528,10 +530,27 @@ class FeatureStore:
         return self.save(name, tokens, matrix, missing, info)
 
     def delete(self, name: str) -> None:
+        """Remove feature ``name``: its manifest (first), its matrix and its aligned tables
+        (``<dataset>.<name>.aligned-*.npy``, :func:`shared_aligned_table`)."""
         npy, man = self.paths(name)
         for p in (man, npy):  # manifest first
             if os.path.exists(p):
                 os.remove(p)
+        self.delete_aligned(name)
+
+    def delete_aligned(self, name: str) -> list:
+        """Remove the aligned tables of feature ``name`` (caches: rebuilt when needed; a process
+        that has one mapped keeps reading it). Returns the removed paths."""
+        import glob
+
+        npy, _ = self.paths(name)
+        pattern = glob.escape(npy[:-len(".npy")] + ALIGNED_INFIX) + "*.npy"
+        removed = []
+        for p in glob.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)
+                removed.append(p)
+        return removed
 
     # -- read -----------------------------------------------------------------
     def load(self, name: str, mmap: bool = True, check_finite: bool = True,
@@ -640,20 +659,10 @@ def _feature_label(fm: FeatureMatrix) -> str:
     return fm.manifest.get("path") or fm.manifest.get("source") or f"feature {fm.name!r}"
 
 
-def align_to_dataset(fm: FeatureMatrix, id2token, expected_dim: int | None = None):
-    """Reorder a feature matrix into RecBole's internal item-id order.
-
-    ``id2token`` is ``dataset.field2id_token[item_field]``: index 0 is the padding item.
-    Returns ``(table, missing, stats)``:
-
-    * ``table`` float32 ``(len(id2token), dim)``; row 0 (padding) and rows of items without a
-      feature (absent from the file or flagged missing) are zeros;
-    * ``missing`` bool ``(len(id2token),)``, True for padding and for items without a feature;
-    * ``stats``: ``n_items`` (excluding padding), ``covered``, ``missing_in_features`` (dataset
-      items with no usable row), of which ``absent_from_file`` and ``no_content``,
-      ``extra_tokens_in_features`` (rows for tokens the dataset does not know: ignored), ``dim``,
-      ``coverage``.
-    """
+def _alignment_plan(fm: FeatureMatrix, id2token, expected_dim: int | None = None):
+    """Where each row of the aligned table comes from: ``(rows, src, missing, stats)`` with
+    ``table[rows] = fm.matrix[src]`` (``src`` ascending), the missing mask and the stats of
+    :func:`align_to_dataset` (logged here). Cheap: no feature row is read."""
     label = _feature_label(fm)
     dim = int(fm.matrix.shape[1])
     if expected_dim is not None and int(expected_dim) != dim:
@@ -677,16 +686,10 @@ def align_to_dataset(fm: FeatureMatrix, id2token, expected_dim: int | None = Non
     usable = has_row.copy()
     usable[1:][found] &= ~feat_missing[pos[found]]
 
-    table = np.zeros((n_rows, dim), dtype=np.float32)
     rows = np.flatnonzero(usable)
-    if rows.size:
-        src = pos[rows - 1]
-        order = np.argsort(src, kind="stable")  # monotone reads are kind to memory maps
-        rows, src = rows[order], src[order]
-        step = _block_rows(fm.matrix)  # in blocks: no second whole-table copy while gathering
-        for start in range(0, rows.size, step):
-            table[rows[start:start + step]] = fm.matrix[src[start:start + step]]
-            _release_mapped(fm.matrix)
+    src = pos[rows - 1]
+    order = np.argsort(src, kind="stable")  # monotone reads are kind to memory maps
+    rows, src = rows[order], src[order]
     missing = ~usable
     missing[0] = True
 
@@ -714,7 +717,178 @@ def align_to_dataset(fm: FeatureMatrix, id2token, expected_dim: int | None = Non
         examples = dataset_tokens[~found][:5].tolist()
         logger.warning("feature %r: %d dataset items have no row in %s (e.g. %s); they get zero features",
                        fm.name, stats["absent_from_file"], label, examples)
-    return table, missing, stats
+    return rows, src, missing, stats
+
+
+def _gather(fm: FeatureMatrix, rows, src, n_rows: int) -> np.ndarray:
+    """The aligned float32 table (zeros where no row is usable), read from ``fm.matrix`` in blocks."""
+    table = np.zeros((n_rows, int(fm.matrix.shape[1])), dtype=np.float32)
+    step = _block_rows(fm.matrix)  # in blocks: no second whole-table copy while gathering
+    for start in range(0, rows.size, step):
+        table[rows[start:start + step]] = fm.matrix[src[start:start + step]]
+        _release_mapped(fm.matrix)
+    return table
+
+
+def align_to_dataset(fm: FeatureMatrix, id2token, expected_dim: int | None = None):
+    """Reorder a feature matrix into RecBole's internal item-id order.
+
+    ``id2token`` is ``dataset.field2id_token[item_field]``: index 0 is the padding item.
+    Returns ``(table, missing, stats)``:
+
+    * ``table`` float32 ``(len(id2token), dim)``; row 0 (padding) and rows of items without a
+      feature (absent from the file or flagged missing) are zeros;
+    * ``missing`` bool ``(len(id2token),)``, True for padding and for items without a feature;
+    * ``stats``: ``n_items`` (excluding padding), ``covered``, ``missing_in_features`` (dataset
+      items with no usable row), of which ``absent_from_file`` and ``no_content``,
+      ``extra_tokens_in_features`` (rows for tokens the dataset does not know: ignored), ``dim``,
+      ``coverage``.
+
+    :func:`shared_aligned_table` returns the same table as a read-only-safe memory map of a file
+    that every process aligning the same feature to the same item ids shares.
+    """
+    rows, src, missing, stats = _alignment_plan(fm, id2token, expected_dim)
+    return _gather(fm, rows, src, len(missing)), missing, stats
+
+
+# ----------------------------------------------------------------------------- shared aligned tables
+
+ALIGNED_FORMAT_VERSION = 1
+ALIGNED_INFIX = ".aligned-"  # <dataset_dir>/<dataset>.<name>.aligned-<key>.npy
+
+
+def _feature_file(fm: FeatureMatrix):
+    """The .npy file ``fm`` was read from (FeatureStore: manifest ``path``; user file: ``source``)."""
+    for key in ("path", "source"):
+        value = fm.manifest.get(key)
+        if isinstance(value, str) and value.endswith(".npy"):
+            return value
+    return None
+
+
+def aligned_table_key(fm: FeatureMatrix, id2token):
+    """Short sha256 (16 hex digits) of everything the aligned table depends on: the feature matrix
+    (its manifest's ``matrix_sha256``, else the file's size and mtime), its dtype, shape, row
+    tokens and missing mask, and the dataset's internal id order ``id2token``. None when the
+    matrix can be identified by neither (an in-memory matrix without a checksum)."""
+    digest = fm.manifest.get("matrix_sha256")
+    if digest is None:
+        path = _feature_file(fm)
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        if st is None:
+            return None
+        digest = f"file:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    h = hashlib.sha256()
+    for part in (f"recbole_mm aligned table v{ALIGNED_FORMAT_VERSION}", str(digest), str(fm.matrix.dtype),
+                 repr(tuple(int(n) for n in fm.matrix.shape))):
+        h.update(part.encode("utf-8") + b"\0")
+    for tokens in (fm.tokens, np.asarray(id2token).astype(str).tolist()):
+        h.update(str(len(tokens)).encode("ascii") + b"\0")
+        h.update("\0".join(map(str, tokens)).encode("utf-8", "surrogatepass") + b"\0")
+    h.update(np.packbits(np.asarray(fm.missing, dtype=bool)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def aligned_table_path(fm: FeatureMatrix, id2token):
+    """``<dataset_dir>/<dataset>.<name>.aligned-<key>.npy`` next to the feature's file, or None."""
+    path = _feature_file(fm)
+    key = aligned_table_key(fm, id2token) if path else None
+    if key is None:
+        return None
+    return path[:-len(".npy")] + ALIGNED_INFIX + key + ".npy"
+
+
+def _open_aligned(path: str, shape):
+    """The cached aligned table at ``path`` as a copy-on-write memory map (``mmap_mode="c"``:
+    pages are shared with the page cache and every process mapping the file; a write, which no
+    model does to a frozen table, would only make a private copy of that page, never change the
+    file nor fault). None when absent or not a float32 table of ``shape``."""
+    try:
+        table = np.load(path, mmap_mode="c", allow_pickle=False)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logger.info("aligned table %s is unreadable (%s): rebuilding it", path, e)
+        return None
+    if table.dtype != np.float32 or tuple(table.shape) != tuple(shape):
+        logger.info("aligned table %s has %s %s, expected float32 %s: rebuilding it",
+                    path, table.dtype, tuple(table.shape), tuple(shape))
+        return None
+    return table
+
+
+def _dist_rank_world():
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shared_aligned_table(fm: FeatureMatrix, id2token, expected_dim: int | None = None):
+    """:func:`align_to_dataset`, with the table shared on disk: ``(table, missing, stats, path)``.
+
+    The aligned float32 table is written once (atomically) to :func:`aligned_table_path` and
+    every process then memory-maps that file (``mmap_mode="c"``, see :func:`_open_aligned`), so
+    the DDP ranks of a node and later runs on the same data share its page-cache pages instead
+    of each holding a private copy. A file written before for the same feature and item ids is
+    reused as is (not rewritten); another feature, feature file or id order gives another key,
+    hence another file. Under torch.distributed rank 0 writes it while the other ranks wait;
+    a rank that does not see rank 0's file (another node) writes its own.
+
+    The values are those of :func:`align_to_dataset`, bit for bit. Where the file can be neither
+    found nor written (a read-only dataset folder, a full disk: any OSError) the in-memory table
+    of :func:`align_to_dataset` is returned with ``path`` None, and one line is logged.
+    """
+    rows, src, missing, stats = _alignment_plan(fm, id2token, expected_dim)
+    shape = (len(missing), int(fm.matrix.shape[1]))
+    try:
+        path = aligned_table_path(fm, id2token)
+    except (OSError, ValueError, TypeError) as e:  # pragma: no cover - defensive
+        logger.info("feature %r: no shared aligned table (%s)", fm.name, e)
+        path = None
+    if path is None:
+        return _gather(fm, rows, src, shape[0]), missing, stats, None
+
+    def obtain():
+        table = _open_aligned(path, shape)
+        if table is not None:
+            logger.info("feature %r: aligned table shared from %s", fm.name, path)
+            return table, path
+        table = _gather(fm, rows, src, shape[0])
+        try:
+            save_npy_atomic(path, table)
+            shared = _open_aligned(path, shape)
+        except OSError as e:
+            logger.warning("feature %r: the aligned table could not be written to %s (%s: %s); this "
+                           "process keeps its own copy in memory", fm.name, path, type(e).__name__, e)
+            return table, None
+        if shared is None:  # pragma: no cover - written but unreadable: keep the private table
+            return table, None
+        logger.info("feature %r: aligned table written to %s (shared by the processes that use it)",
+                    fm.name, path)
+        return shared, path
+
+    rank, world = _dist_rank_world()
+    if world > 1:
+        import torch.distributed as dist
+
+        if rank != 0:
+            dist.barrier()  # rank 0 writes the file first
+            table, used = obtain()
+        else:
+            try:
+                table, used = obtain()
+            finally:
+                dist.barrier()
+    else:
+        table, used = obtain()
+    return table, missing, stats, used
 
 
 __all__ = [
@@ -726,6 +900,9 @@ __all__ = [
     "describe_changes",
     "matrix_sha256",
     "align_to_dataset",
+    "aligned_table_key",
+    "aligned_table_path",
+    "shared_aligned_table",
     "atomic_save_npy",
     "load_user_features",
     "read_tokens_file",

@@ -160,7 +160,8 @@ class ElementwiseGate(nn.Module):
 def _table_digest(weight):
     import hashlib
 
-    digest = hashlib.sha256(weight.detach().cpu().contiguous().numpy().tobytes()).digest()
+    # hashed in place (no .tobytes() copy: a table may be a 1.5 GB memory map shared by processes)
+    digest = hashlib.sha256(weight.detach().cpu().contiguous().numpy()).digest()
     return torch.tensor(list(digest), dtype=torch.uint8)
 
 

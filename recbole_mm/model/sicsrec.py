@@ -150,8 +150,10 @@ class SICSRec(SequentialRecommender):
         tables, mlps = {}, {}
         for m in self.modalities:
             table = dataset.mm_features[self.feature_names[m]].float()
+            # trainable: a copy of its own; frozen: the dataset's (memory-mapped, shared) table itself, not saved
             tables[m] = keep_out_of_checkpoints(nn.Embedding.from_pretrained(
-                table.clone(), freeze=not self.content_tables_trainable, padding_idx=0))  # frozen: not saved
+                table.clone() if self.content_tables_trainable else table,
+                freeze=not self.content_tables_trainable, padding_idx=0))
             hidden = int(mlp_hidden or max(1, table.shape[1] // 2))
             mlps[m] = nn.Sequential(nn.Linear(table.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, d))
         self.content_tables = nn.ModuleDict(tables)
