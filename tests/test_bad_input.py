@@ -334,7 +334,10 @@ def test_sigterm_leaves_an_interrupted_record(workdir, sig):
          f"--data_path={workdir / 'data'}", f"--checkpoint_dir={workdir / 'saved'}", f"--record_path={record}",
          "--epochs=200", "--stopping_step=200", "--hidden_size=16", "--inner_size=16", "--n_layers=1",
          "--n_heads=1", "--MAX_ITEM_LIST_LENGTH=10", "--train_batch_size=32", "--show_progress=False"],
-        cwd=str(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=str(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a background job (e.g. CI started with `&`) inherits SIGINT ignored, and Python then keeps
+        # ignoring Ctrl-C: give the run the default disposition a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log_dir = workdir / "log" / "SASRec"
     deadline = time.time() + 180
     while time.time() < deadline:  # wait until epoch 1 has been validated
