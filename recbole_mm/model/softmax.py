@@ -23,6 +23,8 @@ plain tensor (never in a checkpoint, never broadcast by DDP).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,7 +140,7 @@ class CatalogueSoftmax(nn.Module):
                 return _candidate_ce_sum(hidden, target, cand, bias) / rows
             return checkpointed_sum(_candidate_ce_sum, chunk, (hidden, target), (cand, bias)) / rows
         neg_ids = torch.multinomial(self.probs, self.n_negatives, replacement=True)
-        log_k = float(torch.log(torch.tensor(float(self.n_negatives))))
+        log_k = math.log(self.n_negatives)
         neg = item_vectors(neg_ids)
         neg_bias = self._bias(item_bias, neg_ids, log_k)
         pos = item_vectors(labels)

@@ -93,7 +93,6 @@ class TSSR(SequentialRecommender):
         self.tau_u = config["tau_u"]
         self.tau_i = config["tau_i"]
         self.ce_positions = config["ce_positions"]
-        self.ce_memory_mb = config["ce_memory_mb"]
         self.contrastive_memory_mb = config["contrastive_memory_mb"]
         self.lu_pooling = config["lu_pooling"]
         self.li_mask_duplicates = config["li_mask_duplicates"]
@@ -278,11 +277,14 @@ class TSSR(SequentialRecommender):
         (:class:`~recbole_mm.model.softmax.CatalogueSoftmax`)."""
         valid = labels > 0
         if self.classifier is not None:
-            bias, weight = self.classifier.bias, self.classifier.weight
-            if self.classifier_cold is not None:  # cold items: the mean warm row and bias
-                bias, weight = self.classifier_cold(bias), self.classifier_cold(weight)
-            return self.softmax(e[valid], labels[valid], self.output_item_vectors, lambda ids: bias[ids],
-                                all_items=lambda: weight)
+            bias, weight, rule = self.classifier.bias, self.classifier.weight, self.classifier_cold
+            if rule is None:
+                return self.softmax(e[valid], labels[valid], self.output_item_vectors, lambda ids: bias[ids],
+                                    all_items=lambda: weight)
+            # cold items: the mean warm row and bias, for the rows the softmax asks for (the whole
+            # table only for the full softmax)
+            return self.softmax(e[valid], labels[valid], self.output_item_vectors,
+                                lambda ids: rule.rows(bias, ids, bias[ids]), all_items=lambda: rule(weight))
         return self.softmax(e[valid], labels[valid], self.output_item_vectors, all_items=self.output_item_matrix)
 
     def _global(self):
