@@ -1039,6 +1039,9 @@ BEHAVIOUR_KEEPING_DEFAULTS = (
     # activation checkpointing recomputes the same blocks (tests/test_tssr.py); a memory-mapped aligned
     # feature table holds the same values (tests/test_shared_tables.py)
     "cold_items", "cold_items_after", "cold_seed", "eval_item_sets", "activation_checkpointing", "feature_table_mmap",
+    # cold_item_rule acts only with cold items (none at the defaults); cells with cold items run before it
+    # existed used the mean rule, so such a study is rerun (benchmarks/results/cold_sparsity_food was)
+    "cold_item_rule",
 )
 BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
 

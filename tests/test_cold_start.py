@@ -1,8 +1,9 @@
 """Issue 21: cold-start items (recbole_mm.data.cold).
 
 Held-out items never reach training (targets, histories, SICSRec's stage-1 mining), validation and
-test are those of ``cold_items: 0``, the warm / cold metrics partition the test users, and the
-models with IDs score cold items with the mean warm ID row (no gradient to cold rows)."""
+test are those of ``cold_items: 0``, the warm / cold metrics partition the test users, the models
+with IDs score cold items from their content (a ridge map fitted on the warm items; the mean warm
+row without features) with no gradient to cold rows, and cold items are out of the training softmax."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from recbole_mm.config import MMConfig  # noqa: E402
 from recbole_mm.data.cold import choose_cold_items, drop_cold_samples  # noqa: E402
 from recbole_mm.data.lazy import data_preparation  # noqa: E402
 from recbole_mm.model import sicsrec_pairs as sp  # noqa: E402
-from recbole_mm.model.layers import ColdRows, ItemIDEmbedding, id_table  # noqa: E402
+from recbole_mm.model.layers import ColdRows, ContentRidge, ItemIDEmbedding, id_table  # noqa: E402
 from recbole_mm.quick_start import create_dataset  # noqa: E402
 
 from conftest import FAST, build_tiny, instantiate, write_tiny_dataset  # noqa: E402
@@ -246,6 +247,65 @@ def _model_with_cold(root, model_name, **overrides):
     return config, dataset, train, test, get_model(model_name)
 
 
+def _ridge_by_hand(x, t, warm, cold, lam):
+    """Closed-form centred ridge (numpy, float64): the cold rows of ``t`` predicted from ``x``."""
+    xw, tw = x[warm], t[warm]
+    mx, mt = xw.mean(0), tw.mean(0)
+    w = np.linalg.solve((xw - mx).T @ (xw - mx) + lam * np.eye(x.shape[1]), (xw - mx).T @ (tw - mt))
+    return mt + (x[cold] - mx) @ w
+
+
+def test_content_ridge_equals_the_closed_form_and_recovers_a_linear_map():
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 200, 6
+    x = torch.randn(n, dim, generator=gen)
+    cold = torch.zeros(n, dtype=torch.bool)
+    cold[1::7] = True
+    warm = ~cold
+    warm[0] = False
+    b = torch.randn(dim, 3, generator=gen)
+    table = 0.5 + x @ b + 0.01 * torch.randn(n, 3, generator=gen)
+    ridge = ContentRidge([x[:, :4], x[:, 4:]], warm, cold)  # features in two blocks, as two modalities
+    rows = ridge.predict(table)
+    lam = ridge.last["lambda"]
+    expect = _ridge_by_hand(x.double().numpy(), table.double().numpy(), warm.numpy(), cold.numpy(), lam)
+    assert np.allclose(rows.numpy(), expect, atol=1e-8)
+    # GCV keeps the penalty small for an (almost) exact linear map: the cold rows are recovered
+    assert ridge.last["r2"] > 0.99
+    assert torch.allclose(rows.float(), (0.5 + x @ b)[cold], atol=0.05)
+    # a table unrelated to the content: the penalty grows and the rows shrink to the warm mean
+    noise = torch.randn(n, 3, generator=gen)
+    rows = ridge.predict(noise)
+    assert ridge.last["lambda"] > lam
+    assert (rows - noise[warm].double().mean(0)).abs().max() < (noise[cold].double() - noise[warm].double().mean(0)).abs().max()
+
+
+def test_cold_rows_content_rule_in_evaluation_mean_rule_in_training_and_its_cache():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 4, generator=gen)
+    cold = torch.zeros(30, dtype=torch.bool)
+    cold[[3, 9, 17]] = True
+    emb = ItemIDEmbedding(torch.nn.Embedding(30, 2, padding_idx=0, _weight=(x @ torch.randn(4, 2, generator=gen))),
+                          ColdRows(cold, [x]))
+    assert emb.cold_rule.rule == "content_ridge"
+    warm_mean = emb.weight.detach()[1:][~cold[1:]].mean(0)
+    emb.train()
+    assert torch.allclose(id_table(emb)[cold], warm_mean.expand(3, -1))
+    emb.eval()
+    table = id_table(emb)
+    assert not torch.allclose(table[3], table[9])  # each cold item from its own content
+    assert torch.allclose(table[cold], emb.cold_rule.ridge.predict(emb.weight).float(), atol=1e-6)
+    assert torch.equal(table[~cold], emb.weight[~cold])
+    ids = torch.tensor([[3, 2], [9, 0]])
+    assert torch.allclose(emb(ids), table[ids])
+    warm_only = torch.tensor([1, 2, 4])
+    assert torch.equal(emb(warm_only), emb.weight[warm_only])
+    # cached until the table changes, then refitted
+    with torch.no_grad():
+        emb.weight[5] += 1.0
+    assert not torch.allclose(id_table(emb)[cold], table[cold])
+
+
 @pytest.mark.parametrize("model_name,tables", [
     ("IDContentSASRec", ["item_embedding.weight"]),
     ("TSSR", ["item_embedding.weight", "classifier.weight", "classifier.bias"]),
@@ -272,19 +332,56 @@ def test_cold_item_rows_get_no_gradient_and_are_scored_by_the_rule(workdir, mode
             params[name][cold] = torch.randn_like(params[name][cold]) * 10
         after = model.full_sort_predict(batch)
     assert torch.allclose(before, after, atol=1e-5)
-    tied = torch.allclose(before[:, cold], before[:, cold][:, :1].expand(-1, int(cold.sum())))
-    # IDContentSASRec: cold items differ by their content; TSSR's linear classifier has no content on the
-    # item side, so its cold items share one score (the mean warm row and bias)
-    assert tied == (model_name == "TSSR")
+    # content_ridge: every cold item gets its own rows from its content (TSSR's linear classifier too)
+    assert not torch.allclose(before[:, cold], before[:, cold][:, :1].expand(-1, int(cold.sum())))
+    if model_name == "TSSR":
+        # cold_item_rule: mean: TSSR's linear classifier has no content on the item side, so its cold
+        # items then share one score (the mean warm row and bias)
+        config, dataset, train, test, cls = _model_with_cold(workdir, model_name, cold_item_rule="mean")
+        model = instantiate(config, train, cls).eval()
+        with torch.no_grad():
+            scores = model.full_sort_predict(next(iter(test))[0])
+        assert torch.allclose(scores[:, cold], scores[:, cold][:, :1].expand(-1, int(cold.sum())))
 
 
-def test_sicsrec_scores_cold_items_with_the_mean_warm_row(workdir):
+@pytest.mark.parametrize("model_name", ["ContentSASRec", "TSSR"])
+@pytest.mark.parametrize("softmax", ["full", "uniform"])
+def test_cold_items_are_out_of_the_training_softmax(workdir, model_name, softmax):
+    extra = {} if softmax == "full" else dict(softmax="sampled", sampled_negatives="uniform", n_sampled_negatives=64)
+    config, dataset, train, _, cls = _model_with_cold(workdir, model_name, **extra)
+    cold = torch.from_numpy(dataset.cold_items)
+    model = instantiate(config, train, cls)
+    model.train()
+    soft = model.softmax
+    if softmax == "uniform":
+        assert soft.probs[cold].sum() == 0 and torch.allclose(soft.probs[~cold][1:], soft.probs[~cold][1:][0])
+        return
+    hidden = torch.randn(5, 8)
+    weight = torch.randn(dataset.item_num, 8, requires_grad=True)
+    labels = torch.nonzero(~cold)[1:6, 0]
+    loss = soft(hidden, labels, lambda ids: weight[ids], all_items=lambda: weight)
+    logits = hidden @ weight.t()
+    expect = torch.nn.functional.cross_entropy(logits[:, ~cold], torch.searchsorted(torch.nonzero(~cold)[:, 0], labels))
+    assert torch.allclose(loss, expect, atol=1e-6)
+    loss.backward()
+    assert not weight.grad[cold].any()
+    soft.eval()  # evaluation ranks every item
+    assert torch.allclose(soft(hidden, labels, lambda ids: weight[ids], all_items=lambda: weight),
+                          torch.nn.functional.cross_entropy(logits, labels), atol=1e-6)
+
+
+def test_sicsrec_scores_cold_items_from_their_content(workdir):
     from recbole_mm.model.sicsrec import SICSRec
 
     config, dataset, train, test, _ = _model_with_cold(workdir, "SICSRec", stage1=False)
-    model = instantiate(config, train, SICSRec)
+    model = instantiate(config, train, SICSRec).eval()
     cold = torch.from_numpy(dataset.cold_items)
     table = id_table(model.item_embedding)
+    rule = model.item_embedding.cold_rule
+    assert rule.rule == "content_ridge"
+    assert torch.allclose(table[cold], rule.ridge.predict(model.item_embedding.weight).float(), atol=1e-6)
+    assert not torch.allclose(table[cold], table[cold][:1].expand(int(cold.sum()), -1))
+    assert torch.allclose(model.item_matrix()[cold], torch.nn.functional.normalize(table[cold], dim=-1), atol=1e-6)
+    model.train()  # training: the mean warm row (cold items are not ranked in training)
     mean = model.item_embedding.weight.detach()[1:][~cold[1:]].mean(0)
-    assert torch.allclose(table[cold], mean.expand(int(cold.sum()), -1))
-    assert torch.allclose(model.item_matrix()[cold][0], torch.nn.functional.normalize(mean, dim=-1), atol=1e-6)
+    assert torch.allclose(id_table(model.item_embedding)[cold], mean.expand(int(cold.sum()), -1))

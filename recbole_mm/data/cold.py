@@ -32,11 +32,25 @@ ranking): nothing is removed from the candidates, so nothing leaks through the c
 warm / cold item (the ``item_set`` slice family, :mod:`recbole_mm.slices`); they partition the test
 users, so their ``n``-weighted mean is the overall metric.
 
-**Models.** Models with item IDs and content (TSSR, SICSRec, IDContentSASRec) replace the ID row of
-every cold item, in training and evaluation, by the mean of the warm items' ID rows (detached:
-:class:`recbole_mm.model.layers.ItemIDEmbedding`); a cold item is scored from its content plus that
-average ID, and its own ID row never receives a gradient. ContentSASRec has no IDs. RecBole's ID-only
-models (SASRec, ...) are run as they are: their cold rows are trained only as negatives.
+**Models.** Cold items are not in the training softmax of the plugin's models (their logits are
+-inf and they are never drawn as negatives: :class:`recbole_mm.model.softmax.CatalogueSoftmax`): a
+held-out item does not exist yet at training time, as a new item does not, and a softmax that kept
+them as negatives only would teach a content model to rank them last. Models with item IDs (TSSR,
+SICSRec, IDContentSASRec) replace the ID row of every cold item (and TSSR's linear classifier rows
+and bias), detached, so its own row never receives a gradient (:class:`recbole_mm.model.layers.ColdRows`):
+
+* ``cold_item_rule: content_ridge`` (default): at evaluation, the row a ridge regression from the
+  item's content features (the model's feature tables, plus a missing-content indicator per
+  feature) to the table predicts; fitted on the warm items, the penalty chosen by generalised
+  cross-validation, refitted whenever the table changed (once per evaluation). Each cold item is
+  scored from its own content, also through ID tables and TSSR's linear classifier, which have no
+  content on the item side. A TSSR with ``content_mode: finetune`` has no feature table and uses
+  ``mean``.
+* ``cold_item_rule: mean``: the mean of the warm items' rows (all cold items alike; the rule of the
+  first cold-start runs).
+
+ContentSASRec has no IDs: its item vectors are its content. RecBole's ID-only models (SASRec, ...)
+are run as they are: their cold rows are trained only as negatives.
 
 **Features and SICSRec stage 1.** Feature extraction reads item content only (``.item`` fields and
 images, no interaction), so it cannot read a held-out interaction. SICSRec's stage-1 pair mining

@@ -78,8 +78,8 @@ class _FeatureSASRec(SASRec):
         if not self.use_id_embedding:
             # MoRec-style: no ID table at all (SASRec.__init__ created one)
             del self.item_embedding
-        else:  # cold items (recbole_mm.data.cold): scored with the mean warm ID row plus their content
-            self.item_embedding = with_cold_items(self.item_embedding, dataset)
+        else:  # cold items (recbole_mm.data.cold): ID rows from their content features, plus their content
+            self.item_embedding = with_cold_items(self.item_embedding, dataset, self.feature_names)
         self.softmax = CatalogueSoftmax(config, dataset, self.n_items, name)
         if self.content.missing is not None:
             # drawn like SASRec's embeddings, after every other weight (those stay as with zero)

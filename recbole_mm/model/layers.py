@@ -438,43 +438,188 @@ def contrastive_scale(n_global_rows):
     return world / max(int(n_global_rows), 1)
 
 
+COLD_ITEM_RULES = ("content_ridge", "mean")
+
+
+class ContentRidge:
+    """The content-to-table map of :class:`ColdRows`' ``content_ridge`` rule.
+
+    ``features``: the model's content features, a list of (n_items, D_i) tensors (the dataset's
+    frozen, aligned tables, referenced, not copied; missing-content indicator columns may be among
+    them). A table ``T`` (n_items, k) is regressed on the warm items' centred features,
+    ``T_w = mean(T_w) + (X_w - mean(X_w)) W`` with ridge penalty ``lam``, and a cold item's row is
+    ``mean(T_w) + (x - mean(X_w)) W``. ``lam`` is chosen per table by generalised cross-validation
+    (GCV) over a log grid, all in the D-dimensional eigenbasis of the warm features' scatter matrix
+    (computed once here), so a fit costs one pass over the tables (X_w^T T_w) plus D x D x k. As
+    ``lam`` grows the rule tends to the ``mean`` rule. Float64 on the CPU.
+    """
+
+    GRID = tuple(10.0 ** (e / 2) for e in range(-8, 7))  # lam / (trace(G) / D)
+    CHUNK = 65536
+
+    def __init__(self, features, warm, cold):
+        self.features = [f.detach() for f in features]
+        self.warm = warm.detach().cpu()
+        self.n_warm = int(self.warm.sum())
+        dim = sum(int(f.shape[1]) for f in self.features)
+        total = torch.zeros(dim, dtype=torch.float64)
+        gram = torch.zeros(dim, dim, dtype=torch.float64)
+        for rows, x in self._warm_chunks():
+            total += x.sum(0)
+            gram += x.t() @ x
+        self.mean = total / max(self.n_warm, 1)
+        gram -= self.n_warm * torch.outer(self.mean, self.mean)
+        self.eigvals, self.eigvecs = torch.linalg.eigh(gram)
+        self.eigvals = self.eigvals.clamp_min(0.0)
+        self.scale = float(self.eigvals.sum()) / max(dim, 1) or 1.0
+        cold_ids = torch.nonzero(cold.cpu()).flatten()
+        self.x_cold = self._rows(cold_ids) - self.mean  # (n_cold, D) float64
+        self.last = {}
+
+    def _rows(self, ids):
+        return torch.cat([f[ids].double() for f in self.features], dim=1)
+
+    def _warm_chunks(self):
+        ids = torch.nonzero(self.warm).flatten()
+        for start in range(0, ids.numel(), self.CHUNK):
+            rows = ids[start:start + self.CHUNK]
+            yield rows, self._rows(rows)
+
+    def predict(self, table):
+        """The cold items' rows of ``table`` (n_items, ...) by the fitted map, float64 (n_cold, k)."""
+        t = table.detach().reshape(table.shape[0], -1)
+        k = t.shape[1]
+        cross = torch.zeros(self.mean.numel(), k, dtype=torch.float64)
+        t_sum = torch.zeros(k, dtype=torch.float64)
+        t_sq = torch.zeros((), dtype=torch.float64)
+        for rows, x in self._warm_chunks():
+            y = t[rows.to(t.device)].to("cpu", torch.float64)
+            cross += x.t() @ y
+            t_sum += y.sum(0)
+            t_sq += y.pow(2).sum()
+        n = max(self.n_warm, 1)
+        t_mean = t_sum / n
+        cross -= torch.outer(self.mean * n, t_mean)  # X~^T T~ = X^T T - n mu_x mu_t^T
+        rss0 = float(t_sq - n * t_mean.pow(2).sum())  # |T~|^2
+        z = self.eigvecs.t() @ cross  # (D, k)
+        z2 = z.pow(2).sum(1)  # (D,)
+        s = self.eigvals
+        best = None
+        for c in self.GRID:
+            lam = c * self.scale
+            df = float((s / (s + lam)).sum())
+            rss = rss0 - float((z2 * (s + 2 * lam) / (s + lam).pow(2)).sum())
+            gcv = max(rss, 0.0) / max(n - df, 1e-9) ** 2
+            if best is None or gcv < best[0]:
+                best = (gcv, lam, df, rss)
+        _, lam, df, rss = best
+        weight = self.eigvecs @ (z / (s + lam)[:, None])  # (D, k)
+        self.last = {"lambda": lam, "df": df, "r2": (1.0 - rss / rss0) if rss0 > 0 else float("nan")}
+        return t_mean + self.x_cold @ weight
+
+
 class ColdRows(nn.Module):
     """The cold-item rule (:mod:`recbole_mm.data.cold`) for any per-item table ``(n_items, ...)``
     (ID embeddings, a linear classifier's weight rows and bias): the rows of cold items (held out
-    of training) are replaced by the mean of the warm items' rows (PAD excluded), detached, so a
-    cold item's own row never receives a gradient and every cold item gets the average warm row
-    (plus whatever content the model adds). Non-persistent buffers: no checkpoint key."""
+    of training) are replaced, detached, so a cold item's own row never receives a gradient.
 
-    def __init__(self, cold_items):
+    * ``content_ridge`` (with ``features``, at evaluation): the rows a ridge regression from the
+      items' content features to the table, fitted on the warm items, predicts for the cold items'
+      content (:class:`ContentRidge`; cached until the table changes), so cold items are scored
+      from what they show, each differently;
+    * ``mean`` (without features, and always in training): the mean of the warm items' rows (PAD
+      excluded), every cold item the same. Training never ranks cold items (they are out of the
+      training softmax, :class:`~recbole_mm.model.softmax.CatalogueSoftmax`), so the cheap rule
+      there changes no loss.
+
+    Non-persistent buffers: no checkpoint key."""
+
+    def __init__(self, cold_items, features=None):
         super().__init__()
         cold = torch.as_tensor(cold_items, dtype=torch.bool).clone()
         cold[0] = False
         warm = ~cold
         warm[0] = False
+        index = torch.full((cold.numel(),), -1, dtype=torch.long)
+        index[cold] = torch.arange(int(cold.sum()))
         self.register_buffer("cold", cold, persistent=False)
         self.register_buffer("warm", warm, persistent=False)
+        self.register_buffer("cold_index", index, persistent=False)
+        self.ridge = ContentRidge(features, warm, cold) if features else None
+        self._cache = {}
+
+    @property
+    def rule(self):
+        return "content_ridge" if self.ridge is not None else "mean"
 
     def mean_row(self, table):
         return table.detach()[self.warm].mean(0)
 
+    def _ridge_rows(self, table):
+        key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device)
+        hit = self._cache.get(id(table))
+        if hit is None or hit[0] != key:
+            rows = self.ridge.predict(table).to(table.device, table.dtype).reshape((-1,) + tuple(table.shape[1:]))
+            hit = (key, rows)
+            self._cache[id(table)] = hit
+        return hit[1]
+
     def forward(self, table):
         """``table`` with its cold rows replaced."""
-        mask = self.cold.view((-1,) + (1,) * (table.dim() - 1))
-        return torch.where(mask, self.mean_row(table).to(table.dtype), table)
+        if self.ridge is None or self.training:
+            mask = self.cold.view((-1,) + (1,) * (table.dim() - 1))
+            return torch.where(mask, self.mean_row(table).to(table.dtype), table)
+        return torch.index_put(table, (torch.nonzero(self.cold).flatten(),), self._ridge_rows(table))
 
     def rows(self, table, ids, looked_up):
         """``looked_up`` (= ``table[ids]``) with the cold ids' rows replaced."""
-        mask = self.cold[ids].view(tuple(ids.shape) + (1,) * (looked_up.dim() - ids.dim()))
-        return torch.where(mask, self.mean_row(table).to(looked_up.dtype), looked_up)
+        mask = self.cold[ids]
+        if self.ridge is not None and not self.training and not bool(mask.any()):
+            return looked_up
+        mask = mask.view(tuple(ids.shape) + (1,) * (looked_up.dim() - ids.dim()))
+        if self.ridge is None or self.training:
+            return torch.where(mask, self.mean_row(table).to(looked_up.dtype), looked_up)
+        repl = self._ridge_rows(table)[self.cold_index[ids].clamp_min(0)]
+        return torch.where(mask, repl.to(looked_up.dtype), looked_up)
 
 
-def cold_rows(dataset):
-    """A :class:`ColdRows` for ``dataset``'s cold items (``dataset.cold_items``), or None without any."""
+def cold_item_features(dataset, names):
+    """The content features the ``content_ridge`` cold-item rule maps from: the dataset's tables of
+    ``names`` (those it has) and, per feature with a missing-content mask, an indicator column; None
+    under ``cold_item_rule: mean`` or when the dataset has none of them."""
+    config = getattr(dataset, "config", None)
+    rule = None
+    if config is not None:
+        try:
+            rule = config["cold_item_rule"]
+        except (KeyError, TypeError):
+            rule = None
+    rule = rule or "content_ridge"
+    if rule not in COLD_ITEM_RULES:
+        raise ValueError(f"cold_item_rule must be one of {COLD_ITEM_RULES}, got {rule!r}")
+    if rule == "mean":
+        return None
+    tables = getattr(dataset, "mm_features", None) or {}
+    missing = getattr(dataset, "mm_missing", None) or {}
+    out = []
+    for name in names or ():
+        if name in tables:
+            out.append(torch.as_tensor(tables[name]))
+            if name in missing:
+                out.append(torch.as_tensor(missing[name]).reshape(-1, 1).float())
+    return out or None
+
+
+def cold_rows(dataset, features=None):
+    """A :class:`ColdRows` for ``dataset``'s cold items (``dataset.cold_items``), or None without any.
+    ``features``: the feature names the model reads (its content), for the ``content_ridge`` rule."""
     cold = getattr(dataset, "cold_items", None)
     if cold is None:
         return None
     cold = torch.as_tensor(cold, dtype=torch.bool)
-    return ColdRows(cold) if bool(cold[1:].any()) else None
+    if not bool(cold[1:].any()):
+        return None
+    return ColdRows(cold, cold_item_features(dataset, features))
 
 
 class ItemIDEmbedding(nn.Embedding):
@@ -495,10 +640,11 @@ class ItemIDEmbedding(nn.Embedding):
         return self.cold_rule.rows(self.weight, ids, super().forward(ids))
 
 
-def with_cold_items(embedding, dataset):
+def with_cold_items(embedding, dataset, features=None):
     """``embedding`` (a model's item-ID ``nn.Embedding``) as an :class:`ItemIDEmbedding` sharing its
-    weight when ``dataset`` has cold items (``dataset.cold_items``); unchanged otherwise."""
-    rule = cold_rows(dataset)
+    weight when ``dataset`` has cold items (``dataset.cold_items``); unchanged otherwise.
+    ``features``: the feature names the model reads (the ``content_ridge`` rule's inputs)."""
+    rule = cold_rows(dataset, features)
     return embedding if rule is None else ItemIDEmbedding(embedding, rule)
 
 

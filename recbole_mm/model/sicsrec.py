@@ -184,7 +184,8 @@ class SICSRec(SequentialRecommender):
         set_activation_checkpointing(self, config["activation_checkpointing"])
 
         self._init_weights()
-        self.item_embedding = with_cold_items(self.item_embedding, dataset)  # cold items: recbole_mm.data.cold
+        # cold items (recbole_mm.data.cold): ID rows from the stage-1 content features (layers.ColdRows)
+        self.item_embedding = with_cold_items(self.item_embedding, dataset, list(self.feature_names.values()))
         self.freeze_id_encoder()
 
     # ------------------------------------------------------------------ set-up

@@ -16,7 +16,11 @@ is too slow:
   with ``logq_correction`` every logit, the target's included, is lowered by the log of its
   expected count ``K q(item)`` (the sampled softmax of Jean et al., ACL 2015).
 
-Only training uses it: validation and test always rank every item. The item frequencies come
+Only training uses it: validation and test always rank every item. Cold-start items
+(``cold_items``, :mod:`recbole_mm.data.cold`) are not in the training softmax at all (their logits
+are -inf, they are never drawn as negatives): held out of training, they do not exist yet for
+the model, as a new item does not; a softmax that kept them would teach the model to rank them
+last. The item frequencies come
 from the training dataset the model is built on (its samples' targets, +1 smoothing), held as a
 plain tensor (never in a checkpoint, never broadcast by DDP).
 """
@@ -84,11 +88,17 @@ class CatalogueSoftmax(nn.Module):
         self.logq = config["logq_correction"] is not False
         self.memory_mb = config["ce_memory_mb"]
         self.n_items = n_items
+        cold = getattr(dataset, "cold_items", None)
+        cold = None if cold is None else torch.as_tensor(cold, dtype=torch.bool)
+        # plain tensor (moved on first use): the training logits' mask of the held-out items
+        self.excluded = cold if cold is not None and bool(cold.any()) else None
         if self.sampled:
             counts = item_frequencies(dataset, n_items)
             if self.negatives == "uniform":
                 counts = torch.ones(n_items, dtype=torch.float64)
                 counts[0] = 0.0
+            if self.excluded is not None:
+                counts[self.excluded] = 0.0
             probs = counts / counts.sum()
             # plain tensors, not buffers: DDP would broadcast buffers every step; moved on first use
             self.probs = probs.float()
@@ -128,6 +138,12 @@ class CatalogueSoftmax(nn.Module):
             weight = all_items() if all_items is not None else \
                 item_vectors(torch.arange(self.n_items, device=hidden.device))
             bias = item_bias(torch.arange(self.n_items, device=hidden.device)) if item_bias is not None else None
+            if self.training and self.excluded is not None:
+                if self.excluded.device != hidden.device:
+                    self.excluded = self.excluded.to(hidden.device)
+                mask = torch.zeros(self.n_items, device=hidden.device, dtype=hidden.dtype).masked_fill(
+                    self.excluded, float("-inf"))
+                bias = mask if bias is None else bias + mask
             return chunked_cross_entropy(hidden, weight, labels, bias=bias, memory_mb=self.memory_mb)
         if self.log_q.device != hidden.device:
             self.probs, self.log_q = self.probs.to(hidden.device), self.log_q.to(hidden.device)

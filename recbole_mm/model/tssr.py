@@ -22,6 +22,7 @@ from recbole_mm.model.layers import (
     AttentionStack,
     ContentProjector,
     ElementwiseGate,
+    ItemIDEmbedding,
     MissingContent,
     causal_padding_mask,
     checkpointed_sum,
@@ -32,7 +33,6 @@ from recbole_mm.model.layers import (
     id_table,
     missing_modality_setting,
     set_activation_checkpointing,
-    with_cold_items,
     xavier_init,
 )
 from recbole_mm.model.softmax import CatalogueSoftmax
@@ -146,9 +146,10 @@ class TSSR(SequentialRecommender):
 
         self._init_weights()
         # cold items (recbole_mm.data.cold): their ID rows, and their rows of the linear classifier,
-        # are the mean warm row (layers.ColdRows)
-        self.item_embedding = with_cold_items(self.item_embedding, dataset)
-        self.classifier_cold = cold_rows(dataset) if self.classifier is not None else None
+        # come from their content features (layers.ColdRows; one rule shared by both tables)
+        rule = cold_rows(dataset, self.feature_names)
+        self.item_embedding = ItemIDEmbedding(self.item_embedding, rule) if rule is not None else self.item_embedding
+        self.classifier_cold = rule if self.classifier is not None else None
 
     def _build_finetune_content(self, config, dataset, masks=None):
         from recbole_mm.model.encoders import FinetuneTextEncoder, load_text_encoder
