@@ -63,11 +63,16 @@ def _train_batches(config, train_data, k):
     """Time ``k`` training batches (loading included); returns the measurements."""
     import torch
 
+    from recbole_mm.optim import build_optimizer
     from recbole_mm.registry import get_model
 
     device = config["device"]
     model = get_model(config["model"])(config, train_data._dataset).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
+    # the model's parameter groups, as the trainer builds them (sparse tables: SparseAdam, recbole_mm.optim)
+    groups = model.optimizer_param_groups() if hasattr(model, "optimizer_param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    optimizer = build_optimizer(groups, "adam", config["learning_rate"], 0.0,
+                                lambda g: torch.optim.Adam(g, lr=config["learning_rate"]))
     list_field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
     model.train()
     seconds, widths = [], []

@@ -1042,6 +1042,8 @@ BEHAVIOUR_KEEPING_DEFAULTS = (
     # cold_item_rule acts only with cold items (none at the defaults); cells with cold items run before it
     # existed used the mean rule, so such a study is rerun (benchmarks/results/cold_sparsity_food was)
     "cold_item_rule",
+    # sparse_table_updates: False (the default) is the dense update as before
+    "sparse_table_updates",
 )
 BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
 

@@ -276,7 +276,11 @@ class SafeLoadingMixin:
         # one's fit (SICSRec's step 1) deletes its own as soon as its fit returns.
         self.keep_finished_last_checkpoint = False
         if hasattr(model, "optimizer_param_groups"):
-            self.optimizer = self._build_optimizer(params=model.optimizer_param_groups())
+            # groups marked "sparse" (sparse embedding tables) get SparseAdam next to the learner
+            from recbole_mm.optim import build_optimizer
+
+            self.optimizer = build_optimizer(model.optimizer_param_groups(), self.learner, self.learning_rate,
+                                             self.weight_decay, lambda groups: self._build_optimizer(params=groups))
         else:
             self.optimizer = self._build_optimizer(
                 params=[p for p in model.parameters() if p.requires_grad]

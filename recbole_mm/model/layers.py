@@ -630,7 +630,8 @@ class ItemIDEmbedding(nn.Embedding):
 
     def __init__(self, embedding, rule):
         super().__init__(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
-                         _weight=embedding.weight.data, _freeze=not embedding.weight.requires_grad)
+                         _weight=embedding.weight.data, _freeze=not embedding.weight.requires_grad,
+                         sparse=embedding.sparse)
         self.cold_rule = rule.to(embedding.weight.device)
 
     def table(self):

@@ -125,6 +125,7 @@ class SICSRec(SequentialRecommender):
         self.predict_normalize_items = bool(_opt(config, "predict_normalize_items", True))
         self.content_tables_trainable = bool(_opt(config, "content_tables_trainable", True))
         self.id_embedding_trainable = bool(_opt(config, "id_embedding_trainable", True))
+        self.sparse_table_updates = bool(config["sparse_table_updates"])
         self.modalities = modalities(config)
         self.feature_names = dict(zip(self.modalities, self.required_features(config)))
         self.missing_modality = missing_modality_setting(config, "SICSRec")
@@ -132,7 +133,11 @@ class SICSRec(SequentialRecommender):
         d = self.hidden_size
 
         # step-1 ID encoder: RecBole SASRec's modules under SASRec's names (frozen Transformer)
-        self.item_embedding = nn.Embedding(self.n_items, d, padding_idx=0)
+        # sparse_table_updates: E is sparse only when no step reads it whole (softmax: sampled; the full
+        # softmax scores every row, a dense gradient)
+        self.sparse_id_table = (self.sparse_table_updates and self.id_embedding_trainable
+                                and (config["softmax"] or "full") == "sampled")
+        self.item_embedding = nn.Embedding(self.n_items, d, padding_idx=0, sparse=self.sparse_id_table)
         self.position_embedding = nn.Embedding(self.max_seq_length, d)
         self.trm_encoder = TransformerEncoder(
             n_layers=self.n_layers, n_heads=self.n_heads, hidden_size=d, inner_size=self.inner_size,
@@ -153,7 +158,8 @@ class SICSRec(SequentialRecommender):
             # trainable: a copy of its own; frozen: the dataset's (memory-mapped, shared) table itself, not saved
             tables[m] = keep_out_of_checkpoints(nn.Embedding.from_pretrained(
                 table.clone() if self.content_tables_trainable else table,
-                freeze=not self.content_tables_trainable, padding_idx=0))
+                freeze=not self.content_tables_trainable, padding_idx=0,
+                sparse=self.sparse_table_updates and self.content_tables_trainable))
             hidden = int(mlp_hidden or max(1, table.shape[1] // 2))
             mlps[m] = nn.Sequential(nn.Linear(table.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, d))
         self.content_tables = nn.ModuleDict(tables)
@@ -384,9 +390,18 @@ class SICSRec(SequentialRecommender):
             total = part if total is None else total + part
         return float((total.pow(2).sum() - n) / (n * (n - 1)))
 
-    def reg_loss(self):
-        tables = [id_table(self.item_embedding)] if self.item_embedding.weight.requires_grad else []
-        tables += [t.weight for t in self.content_tables.values() if t.weight.requires_grad]
+    def reg_loss(self, rows=None):
+        """``reg_norm`` of E and the trainable stage-1 tables. A sparse table (``sparse_table_updates``)
+        counts only the ``rows`` the batch read (lazy regularisation: a dense norm would touch every row
+        each step); the others count whole."""
+        def part(module, table):
+            if module.sparse and rows is not None:
+                return module(rows)
+            return table
+
+        tables = [part(self.item_embedding, id_table(self.item_embedding))] \
+            if self.item_embedding.weight.requires_grad else []
+        tables += [part(t, t.weight) for t in self.content_tables.values() if t.weight.requires_grad]
         if not tables:
             return self.fusion.weight.sum() * 0.0
         if self.reg_norm == "squared":
@@ -408,8 +423,19 @@ class SICSRec(SequentialRecommender):
         if self.alpha > 0:
             losses.append(self.alpha * self.cacl_loss(s, target))
         if self.reg_weight > 0:
-            losses.append(self.reg_weight * self.reg_loss())
+            rows = torch.unique(torch.cat([item_seq.reshape(-1), target])) if self.sparse_table_updates else None
+            losses.append(self.reg_weight * self.reg_loss(rows))
         return tuple(losses)
+
+    def optimizer_param_groups(self):
+        """Trainable parameters; with ``sparse_table_updates`` the sparse tables form a group of their
+        own (``"sparse": True``: SparseAdam, :mod:`recbole_mm.optim`), updated only where a batch read them."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        sparse = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse}
+        groups = [{"params": [p for p in params if id(p) not in sparse]}]
+        if sparse:
+            groups.append({"params": [p for p in params if id(p) in sparse], "sparse": True})
+        return groups
 
     def predict(self, interaction):
         s = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
