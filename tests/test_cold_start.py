@@ -1,4 +1,4 @@
-"""Issue 21: cold-start items (recbole_mm.data.cold).
+"""Cold-start items (recbole_mm.data.cold).
 
 Held-out items never reach training (targets, histories, SICSRec's stage-1 mining), validation and
 test are those of ``cold_items: 0``, the warm / cold metrics partition the test users, the models
@@ -19,7 +19,7 @@ from recbole_mm.config import MMConfig  # noqa: E402
 from recbole_mm.data.cold import choose_cold_items, drop_cold_samples  # noqa: E402
 from recbole_mm.data.lazy import data_preparation  # noqa: E402
 from recbole_mm.model import sicsrec_pairs as sp  # noqa: E402
-from recbole_mm.model.layers import ColdRows, ContentRidge, ItemIDEmbedding, id_table  # noqa: E402
+from recbole_mm.model.layers import ColdRows, ContentNeighbours, ContentRidge, ItemIDEmbedding, id_table  # noqa: E402
 from recbole_mm.quick_start import create_dataset  # noqa: E402
 
 from conftest import FAST, build_tiny, instantiate, write_tiny_dataset  # noqa: E402
@@ -306,6 +306,42 @@ def test_cold_rows_content_rule_in_evaluation_mean_rule_in_training_and_its_cach
     assert not torch.allclose(id_table(emb)[cold], table[cold])
 
 
+def test_content_knn_rows_are_the_nearest_warm_items_rows():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 5, generator=gen)
+    cold = torch.zeros(40, dtype=torch.bool)
+    cold[[4, 11, 30]] = True
+    warm = ~cold
+    warm[0] = False
+    table = torch.randn(40, 3, generator=gen)
+    knn = ContentNeighbours([x[:, :2], x[:, 2:]], warm, cold, k=3)
+    # by hand: blocks centred on the warm mean and scaled to unit mean norm, cosine, top 3 warm items
+    blocks = []
+    for b in (x[:, :2], x[:, 2:]):
+        c = b.double() - b[warm].double().mean(0)
+        blocks.append(c / c[warm].norm(dim=1).mean())
+    z = torch.nn.functional.normalize(torch.cat(blocks, 1), dim=1)
+    warm_ids = torch.nonzero(warm).flatten()
+    for row, item in enumerate([4, 11, 30]):
+        best = warm_ids[(z[warm_ids] @ z[item]).topk(3).indices]
+        assert set(knn.neighbours[row].tolist()) == set(best.tolist())
+        assert torch.allclose(knn.predict(table)[row], table[best].double().mean(0))
+    one = ColdRows(cold, [x], rule="content_knn", neighbours=1).eval()
+    assert one.rule == "content_knn"
+    rows = one(table)[cold]
+    assert all(any(torch.equal(r, table[w]) for w in warm_ids) for r in rows)  # a warm item's own row
+    from types import SimpleNamespace
+
+    from recbole_mm.model.layers import cold_item_rule
+
+    assert cold_item_rule(SimpleNamespace(config={"cold_item_rule": "content_knn", "cold_item_neighbours": 5})) == \
+        ("content_knn", 5)
+    with pytest.raises(ValueError, match="cold_item_rule must be one of"):
+        cold_item_rule(SimpleNamespace(config={"cold_item_rule": "ridge"}))
+    with pytest.raises(ValueError, match="cold_item_neighbours"):
+        cold_item_rule(SimpleNamespace(config={"cold_item_rule": "content_knn", "cold_item_neighbours": 0}))
+
+
 @pytest.mark.parametrize("model_name,tables", [
     ("IDContentSASRec", ["item_embedding.weight"]),
     ("TSSR", ["item_embedding.weight", "classifier.weight", "classifier.bias"]),
@@ -334,6 +370,10 @@ def test_cold_item_rows_get_no_gradient_and_are_scored_by_the_rule(workdir, mode
     assert torch.allclose(before, after, atol=1e-5)
     # content_ridge: every cold item gets its own rows from its content (TSSR's linear classifier too)
     assert not torch.allclose(before[:, cold], before[:, cold][:, :1].expand(-1, int(cold.sum())))
+    # content_knn: the rows of the nearest warm item, also read from content (no tie)
+    config, dataset, train, test, cls = _model_with_cold(workdir, model_name, cold_item_rule="content_knn")
+    model = instantiate(config, train, cls).eval()
+    assert model.item_embedding.cold_rule.rule == "content_knn"
     if model_name == "TSSR":
         # cold_item_rule: mean: TSSR's linear classifier has no content on the item side, so its cold
         # items then share one score (the mean warm row and bias)

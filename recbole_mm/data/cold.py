@@ -46,6 +46,11 @@ and bias), detached, so its own row never receives a gradient (:class:`recbole_m
   scored from its own content, also through ID tables and TSSR's linear classifier, which have no
   content on the item side. A TSSR with ``content_mode: finetune`` has no feature table and uses
   ``mean``.
+* ``cold_item_rule: content_knn``: the mean row of its ``cold_item_neighbours`` (default 1) most
+  content-similar warm items (cosine of the centred features). Unlike the ridge map, whose
+  predictions shrink towards the mean row when content explains the table poorly, the rows keep a
+  trained row's scale, so cold items compete for the top of a ranking (at a cost to warm targets
+  when the content is weak: benchmarks/cold_rules.py, docs/BENCHMARKS.md).
 * ``cold_item_rule: mean``: the mean of the warm items' rows (all cold items alike; the rule of the
   first cold-start runs).
 

@@ -438,7 +438,7 @@ def contrastive_scale(n_global_rows):
     return world / max(int(n_global_rows), 1)
 
 
-COLD_ITEM_RULES = ("content_ridge", "mean")
+COLD_ITEM_RULES = ("content_ridge", "content_knn", "mean")
 
 
 class ContentRidge:
@@ -518,6 +518,39 @@ class ContentRidge:
         return t_mean + self.x_cold @ weight
 
 
+class ContentNeighbours:
+    """The content-to-table map of :class:`ColdRows`' ``content_knn`` rule: a cold item's row is the
+    mean of the rows of its ``k`` nearest warm items by content (cosine of the centred features,
+    each feature block scaled to unit mean norm first so no modality dominates by its scale). The
+    neighbours are found once; unlike the ridge map the rows keep a trained row's scale (``k = 1``:
+    a warm item's own row and bias), so cold items compete with warm ones for the top of a ranking."""
+
+    CHUNK = 4096
+
+    def __init__(self, features, warm, cold, k=1):
+        self.k = max(1, int(k))
+        warm_ids = torch.nonzero(warm.cpu()).flatten()
+        cold_ids = torch.nonzero(cold.cpu()).flatten()
+        blocks = []
+        for f in features:
+            f = f.detach().double()
+            centred = f - f[warm_ids].mean(0)
+            scale = centred[warm_ids].norm(dim=1).mean().clamp_min(1e-12)
+            blocks.append(centred / scale)
+        x = F.normalize(torch.cat(blocks, dim=1), dim=1)
+        k = min(self.k, warm_ids.numel())
+        best = []
+        for start in range(0, cold_ids.numel(), self.CHUNK):
+            sim = x[cold_ids[start:start + self.CHUNK]] @ x[warm_ids].t()
+            best.append(sim.topk(k, dim=1).indices)
+        self.neighbours = warm_ids[torch.cat(best)] if best else torch.zeros(0, k, dtype=torch.long)
+        self.last = {"k": k}
+
+    def predict(self, table):
+        t = table.detach().reshape(table.shape[0], -1)
+        return t[self.neighbours.to(t.device)].double().mean(1).cpu()
+
+
 class ColdRows(nn.Module):
     """The cold-item rule (:mod:`recbole_mm.data.cold`) for any per-item table ``(n_items, ...)``
     (ID embeddings, a linear classifier's weight rows and bias): the rows of cold items (held out
@@ -527,6 +560,8 @@ class ColdRows(nn.Module):
       items' content features to the table, fitted on the warm items, predicts for the cold items'
       content (:class:`ContentRidge`; cached until the table changes), so cold items are scored
       from what they show, each differently;
+    * ``content_knn`` (with ``features``, at evaluation): the mean row of the ``k`` warm items most
+      similar in content (:class:`ContentNeighbours`);
     * ``mean`` (without features, and always in training): the mean of the warm items' rows (PAD
       excluded), every cold item the same. Training never ranks cold items (they are out of the
       training softmax, :class:`~recbole_mm.model.softmax.CatalogueSoftmax`), so the cheap rule
@@ -534,7 +569,7 @@ class ColdRows(nn.Module):
 
     Non-persistent buffers: no checkpoint key."""
 
-    def __init__(self, cold_items, features=None):
+    def __init__(self, cold_items, features=None, rule="content_ridge", neighbours=1):
         super().__init__()
         cold = torch.as_tensor(cold_items, dtype=torch.bool).clone()
         cold[0] = False
@@ -545,12 +580,20 @@ class ColdRows(nn.Module):
         self.register_buffer("cold", cold, persistent=False)
         self.register_buffer("warm", warm, persistent=False)
         self.register_buffer("cold_index", index, persistent=False)
-        self.ridge = ContentRidge(features, warm, cold) if features else None
+        # the map from content to a table's cold rows (predict(table) -> (n_cold, k) float64)
+        if not features or rule == "mean":
+            self.ridge = None
+        elif rule == "content_knn":
+            self.ridge = ContentNeighbours(features, warm, cold, neighbours)
+        else:
+            self.ridge = ContentRidge(features, warm, cold)
         self._cache = {}
 
     @property
     def rule(self):
-        return "content_ridge" if self.ridge is not None else "mean"
+        if self.ridge is None:
+            return "mean"
+        return "content_knn" if isinstance(self.ridge, ContentNeighbours) else "content_ridge"
 
     def mean_row(self, table):
         return table.detach()[self.warm].mean(0)
@@ -583,20 +626,31 @@ class ColdRows(nn.Module):
         return torch.where(mask, repl.to(looked_up.dtype), looked_up)
 
 
-def cold_item_features(dataset, names):
-    """The content features the ``content_ridge`` cold-item rule maps from: the dataset's tables of
-    ``names`` (those it has) and, per feature with a missing-content mask, an indicator column; None
-    under ``cold_item_rule: mean`` or when the dataset has none of them."""
+def _config_value(dataset, key):
     config = getattr(dataset, "config", None)
-    rule = None
-    if config is not None:
-        try:
-            rule = config["cold_item_rule"]
-        except (KeyError, TypeError):
-            rule = None
-    rule = rule or "content_ridge"
+    try:
+        return None if config is None else config[key]
+    except (KeyError, TypeError):
+        return None
+
+
+def cold_item_rule(dataset):
+    """``(rule, neighbours)`` of ``dataset``'s config (``cold_item_rule``, ``cold_item_neighbours``), checked."""
+    rule = _config_value(dataset, "cold_item_rule") or "content_ridge"
     if rule not in COLD_ITEM_RULES:
         raise ValueError(f"cold_item_rule must be one of {COLD_ITEM_RULES}, got {rule!r}")
+    k = _config_value(dataset, "cold_item_neighbours")
+    k = 1 if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"cold_item_neighbours must be an integer >= 1, got {k!r}")
+    return rule, k
+
+
+def cold_item_features(dataset, names):
+    """The content features the content cold-item rules map from: the dataset's tables of ``names``
+    (those it has) and, per feature with a missing-content mask, an indicator column (``content_ridge``
+    only); None under ``cold_item_rule: mean`` or when the dataset has none of them."""
+    rule, _ = cold_item_rule(dataset)
     if rule == "mean":
         return None
     tables = getattr(dataset, "mm_features", None) or {}
@@ -605,7 +659,7 @@ def cold_item_features(dataset, names):
     for name in names or ():
         if name in tables:
             out.append(torch.as_tensor(tables[name]))
-            if name in missing:
+            if name in missing and rule == "content_ridge":
                 out.append(torch.as_tensor(missing[name]).reshape(-1, 1).float())
     return out or None
 
@@ -619,7 +673,8 @@ def cold_rows(dataset, features=None):
     cold = torch.as_tensor(cold, dtype=torch.bool)
     if not bool(cold[1:].any()):
         return None
-    return ColdRows(cold, cold_item_features(dataset, features))
+    rule, k = cold_item_rule(dataset)
+    return ColdRows(cold, cold_item_features(dataset, features), rule=rule, neighbours=k)
 
 
 class ItemIDEmbedding(nn.Embedding):
