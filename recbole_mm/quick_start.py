@@ -30,8 +30,9 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_mm.atomic import write_json_atomic
 from recbole_mm.config import MMConfig
 from recbole_mm.data.lazy import data_preparation
-from recbole_mm.registry import get_dataset_class, get_model, get_trainer
+from recbole_mm.registry import get_dataset_class, get_model, get_trainer, publishers_for
 from recbole_mm.trainer import forget_last_checkpoints, format_metrics, remove_last_checkpoints
+from recbole_mm.utils import jsonable  # noqa: F401  (also this module's public name, as before)
 
 
 def _reset_root_logger():
@@ -66,18 +67,6 @@ def create_dataset(config):
     if config["save_dataset"]:
         dataset.save()
     return dataset
-
-
-def jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
-    return str(value)
 
 
 def library_versions():
@@ -154,8 +143,10 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
         record["cold_items"] = jsonable(result["cold_items"])  # the items held out of training (recbole_mm.data.cold)
     if result.get("test_item_sets"):
         record["test_item_sets"] = jsonable(result["test_item_sets"])  # test metrics of warm- / cold-target users
-    if result.get("step1_published"):
-        record["step1_published"] = result["step1_published"]  # offered to SICSRec runs as their step 1
+    if result.get("stages"):
+        record["stages"] = jsonable(result["stages"])  # a multi-stage run's earlier stages (trainer.stage_summaries)
+    if result.get("published"):
+        record["published"] = result["published"]  # model -> what this run published for it (share_dir)
     if error is not None:
         record["error"] = error
     return jsonable(record)
@@ -477,14 +468,17 @@ def run_recbole_mm(
             timings["test"] = time.perf_counter() - t0
             if global_rank(config) == 0:  # before any other evaluation replaces the trainer's rows
                 result["test_slices"] = _test_slices(trainer, config, dataset_obj, valid_data, test_data, logger)
-            if hasattr(trainer, "evaluate_step1"):  # SICSRec: its step-1 SASRec on the same test split
-                result["step1_test_result"] = trainer.evaluate_step1(test_data, show_progress=config["show_progress"])
-            if saved and global_rank(config) == 0:
-                from recbole_mm.model.sicsrec import publish_step1
-
-                # a SASRec run inside a study: offered to the study's SICSRec runs as their step 1
-                result["step1_published"] = publish_step1(config, trainer, train_data, valid_data,
-                                                          best_valid_score, best_valid_result)
+            # the model protocol's hooks (registry.ModelSpec, trainer.SafeLoadingMixin): a multi-stage
+            # trainer's earlier models on the same test split, and its stages for the record
+            if hasattr(trainer, "extra_test_results"):
+                result["extra_test_results"] = trainer.extra_test_results(
+                    test_data, show_progress=config["show_progress"])
+                result["stages"] = trainer.stage_summaries()
+            if saved and global_rank(config) == 0 and config["share_dir"]:
+                # a run other models can reuse (a SASRec run: SICSRec's step 1), published into share_dir
+                published = {name: fn(config, trainer, train_data, valid_data, best_valid_score, best_valid_result)
+                             for name, fn in publishers_for(config["model"])}
+                result["published"] = {k: v for k, v in published.items() if v}
             timings["total"] = time.perf_counter() - t_start
             if hasattr(trainer, "remove_last_checkpoint"):
                 trainer.remove_last_checkpoint()  # the run is complete: nothing left to resume

@@ -54,10 +54,9 @@ try:  # POSIX only: cell and study locks
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["run_study", "load_study", "validate_study", "main", "StudyError", "BASELINE_MODELS"]
+__all__ = ["run_study", "load_study", "validate_study", "main", "StudyError"]
 
 # Plugin models that are baselines (RecBole models are always baselines).
-BASELINE_MODELS = ("ContentSASRec", "IDContentSASRec")
 
 STUDY_KEYS = {
     "name": "study name (default: the YAML file name)",
@@ -71,7 +70,7 @@ STUDY_KEYS = {
     "metrics": "RecBole metrics for every cell, e.g. [Hit, NDCG]",
     "topk": "RecBole cut-offs for every cell, e.g. [5, 10]",
     "report": "metrics shown in the tables, e.g. [hit@10, ndcg@10] (default: metrics x topk)",
-    "proposed": "models compared against the best baseline (default: TSSR, SICSRec)",
+    "proposed": "models compared against the best baseline (default: the models whose spec says role: proposed)",
     "config": "config overrides for every cell",
     "config_files": "RecBole YAML files for every cell",
     "dataset_config": "per-dataset overrides: {dataset: {key: value}}",
@@ -418,9 +417,10 @@ class Study:
         roles = {m: v["role"] for m, v in self.variants.items() if v["role"]}
         listed = []
         if proposed is None:
-            from recbole_mm.registry import PLUGIN_MODELS
+            from recbole_mm.registry import proposed_models
 
-            listed = [m for m in self.models + self.base_models() if m in PLUGIN_MODELS and m not in BASELINE_MODELS]
+            own = set(proposed_models())  # the models whose spec says role: proposed
+            listed = [m for m in self.models + self.base_models() if m in own]
         elif not isinstance(proposed, list):
             err.add(_key_line(raw, "proposed"), "proposed", "must be a list of model names")
         else:
@@ -877,7 +877,13 @@ class Study:
             # Kept out of the fingerprint so that cells finished before these were recorded stay valid.
             "defaults": self.defaults.get((dataset, model)),
             "config_file_shas": [[f, _file_sha(f)] for f in self.config_files],
-            "keep_checkpoints": self.keep_checkpoints, **paths,
+            "keep_checkpoints": self.keep_checkpoints,
+            # a folder the study's runs share (a run may publish there what another model reuses, e.g.
+            # a SASRec cell as SICSRec's step 1: registry.ModelSpec.publishers); not for variants, whose
+            # settings the publishers' keys may not cover
+            "share_dir": (os.path.join(self.output_dir, "saved") if self.keep_checkpoints and model not in self.variants
+                          else None),
+            **paths,
         }
 
 
@@ -1015,7 +1021,7 @@ def _dict_changes(before, after, skip=()):
 
 # where things are, not what runs: a study folder committed or copied to another machine, whose
 # datasets live elsewhere there, resumes (the dataset is still named by its name)
-LOCATION_KEYS = ("data_path",)
+LOCATION_KEYS = ("data_path", "share_dir")
 
 
 # defaults added after cells may have been run, which leave a run on clean data as it was (issues 15-16:
@@ -1041,7 +1047,7 @@ BEHAVIOUR_KEEPING_DEFAULTS = (
     "cold_items", "cold_items_after", "cold_seed", "eval_item_sets", "activation_checkpointing", "feature_table_mmap",
     # cold_item_rule acts only with cold items (none at the defaults); cells with cold items run before it
     # existed used the mean rule, so such a study is rerun (benchmarks/results/cold_sparsity_food was)
-    "cold_item_rule",
+    "cold_item_rule", "cold_item_neighbours",
     # sparse_table_updates: False (the default) is the dense update as before
     "sparse_table_updates",
 )
@@ -1122,10 +1128,6 @@ def _check_finished_specs(study):
             + (f"\n  ... and {len(changed) - 20} more" if len(changed) > 20 else ""))
 
 
-# read by recbole_mm.model.sicsrec (publish_step1 / SICSRecTrainer.prepare_step1)
-STEP1_SHARE_ENV = "RECBOLE_MM_STEP1_SHARE"
-
-
 def _cell_threads(jobs):
     """CPU threads per cell when ``jobs`` cells share this machine's cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -1143,10 +1145,6 @@ def _child_env(study=None):
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     env["RECBOLE_MM_STUDY_PARENT"] = str(os.getpid())
-    if study is not None and study.keep_checkpoints:
-        # SASRec cells publish their best checkpoint here; a SICSRec cell of the same data, seed and
-        # step-1 settings loads it as its step 1 instead of training the same SASRec again
-        env[STEP1_SHARE_ENV] = os.path.join(study.output_dir, "saved", "step1")
     return env
 
 
@@ -1185,8 +1183,6 @@ def _run_cell(study, spec, log, stop=None):
         logf.write(f"\n===== {_spec_text(spec)}: attempt at {started}\n")
         logf.flush()
         env = _child_env(study)
-        if spec["name"] in study.variants:  # the step-1 key does not cover every setting a variant may change
-            env.pop(STEP1_SHARE_ENV, None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "recbole_mm.study", "--run-cell", spec["cell"]],
             cwd=study.output_dir, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -1359,9 +1355,12 @@ def _cell_worker(cell_file):
 
         print(f"cell: {_spec_text(spec)}", flush=True)
         try:
+            config_dict = dict(spec["config_dict"])
+            if spec.get("share_dir"):  # a location (LOCATION_KEYS), not part of the cell's configuration
+                config_dict["share_dir"] = spec["share_dir"]
             result = run_recbole_mm(model=spec["model"], dataset=spec["dataset"],
                                     config_file_list=spec["config_files"] or None,
-                                    config_dict=spec["config_dict"], saved=True)
+                                    config_dict=config_dict, saved=True)
         except KeyboardInterrupt as exc:  # SIGTERM/SIGHUP/Ctrl-C: the run wrote its interrupted record
             print(f"recbole_mm.study: cell interrupted ({exc or 'Ctrl-C'})", file=sys.stderr)
             return getattr(exc, "exit_code", 128 + signal.SIGINT)
@@ -1438,12 +1437,9 @@ def collect_cells(study, live_status=None):
         epoch_s = [float(x) for x in history.get("train_epoch_s") or [] if x is not None]
         row["train_epoch_s"] = round(statistics.median(epoch_s), 3) if epoch_s else None
         row["max_epochs"] = config.get("epochs")
-        # a two-step run (SICSRec): its step 1's epochs (None when step 1 was reused, not trained)
-        step1 = history.get("step1") if isinstance(history.get("step1"), dict) else None
-        step1_history = (step1 or {}).get("history") if isinstance((step1 or {}).get("history"), dict) else None
-        row["step1_epochs"] = len(step1_history.get("train_loss") or []) if step1_history else None
-        row["step1_max_epochs"] = ((config.get("step1_config") or {}).get("epochs", config.get("epochs"))
-                                   if step1 else None)
+        # a multi-stage run (the record's "stages", from its trainer's stage_summaries): its first
+        # stage's name, label, epochs (None when the stage was reused, not trained) and test result
+        row["stage"] = _first_stage(rec or {})
         row["device"] = (rec or {}).get("device")
         row["host"] = (rec or {}).get("host")
         row["torch"] = ((rec or {}).get("versions") or {}).get("torch")
@@ -1451,9 +1447,6 @@ def collect_cells(study, live_status=None):
         row["best_valid_score"] = (rec or {}).get("best_valid_score")
         row["test"] = {k: float(v) for k, v in ((rec or {}).get("test_result") or {}).items()}
         row["valid"] = {k: float(v) for k, v in ((rec or {}).get("best_valid_result") or {}).items()}
-        # SICSRec: its step-1 ID SASRec tested on the same split (None for other models)
-        step1_test = (step1 or {}).get("test_result")
-        row["step1_test"] = {k: float(v) for k, v in step1_test.items()} if step1_test else None
         slices = (rec or {}).get("test_slices")
         # test metrics per slice (recbole_mm.slices); absent or {"skipped": why} when not sliced
         row["slices"] = {k: v for k, v in slices.items() if isinstance(v, dict) and "buckets" in v} \
@@ -1723,13 +1716,13 @@ def _epochs_part(cells, key, cap_key):
 
 
 def _epochs_text(cells):
-    """Epochs over a model's finished cells: "12 (cap)", "25-28", "12 (cap) + 9-12" (step 1 + step 2)."""
+    """Epochs over a model's finished cells: "12 (cap)", "25-28", "12 (cap) + 9-12" (first stage + the run)."""
     if not cells:
         return "—"
     text = _epochs_part(cells, "epochs", "max_epochs")
-    if any(r.get("step1_max_epochs") is not None for r in cells):
-        step1 = _epochs_part(cells, "step1_epochs", "step1_max_epochs")
-        text = f"{'reused' if step1 == '—' else step1} + {text}"
+    if any((r.get("stage") or {}).get("max_epochs") is not None for r in cells):
+        stage = _epochs_part([r.get("stage") or {} for r in cells], "epochs", "max_epochs")
+        text = f"{'reused' if stage == '—' else stage} + {text}"
     return text
 
 
@@ -1778,7 +1771,7 @@ def _dataset_table(study, rows, dataset, metrics, family):
                      + f" | {_epochs_text(finished)} | {_wall_text(finished)} |")
     lines.append("")
     lines.append("epochs: training epochs run, the range over seeds; (cap) when every seed ran to its `epochs` "
-                 "limit instead of stopping early; two-step runs (SICSRec) show step 1 + step 2. wall time: the "
+                 "limit instead of stopping early; multi-stage runs (e.g. SICSRec) show their first stage + the run. wall time: the "
                  "cell's processes (summed over its attempts when it was interrupted and resumed), shortest-longest "
                  "over seeds; cells that ran at the same time shared the machine.")
     lines.append("")
@@ -2093,7 +2086,7 @@ def plot_sparsity(study, curves, dataset, path):
 
 _CSV_FIXED = ["dataset", "model", "seed", "role", "status", "wall_time_s", "attempts", "run_time_s", "train_time_s",
               "train_epoch_s", "epochs",
-              "max_epochs", "step1_epochs", "device", "host", "torch", "valid_metric", "best_valid_score"]
+              "max_epochs", "device", "host", "torch", "valid_metric", "best_valid_score"]
 
 
 def _csv_text(rows):
@@ -2104,20 +2097,36 @@ def _csv_text(rows):
     if any("sparsity" in r for r in rows):  # the study's sparsity axis: the level after the seed
         fixed.insert(fixed.index("seed") + 1, "sparsity")
 
-    test_keys, valid_keys, step1_keys = [], [], []
+    # multi-stage runs: <stage>_epochs after max_epochs, <stage>_test_<metric> after the valid columns
+    stages = []
+    for r in rows:
+        name = (r.get("stage") or {}).get("name")
+        if name and name not in stages:
+            stages.append(name)
+    fixed[fixed.index("max_epochs") + 1:fixed.index("max_epochs") + 1] = [f"{n}_epochs" for n in stages]
+    test_keys, valid_keys, stage_keys = [], [], []
     for r in rows:
         test_keys += [k for k in r["test"] if k not in test_keys]
         valid_keys += [k for k in r["valid"] if k not in valid_keys]
-        step1_keys += [k for k in (r.get("step1_test") or {}) if k not in step1_keys]
+        stage_keys += [k for k in (r.get("stage") or {}).get("test") or {} if k not in stage_keys]
     header = (fixed + [f"test_{k}" for k in test_keys] + [f"valid_{k}" for k in valid_keys]
-              + [f"step1_test_{k}" for k in step1_keys] + ["record", "log", "error"])
+              + [f"{n}_test_{k}" for n in stages for k in stage_keys] + ["record", "log", "error"])
+
+    def stage_value(r, name, key):
+        stage = r.get("stage") or {}
+        if stage.get("name") != name:
+            return ""
+        value = stage.get("epochs") if key is None else (stage.get("test") or {}).get(key)
+        return "" if value is None else value
+
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for r in rows:
-        writer.writerow([r.get(c) if r.get(c) is not None else "" for c in fixed]
+        writer.writerow([stage_value(r, c[:-len("_epochs")], None) if c.endswith("_epochs") and c[:-len("_epochs")] in stages
+                         else (r.get(c) if r.get(c) is not None else "") for c in fixed]
                         + [r["test"].get(k, "") for k in test_keys] + [r["valid"].get(k, "") for k in valid_keys]
-                        + [(r.get("step1_test") or {}).get(k, "") for k in step1_keys]
+                        + [stage_value(r, n, k) for n in stages for k in stage_keys]
                         + [r["record"], r["log"], r["error"] or ""])
     return buf.getvalue()
 
@@ -2178,48 +2187,78 @@ def _paired_rows(a_by_seed, b_by_seed, metrics, family, key):
             [_comparison_text(c, family) for c in comparisons])
 
 
-def step1_table(study, rows, dataset, metrics, family=None):
-    """Markdown: each model whose records carry a step-1 test result (SICSRec) against that step-1
-    model, paired per seed (the same run's own ID-only SASRec); '' when no row has one. The other
-    models of the study are compared with the same step-1 SASRec of the same seed (same config,
-    split and evaluator), so a study gets a SASRec baseline without a SASRec cell. ``family``: as
-    in :func:`dataset_table`."""
-    return _in_family(study, family, lambda fam: _step1_table(study, rows, dataset, metrics, fam))
+def _first_stage(rec):
+    """The first of a record's ``stages`` (a multi-stage run's earlier stage, from its trainer's
+    ``stage_summaries``) as ``{name, label, model, epochs, max_epochs, test, description}``, or None.
+    Records written before ``stages`` existed (until 2026-12-04) kept SICSRec's step 1 in
+    ``history.step1``: read from there."""
+    stages = rec.get("stages")
+    if isinstance(stages, list) and stages and isinstance(stages[0], dict):
+        stage = dict(stages[0])
+    else:
+        history = rec.get("history") if isinstance(rec.get("history"), dict) else {}
+        old = history.get("step1") if isinstance(history.get("step1"), dict) else None
+        if old is None:
+            return None
+        config = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+        trained = old.get("history") if isinstance(old.get("history"), dict) else None
+        stage = {"name": "step1", "label": "step-1 SASRec", "model": "SASRec",
+                 "epochs": len(trained.get("train_loss") or []) if trained else None,
+                 "max_epochs": (config.get("step1_config") or {}).get("epochs", config.get("epochs")),
+                 "test_result": old.get("test_result")}
+    test = stage.pop("test_result", None)
+    stage["test"] = {k: float(v) for k, v in test.items()} if isinstance(test, dict) and test else None
+    return stage
 
 
-def _step1_table(study, rows, dataset, metrics, family):
+def stage_table(study, rows, dataset, metrics, family=None):
+    """Markdown: each model whose records carry an earlier stage's test result (e.g. SICSRec's step-1
+    SASRec) against that stage, paired per seed (the same run's own earlier model); '' when no row has
+    one. The other models of the study are compared with the same stage model of the same seed (same
+    config, split and evaluator), so a study gets that baseline without a cell of its own. ``family``:
+    as in :func:`dataset_table`."""
+    return _in_family(study, family, lambda fam: _stage_table(study, rows, dataset, metrics, fam))
+
+
+def _stage_table(study, rows, dataset, metrics, family):
     lines = []
     finished = [r for r in rows if r["dataset"] == dataset and r["status"] == "finished"]
-    with_step1 = [m for m in study.models if any(r["model"] == m and r.get("step1_test") for r in finished)]
-    for m in with_step1:
-        cells = [r for r in finished if r["model"] == m and r.get("step1_test")]
-        if not lines:
-            lines += [f"### {dataset}: proposed model vs its own step-1 SASRec", "",
-                      "Each run's step-1 ID SASRec (same size and split; trained in that run, or the study's SASRec "
-                      "cell of the same seed when it was the same run and was loaded instead) tested by the same "
-                      "evaluator: a paired ID-only baseline per seed. Mean ± std over seeds; relative difference "
-                      "of the means and a two-sided paired t-test over the seeds. Other models are paired with the "
-                      f"step-1 SASRec of the same seed. {CI_SENTENCE} {family.sentence()}", "",
-                      f"| Model ({family.header()}) | n | "
-                      + " | ".join(_mean_header(_metric_label(k)) for k in metrics) + " |",
-                      "|---|---|" + "---|" * len(metrics)]
-        step1 = {r["seed"]: r["step1_test"] for r in cells}
+
+    def staged(r):
+        return (r.get("stage") or {}).get("test")
+
+    with_stage = [m for m in study.models if any(r["model"] == m and staged(r) for r in finished)]
+    for m in with_stage:
+        cells = [r for r in finished if r["model"] == m and staged(r)]
+        stage = cells[0]["stage"]
+        label, short = stage.get("label") or stage.get("name"), stage.get("name")
+        description = stage.get("description") or (
+            f"Each run's {label}, tested by the same evaluator on the same split: a paired baseline per seed.")
+        lines += ([] if not lines else [""]) + [
+            f"### {dataset}: {m} vs its own {label}", "",
+            f"{description} Mean ± std over seeds; relative difference of the means and a two-sided paired "
+            f"t-test over the seeds. Other models are paired with the {label} of the same seed. {CI_SENTENCE} "
+            f"{family.sentence()}", "",
+            f"| Model ({family.header()}) | n | " + " | ".join(_mean_header(_metric_label(k)) for k in metrics) + " |",
+            "|---|---|" + "---|" * len(metrics)]
+        base_by_seed = {r["seed"]: staged(r) for r in cells}
         ours_by_seed = {r["seed"]: r["test"] for r in cells}
-        seeds, ours, base, comp = _paired_rows(ours_by_seed, step1, metrics, family,
-                                               ("vs step 1", dataset, m, f"{m} step 1"))
-        lines.append(f"| {m} step 1 (SASRec) | {len(cells)} | " + " | ".join(base) + " |")
+        what = f"vs {short}"
+        seeds, ours, base, comp = _paired_rows(ours_by_seed, base_by_seed, metrics, family,
+                                               (what, dataset, m, f"{m} {short}"))
+        lines.append(f"| {m} {label} | {len(cells)} | " + " | ".join(base) + " |")
         lines.append(f"| {m} | {len(seeds)} | " + " | ".join(ours) + " |")
-        lines.append(f"| {m} vs step 1 | | " + " | ".join(comp) + " |")
+        lines.append(f"| {m} vs {label} | | " + " | ".join(comp) + " |")
         for other in study.models:
-            if other in with_step1:
+            if other in with_stage:
                 continue
             by_seed = {r["seed"]: r["test"] for r in finished if r["model"] == other}
-            seeds, theirs, _, comp = _paired_rows(by_seed, step1, metrics, family,
-                                                  ("vs step 1", dataset, other, f"{m} step 1"))
+            seeds, theirs, _, comp = _paired_rows(by_seed, base_by_seed, metrics, family,
+                                                  (what, dataset, other, f"{m} {short}"))
             if not seeds:
                 continue
             lines.append(f"| {other} | {len(seeds)} | " + " | ".join(theirs) + " |")
-            lines.append(f"| {other} vs {m} step 1 (same seed) | | " + " | ".join(comp) + " |")
+            lines.append(f"| {other} vs {m} {label} (same seed) | | " + " | ".join(comp) + " |")
     return "\n".join(lines + [""]) if lines else ""
 
 
@@ -2302,7 +2341,7 @@ def write_report(study, rows=None):
 
     def tables(d, d_rows, family):
         text, summary = dataset_table(study, d_rows, d, metrics, family)
-        for extra in (step1_table(study, d_rows, d, metrics, family),
+        for extra in (stage_table(study, d_rows, d, metrics, family),
                       variants_table(study, d_rows, d, metrics, family), slices_table(study, d_rows, d, metrics)):
             if extra:
                 text += "\n" + extra

@@ -37,6 +37,7 @@ from recbole.utils import dict2str, early_stopping, set_color
 
 from recbole_mm.compat import torch_load
 from recbole_mm.atomic import atomic_path, torch_save_atomic
+from recbole_mm.utils import dist_rank_world  # noqa: F401  (also this module's name, as before)
 
 # Config keys that do not change what a run computes: left out of the run key, so a run
 # resumes after a change of paths, logging, devices or launcher settings.
@@ -44,19 +45,10 @@ RUN_KEY_IGNORED = frozenset({
     "resume", "save_last_checkpoint", "checkpoint_dir", "state", "show_progress", "verbose",
     "local_rank", "device", "gpu_id", "use_gpu", "single_spec", "ip", "port", "nproc", "offset",
     "group_offset", "ddp_backend", "ddp_check_replicas", "record_runs", "record_path", "log_wandb",
-    "wandb_project", "worker",
+    "wandb_project", "worker", "share_dir",
     # how, not what: the same values either way
     "feature_table_mmap", "activation_checkpointing", "eval_memory_mb", "ce_memory_mb", "contrastive_memory_mb",
 })
-
-
-def dist_rank_world():
-    """(global rank, world size) of the default process group; (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # Last checkpoints written in this process since the runner started its run (nested
@@ -285,6 +277,20 @@ class SafeLoadingMixin:
             self.optimizer = self._build_optimizer(
                 params=[p for p in model.parameters() if p.requires_grad]
             )
+
+    # ------------------------------------------------------------------ hooks of the model protocol
+    def extra_test_results(self, test_data, show_progress=False):
+        """``name -> test metrics`` of other models this trainer holds, on the runner's test split
+        (a multi-stage trainer's earlier stage, e.g. SICSRec's step-1 SASRec); {} by default. The
+        runner calls it after the test and puts the results into the record's ``stages``."""
+        return {}
+
+    def stage_summaries(self):
+        """The run's earlier stages, for the record's ``stages`` and study reports: a list of dicts
+        with ``name`` (file- and column-safe), ``label`` (for tables), ``model``, ``epochs`` (trained
+        here; None when reused), ``max_epochs``, ``reused``, ``description`` (one sentence for the
+        report) and ``test_result`` (from :meth:`extra_test_results`); [] by default."""
+        return []
 
     def _history(self):
         if not hasattr(self, "history"):

@@ -1,4 +1,4 @@
-"""Issue 15: bad input is stopped at the door, and no run prints a silently wrong result.
+"""Bad input is stopped at the door, and no run prints a silently wrong result.
 
 Each case builds the bad input on tiny data and asserts the class of outcome: a clear error that
 names the file/key and the fix, a counted warning with a correct run, or a refusal. Malformed

@@ -1,4 +1,4 @@
-"""Issue 6: the baselines multimodal papers compare against (ContentSASRec, IDContentSASRec):
+"""The baselines multimodal papers compare against (ContentSASRec, IDContentSASRec):
 padding invariance, no future leakage, frozen feature tables, and runs through the runner."""
 
 import copy

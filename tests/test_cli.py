@@ -1,4 +1,4 @@
-"""Issue 16: what a new user sees first: --help, the epoch loss line, the result lines."""
+"""What a new user sees first: --help, the epoch loss line, the result lines."""
 
 import re
 import subprocess

@@ -1,4 +1,4 @@
-"""Issue 7: DDP on CPU (gloo) through the command line, sharded feature extraction, backends.
+"""DDP on CPU (gloo) through the command line, sharded feature extraction, backends.
 
 The 2-process run goes through ``run_recbole_mm.py --nproc=2`` in a subprocess (spawned
 ranks, a real process group); the checks then read its run record and checkpoint.

@@ -1,4 +1,4 @@
-"""Issue 20 (image path): transparent images composited onto a background (default white) by the
+"""Transparent images composited onto a background (default white) by the
 one loader extraction and SICSRec stage 1 share; files in a format Pillow cannot read (SVG) are
 reported as unsupported, apart from missing and corrupt files; frozen BatchNorm layers of a
 partly frozen CNN keep their running statistics during stage-1 training."""

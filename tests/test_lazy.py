@@ -14,6 +14,7 @@ from recbole_mm.data.lazy import (
     prefix_samples,
 )
 from recbole_mm.quick_start import create_dataset
+from recbole_mm.registry import TRIM_SAFE_RECBOLE_MODELS, get_spec, plugin_specs
 
 from conftest import FAST, build_tiny, instantiate, write_tiny_dataset
 
@@ -156,12 +157,14 @@ def test_bucketing_needs_lazy_samples(workdir):
         _prepared(workdir / "data", "recbole", length_bucketing=True)
 
 
-@pytest.mark.parametrize("model", ["SASRec", "GRU4Rec", "TSSR", "SICSRec", "ContentSASRec", "IDContentSASRec"])
+@pytest.mark.parametrize("model", sorted(TRIM_SAFE_RECBOLE_MODELS)
+                         + sorted(n for n, s in plugin_specs().items() if s.trim_safe))
 def test_trimmed_scores_equal_padded(workdir, model, monkeypatch):
-    """Models trimmed by default (trim_batches: auto) score a trimmed batch as its padded version."""
+    """Models trimmed by default (trim_batches: auto; every plugin model whose spec says trim_safe)
+    score a trimmed batch as its padded version."""
     from recbole_mm.data import lazy
 
-    extra = {"SICSRec": {"stage1": False}}.get(model, {})
+    extra = get_spec(model).test_config or {}
     config, dataset, (train, _, test) = build_tiny(workdir, model, MAX_ITEM_LIST_LENGTH=20, **extra)
     assert lazy.trimming(config)
     from recbole_mm.registry import get_model

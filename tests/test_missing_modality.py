@@ -1,4 +1,4 @@
-"""Issue 20 (2): items without content (no text, no or an unreadable image) in the models.
+"""Items without content (no text, no or an unreadable image) in the models.
 
 ``missing_modality: zero`` (default) is the behaviour before the switch: a missing item's zero
 feature row is projected like any other, so all of them share one vector. ``learned`` replaces the

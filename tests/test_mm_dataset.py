@@ -1,4 +1,4 @@
-"""Issue 3: the multimodal dataset keeps RecBole's catalog and split exactly."""
+"""The multimodal dataset keeps RecBole's catalog and split exactly."""
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def test_features_never_change_catalog_or_split(workdir):
 
 
 def test_features_encode_only_used_items_unless_asked(workdir, monkeypatch, caplog):
-    """Issue 16: items of the .item file that no interaction uses are not encoded (encode_items:
+    """Items of the .item file that no interaction uses are not encoded (encode_items:
     used, the default); encode_items: all encodes every row; either way they never become
     candidates and the aligned table is the same."""
     import logging

@@ -1,4 +1,4 @@
-"""Issue 2: the installable plugin, compat layer, registry, config priority, runner, CLI."""
+"""The installable plugin, compat layer, registry, config priority, runner, CLI."""
 
 import glob
 import json

@@ -1,4 +1,4 @@
-"""Issue 7: a training run killed with SIGKILL resumes from its last epoch and ends exactly
+"""A training run killed with SIGKILL resumes from its last epoch and ends exactly
 where an uninterrupted run with the same seed ends."""
 
 import json

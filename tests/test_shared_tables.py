@@ -1,4 +1,4 @@
-"""Issue 18: aligned feature tables shared read-only across processes through a file on disk.
+"""Aligned feature tables shared read-only across processes through a file on disk.
 
 ``shared_aligned_table`` writes the table aligned to RecBole's internal item ids once, next to
 the feature (``<dataset>.<name>.aligned-<key>.npy``), and memory-maps it; these tests check that

@@ -1,4 +1,4 @@
-"""Issue 5, SICSRec stage 2: step 2 starts exactly at step 1, frozen parameters stay frozen,
+"""SICSRec stage 2: step 2 starts exactly at step 1, frozen parameters stay frozen,
 strict step-1 loading, the bug-fix switches (decoder chaining, duplicate mask, scoring), causality,
 and an end-to-end run (stage 1 + both steps) whose second run reuses stage 1 and step 1."""
 
@@ -274,10 +274,16 @@ def test_end_to_end_stage1_both_steps_and_reuse(workdir):
     assert os.path.getmtime(features) == features_mtime  # stage 1 reused too
     ndcg = float(proc.stdout.split("ndcg@10: ")[-1].split()[0])
     assert abs(ndcg - float(first["test_result"]["ndcg@10"])) < 1e-4  # step 2 is the same either way
-    # the step-1 SASRec is also tested on the same split (the paired ID-only baseline) and recorded
-    s1 = first["step1_test_result"]
+    # the step-1 SASRec is also tested on the same split (the paired ID-only baseline) and recorded,
+    # through the trainer's protocol hooks (extra_test_results, stage_summaries)
+    s1 = first["extra_test_results"]["step1"]
     assert set(s1) >= {"ndcg@10", "hit@10"} and 0.0 <= float(s1["ndcg@10"]) <= 1.0
     assert first_record["history"]["step1"]["test_result"] == {k: float(v) for k, v in s1.items()}
+    stage = first_record["stages"][0]
+    assert (stage["name"], stage["model"], stage["epochs"], stage["max_epochs"], stage["reused"]) == \
+        ("step1", "SASRec", 2, 2, False)
+    assert stage["test_result"] == first_record["history"]["step1"]["test_result"]
+    assert record["stages"][0]["reused"] is True
     reused = record["history"]["step1"]["test_result"]
     assert all(abs(reused[k] - float(v)) < 1e-6 for k, v in s1.items())  # same checkpoint, same numbers
 
@@ -294,40 +300,38 @@ def test_content_spread_diagnostic(built):
     assert abs(model.content_spread(batch_size=7) - brute) < 1e-5
 
 
-def test_a_sasrec_run_published_in_the_share_folder_is_reused_as_step1(workdir, monkeypatch):
-    """In a study, a SASRec cell publishes its best checkpoint under its step-1 key; the SICSRec cell
-    of the same data, seed and step-1 settings loads it instead of training step 1 and gets exactly
-    the result it gets when it trains step 1 itself. Another seed is another key: not reused."""
-    from recbole_mm.study import STEP1_SHARE_ENV
-
+def test_a_sasrec_run_published_in_the_share_folder_is_reused_as_step1(workdir):
+    """In a study, a SASRec cell publishes its best checkpoint under its step-1 key into the study's
+    ``share_dir`` (SICSRec's ModelSpec.publishers); the SICSRec cell of the same data, seed and step-1
+    settings loads it instead of training step 1 and gets exactly the result it gets when it trains
+    step 1 itself. Another seed is another key: not reused."""
     write_tiny_dataset(workdir / "data")
     base = dict(FAST, data_path=str(workdir / "data"), epochs=2)
     sics = dict(stage1=False)
-    monkeypatch.delenv(STEP1_SHARE_ENV, raising=False)
     own = recbole_mm.run_recbole_mm(model="SICSRec", dataset="tiny",
                                     config_dict=dict(base, **sics, checkpoint_dir=str(workdir / "own")))
     assert json.load(open(own["record_path"]))["history"]["step1"]["reused"] is False
 
     share = workdir / "share"
-    monkeypatch.setenv(STEP1_SHARE_ENV, str(share))
+    base["share_dir"] = str(share)
     sas = recbole_mm.run_recbole_mm(model="SASRec", dataset="tiny", config_dict=dict(base, checkpoint_dir=str(workdir / "sas")))
-    published = glob.glob(str(share / "SICSRec-step1-tiny-*.pth"))
-    assert len(published) == 1 and json.load(open(sas["record_path"]))["step1_published"] == published[0]
+    published = glob.glob(str(share / "step1" / "SICSRec-step1-tiny-*.pth"))
+    assert len(published) == 1 and json.load(open(sas["record_path"]))["published"] == {"SICSRec": published[0]}
     other_seed = recbole_mm.run_recbole_mm(model="SASRec", dataset="tiny",
                                            config_dict=dict(base, seed=8, checkpoint_dir=str(workdir / "sas8")))
-    assert len(glob.glob(str(share / "SICSRec-step1-tiny-*.pth"))) == 2 and other_seed["step1_published"]
+    assert len(glob.glob(str(share / "step1" / "SICSRec-step1-tiny-*.pth"))) == 2 and other_seed["published"]["SICSRec"]
 
     sic = recbole_mm.run_recbole_mm(model="SICSRec", dataset="tiny",
                                     config_dict=dict(base, **sics, checkpoint_dir=str(workdir / "sic")))
     step1 = json.load(open(sic["record_path"]))["history"]["step1"]
-    assert step1["reused"] is True and step1["checkpoint"] == published[0] and STEP1_SHARE_ENV in step1["source"]
+    assert step1["reused"] is True and step1["checkpoint"] == published[0] and "share_dir" in step1["source"]
     assert step1["history"]["train_loss"] == json.load(open(sas["record_path"]))["history"]["train_loss"]
     assert not glob.glob(str(workdir / "sic" / "SICSRec-step1-*"))  # step 1 was not trained again
     # the same numbers as when SICSRec trains its own step 1; its step 1 is that SASRec run
     for k, v in own["test_result"].items():
         assert abs(float(sic["test_result"][k]) - float(v)) < 1e-6, k
     for k, v in sas["test_result"].items():
-        assert abs(float(sic["step1_test_result"][k]) - float(v)) < 1e-6, k
+        assert abs(float(sic["extra_test_results"]["step1"][k]) - float(v)) < 1e-6, k
 
 
 def test_step1_key_covers_length_bucketing(built):

@@ -1,4 +1,4 @@
-"""Issue 5, SICSRec stage 1: pair mining never looks past the last training item, the LLM miner
+"""SICSRec stage 1: pair mining never looks past the last training item, the LLM miner
 (tiny random causal LM, malformed answers, resume), robust answer parsing, pair files, and the
 alignment fine-tuning + export with the offline text encoder and a tiny ViT on real photos."""
 

@@ -1,4 +1,4 @@
-"""Issue 21: training-data sparsity (recbole_mm.data.sparsity) and the study's sparsity axis.
+"""Training-data sparsity (recbole_mm.data.sparsity) and the study's sparsity axis.
 
 Only the training split is thinned, deterministically from a seed; validation and test samples
 (targets and histories) are the same at every level; ``sparsity_keep: 1.0`` is today's data."""

@@ -1,4 +1,4 @@
-"""Issue 6: YAML studies: a tiny study end to end (tables, CSV/JSON, plots), resuming after an
+"""YAML studies: a tiny study end to end (tables, CSV/JSON, plots), resuming after an
 interruption without rerunning finished cells, and validation before any training."""
 
 import csv
@@ -323,7 +323,7 @@ def test_a_variant_cell_runs_end_to_end(env):
     record = json.load(open(os.path.join(r["output_dir"], "records", "tiny", "SASRec+bucketing", "seed1.json")))
     assert record["model"] == "SASRec" and record["config"]["length_bucketing"] is True
     assert (record["config"]["inner_size"], record["config"]["n_layers"]) == (48, 3)
-    assert not record.get("step1_published") and not os.path.exists(os.path.join(r["output_dir"], "saved", "step1"))
+    assert not record.get("published") and not os.path.exists(os.path.join(r["output_dir"], "saved", "step1"))
 
 
 def test_variant_mistakes_name_their_lines(env):
@@ -676,7 +676,7 @@ def test_epochs_and_wall_time_columns():
     def cell(epochs, wall, cap=12, step1=None, step1_cap=None):
         row = {"epochs": epochs, "max_epochs": cap, "wall_time_s": wall}
         if step1_cap is not None:  # a two-step run: step1 None = reused, not trained
-            row.update(step1_epochs=step1, step1_max_epochs=step1_cap)
+            row["stage"] = {"name": "step1", "epochs": step1, "max_epochs": step1_cap}
         return row
 
     assert st._epochs_text([cell(12, 366.4), cell(12, 378.2)]) == "12 (cap)"
@@ -712,48 +712,51 @@ def test_collected_wall_time_sums_the_attempts_of_a_resumed_cell(env):
     assert rows["SASRec", 1]["wall_time_s"] == pytest.approx(759.5) and rows["SASRec", 1]["attempts"] == 2
     assert rows["SASRec", 2]["wall_time_s"] == 77.0 and rows["SASRec", 2]["epochs"] == 9
     gru = rows["GRU4Rec", 1]
-    assert (gru["epochs"], gru["max_epochs"], gru["step1_epochs"], gru["step1_max_epochs"]) == (5, 12, 12, 12)
+    # a record from before "stages" (SICSRec's step 1 in history.step1) is read as its first stage
+    assert (gru["epochs"], gru["max_epochs"], gru["stage"]["epochs"], gru["stage"]["max_epochs"]) == (5, 12, 12, 12)
     assert st._epochs_text([gru]) == "12 (cap) + 5"
     assert st._epochs_text([rows["SASRec", 1], rows["SASRec", 2]]) == "9-12"
 
 
-def test_cells_get_a_step1_share_folder_only_when_checkpoints_are_kept(monkeypatch):
-    """SASRec cells publish their best checkpoint for the SICSRec cells (tests/test_sicsrec.py);
-    a study that deletes checkpoints gets no share folder."""
-    monkeypatch.delenv(st.STEP1_SHARE_ENV, raising=False)
-    keep = types.SimpleNamespace(keep_checkpoints=True, output_dir="/studies/s")
-    assert st._child_env(keep)[st.STEP1_SHARE_ENV] == os.path.join("/studies/s", "saved", "step1")
-    assert st.STEP1_SHARE_ENV not in st._child_env(types.SimpleNamespace(keep_checkpoints=False, output_dir="/s"))
+def test_cells_get_a_share_folder_only_when_checkpoints_are_kept(env):
+    """SASRec cells publish their best checkpoint for the SICSRec cells (tests/test_sicsrec.py) into the
+    study's share_dir, given through the cell (not the environment, not the cell's configuration); a
+    study that deletes checkpoints gets no share folder, and variants never do."""
+    keep = validate_study(write(env / "keep.yaml", TINY_STUDY.replace("keep_checkpoints: false", "keep_checkpoints: true")))
+    spec = keep.cell_spec("tiny", "SASRec", 1)
+    assert spec["share_dir"] == os.path.join(keep.output_dir, "saved") and "share_dir" not in spec["config_dict"]
+    assert validate_study(write(env / "drop.yaml", TINY_STUDY)).cell_spec("tiny", "SASRec", 1)["share_dir"] is None
 
 
 def test_step1_section_pairs_each_run_with_its_own_step1():
     """SICSRec records carry their step-1 SASRec's test metrics; the report pairs them per seed."""
     from types import SimpleNamespace
 
-    from recbole_mm.study import _csv_text, step1_table
+    from recbole_mm.study import _csv_text, stage_table as step1_table
 
     study = SimpleNamespace(models=["SASRec", "SICSRec", "TSSR"])
     def row(model, seed, ndcg, step1):
         return {"dataset": "D", "model": model, "seed": seed, "status": "finished", "test": {"ndcg@10": ndcg},
-                "valid": {}, "step1_test": None if step1 is None else {"ndcg@10": step1},
+                "valid": {}, "stage": None if step1 is None else {"name": "step1", "label": "step-1 SASRec",
+                                                                   "test": {"ndcg@10": step1}},
                 "record": "r", "log": "l", "error": None}
     rows = [row("SASRec", 1, 0.10, None), row("SICSRec", 1, 0.12, 0.10), row("SICSRec", 2, 0.13, 0.115),
             row("SICSRec", 3, 0.11, 0.085)]
     text = step1_table(study, rows, "D", ["ndcg@10"])
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| SICSRec")}
-    assert "0.1000 ± 0.0150" in lines["| SICSRec step 1 (SASRec)"]
+    assert "0.1000 ± 0.0150" in lines["| SICSRec step-1 SASRec"]
     assert "0.1200 ± 0.0100" in lines["| SICSRec"]
-    assert "+20.0% (p=" in lines["| SICSRec vs step 1"] and "n=3" in lines["| SICSRec vs step 1"]
-    assert "SASRec step 1" not in text  # models without step-1 results get no row
+    assert "+20.0% (p=" in lines["| SICSRec vs step-1 SASRec"] and "n=3" in lines["| SICSRec vs step-1 SASRec"]
+    assert "| SASRec step-1" not in text  # models without step-1 results get no row
     # other models are paired with the step-1 SASRec of their seed (TSSR has seeds 1 and 3)
     rows += [row("TSSR", 1, 0.11, None), row("TSSR", 3, 0.0935, None)]
     text = step1_table(study, rows, "D", ["ndcg@10"])
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert lines["| TSSR"].startswith("| TSSR | 2 | 0.1018 ± 0.0117")
-    assert "+10.0% (p=" in lines["| TSSR vs SICSRec step 1 (same seed)"] and "n=2" in lines["| TSSR vs SICSRec step 1 (same seed)"]
+    assert "+10.0% (p=" in lines["| TSSR vs SICSRec step-1 SASRec (same seed)"] and "n=2" in lines["| TSSR vs SICSRec step-1 SASRec (same seed)"]
     assert lines["| SASRec"].startswith("| SASRec | 1 | 0.1000")
     # a SASRec cell equal to SICSRec's step 1 of its seed is the same run: said so, not "+0.0% (p=n/a)"
-    assert lines["| SASRec vs SICSRec step 1 (same seed)"].startswith("| SASRec vs SICSRec step 1 (same seed) | | identical on every seed (n=1)")
+    assert lines["| SASRec vs SICSRec step-1 SASRec (same seed)"].startswith("| SASRec vs SICSRec step-1 SASRec (same seed) | | identical on every seed (n=1)")
     assert step1_table(study, rows[:1], "D", ["ndcg@10"]) == ""
     header, *body = _csv_text([dict(r, **{c: None for c in ("role", "wall_time_s")}) for r in rows]).splitlines()
     assert "step1_test_ndcg@10" in header.split(",") and body[1].split(",")[header.split(",").index("step1_test_ndcg@10")] == "0.1"

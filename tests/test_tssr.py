@@ -1,4 +1,4 @@
-"""Issue 4: TSSR correctness: causality, padding invariance, per-loss gradients, overfitting,
+"""TSSR correctness: causality, padding invariance, per-loss gradients, overfitting,
 finetune mode, and end-to-end runs through the Python API and the CLI."""
 
 import os

@@ -1,4 +1,4 @@
-"""Issue 7: hyper-parameter search over RecBole's HyperTuning, selecting on validation only."""
+"""Hyper-parameter search over RecBole's HyperTuning, selecting on validation only."""
 
 import csv
 import json

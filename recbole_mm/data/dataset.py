@@ -51,12 +51,11 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
 
     @staticmethod
     def required_feature_names(config):
-        from recbole_mm.registry import get_model
+        """The features the configured model reads (its :class:`~recbole_mm.registry.ModelSpec`'s
+        ``features``), else the config's ``mm_feature_names``."""
+        from recbole_mm.registry import required_features
 
-        model_class = get_model(config["model"])
-        if hasattr(model_class, "required_features"):
-            return list(model_class.required_features(config))
-        return list(config["mm_feature_names"] or [])
+        return required_features(config)
 
     def feature_spec(self, name):
         specs = self.config["mm_features"] or {}

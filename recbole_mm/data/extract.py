@@ -35,6 +35,7 @@ from .features import USER_TYPE, FeatureMatrix, FeatureStore
 from .images import (PROBLEMS as IMAGE_PROBLEMS, image_extensions, open_image, parse_background, problem_kind,
                      readable_extensions, unsupported_extensions)
 from recbole_mm.atomic import atomic_open, write_json_atomic
+from recbole_mm.utils import dist_rank_world as _dist_rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -713,14 +714,6 @@ def _file_digest(path, h) -> None:
 
 
 # ============================================================================ cache-aware entry point
-
-
-def _dist_rank_world():
-    """(rank, world size) of an initialised torch.distributed group, else (0, 1); never imports torch."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _dist_all_gather(obj):

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from recbole_mm.atomic import save_npy_atomic, write_json_atomic
+from recbole_mm.utils import dist_rank_world as _dist_rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -818,16 +819,6 @@ def _open_aligned(path: str, shape):
                     path, table.dtype, tuple(table.shape), tuple(shape))
         return None
     return table
-
-
-def _dist_rank_world():
-    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
-    import sys
-
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def shared_aligned_table(fm: FeatureMatrix, id2token, expected_dim: int | None = None):

@@ -19,7 +19,7 @@ evaluation and the models see the same tensors as before.
 of ``MAX_ITEM_LIST_LENGTH``. Histories are left-aligned with padding on the right, so a model
 whose positions are ``arange`` from the left and whose attention masks padding gives the same
 outputs (tested per model). ``auto`` trims for the models verified to be unaffected
-(:data:`TRIM_SAFE_RECBOLE_MODELS` and plugin models with ``trim_safe = True``).
+(the models whose :class:`~recbole_mm.registry.ModelSpec` says ``trim_safe=True``).
 
 **Length bucketing** (``length_bucketing: True``, opt-in): the training sampler shuffles, cuts the
 permutation into pools of ``bucket_pool_batches`` batches, sorts each pool by history length and
@@ -40,9 +40,6 @@ from recbole_mm.data.vectorised import take
 
 SEQ_END_FIELD = "seq_end_index"
 SAMPLE_MODES = ("lazy", "recbole")
-# RecBole models whose outputs do not depend on right padding beyond the longest history of a
-# batch (positions from the left, padding masked or never read): tests/test_lazy.py checks each.
-TRIM_SAFE_RECBOLE_MODELS = frozenset({"SASRec", "GRU4Rec"})
 
 
 def sample_mode(config):
@@ -57,12 +54,13 @@ def trimming(config):
     value = config["trim_batches"]
     if isinstance(value, str) and value.lower() != "auto":
         raise ValueError(f"trim_batches must be auto, True or False, got {value!r}")
-    name = config["model"]
-    verified = name in TRIM_SAFE_RECBOLE_MODELS
-    if not verified:
-        from recbole_mm.registry import PLUGIN_MODELS, get_model
+    from recbole_mm.registry import UnknownModelError, get_spec
 
-        verified = name in PLUGIN_MODELS and bool(getattr(get_model(name), "trim_safe", False))
+    name = config["model"]
+    try:  # the model's spec says whether its outputs are verified independent of right padding
+        verified = get_spec(name).trim_safe
+    except UnknownModelError:
+        verified = False
     if value is None or isinstance(value, str):  # auto
         return verified
     if value and not verified:

@@ -31,15 +31,26 @@ from recbole.model.sequential_recommender.sasrec import SASRec
 from recbole_mm.model.layers import (ContentProjector, dataset_missing_masks, missing_modality_setting,
                                      with_cold_items)
 from recbole_mm.model.softmax import CatalogueSoftmax
+from recbole_mm.registry import ModelSpec
 
 _MODALITIES = ("text", "image", "both")
+
+
+# the model protocol (recbole_mm.registry, docs/ADDING_A_MODEL.md); trim_safe: outputs unchanged when
+# batches are cut to their longest history (tests/test_lazy.py)
+MODEL_SPECS = (
+    ModelSpec(name="ContentSASRec", model="recbole_mm.model.baselines:ContentSASRec", role="baseline",
+              dataset="recbole_mm.data.dataset:MultiModalSequentialDataset", trim_safe=True,
+              features="recbole_mm.model.baselines:ContentSASRec.required_features"),
+    ModelSpec(name="IDContentSASRec", model="recbole_mm.model.baselines:IDContentSASRec", role="baseline",
+              dataset="recbole_mm.data.dataset:MultiModalSequentialDataset", trim_safe=True,
+              features="recbole_mm.model.baselines:IDContentSASRec.required_features"),
+)
 
 
 class _FeatureSASRec(SASRec):
     """SASRec whose item vectors come from :meth:`item_vectors` instead of ``item_embedding``."""
 
-    dataset_class = "recbole_mm.data.dataset:MultiModalSequentialDataset"
-    trim_safe = True  # outputs unchanged when batches are cut to their longest history (tests/test_lazy.py)
     use_id_embedding = True
 
     @staticmethod

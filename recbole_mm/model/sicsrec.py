@@ -36,8 +36,6 @@ from recbole.utils import init_seed, set_color
 
 from recbole_mm.compat import torch_load
 from recbole_mm.atomic import torch_save_atomic
-from recbole_mm.quick_start import jsonable
-from recbole_mm.study import STEP1_SHARE_ENV
 from recbole_mm.model.layers import (
     AttentionStack,
     LowRankAdapter,
@@ -55,7 +53,9 @@ from recbole_mm.model.layers import (
 )
 from recbole_mm.model.softmax import CatalogueSoftmax
 from recbole_mm.model.sicsrec_stage1 import base_feature_names, modalities, stage1_feature_names
+from recbole_mm.registry import ModelSpec
 from recbole_mm.trainer import MMTrainer, format_metrics
+from recbole_mm.utils import jsonable
 
 _CHOICES = {
     "content_modality": ("text", "image", "both"),
@@ -76,12 +76,22 @@ def _opt(config, key, default=None):
     return default if value is None else value
 
 
+# the model protocol (recbole_mm.registry, docs/ADDING_A_MODEL.md): its dataset runs stage 1 when the
+# aligned features are missing; its trainer runs step 1 (an ID SASRec), which a finished SASRec run of
+# the same settings can publish (publish_step1) into the run's share_dir; trim_safe: outputs unchanged
+# when batches are cut to their longest history (tests/test_lazy.py)
+MODEL_SPECS = (
+    ModelSpec(name="SICSRec", model="recbole_mm.model.sicsrec:SICSRec", role="proposed", trim_safe=True,
+              dataset="recbole_mm.model.sicsrec_stage1:SICSRecDataset",
+              trainer="recbole_mm.model.sicsrec:SICSRecTrainer",
+              features="recbole_mm.model.sicsrec:SICSRec.required_features",
+              publishers=(("SASRec", "recbole_mm.model.sicsrec:publish_step1"),),
+              test_config={"stage1": False}),
+)
+
+
 class SICSRec(SequentialRecommender):
     r"""SICSRec stage 2 as a RecBole sequential recommender (trained by :class:`SICSRecTrainer`)."""
-
-    dataset_class = "recbole_mm.model.sicsrec_stage1:SICSRecDataset"
-    trainer_class = "recbole_mm.model.sicsrec:SICSRecTrainer"
-    trim_safe = True  # outputs unchanged when batches are cut to their longest history (tests/test_lazy.py)
 
     @staticmethod
     def required_features(config):
@@ -513,13 +523,13 @@ def step1_path(config, key, folder=None):
     return os.path.join(folder or config["checkpoint_dir"], f"SICSRec-step1-{config['dataset']}-{digest}.pth")
 
 
-# A folder shared by the runs of one study (set by ``recbole_mm.study`` for its cells): a finished
+# ``share_dir``: a folder shared by the runs of one study (set by ``recbole_mm.study`` for its cells): a finished
 # RecBole SASRec run (CE loss) publishes its best checkpoint there under the step-1 name its
 # settings and data give; a SICSRec run whose step 1 has the same key loads it instead of training
 # the same SASRec again. The key (data checksum + every step-1 setting, seed included) decides, so
 # a published SASRec is only ever used where SICSRec would have trained exactly that model.
-def _step1_share_dir():
-    return os.environ.get(STEP1_SHARE_ENV) or None
+def _step1_share_dir(config):
+    return os.path.join(config["share_dir"], "step1") if config["share_dir"] else None
 
 
 def _history_of(trainer):
@@ -530,9 +540,9 @@ def _history_of(trainer):
 
 def publish_step1(config, trainer, train_data, valid_data, best_valid_score, best_valid_result):
     """After a SASRec run (CE loss) with a saved best checkpoint: write it, with its step-1 key,
-    to ``$RECBOLE_MM_STEP1_SHARE`` for the SICSRec runs of the same study; returns the path or None
-    (no share folder, another model or loss, or already published)."""
-    folder = _step1_share_dir()
+    to ``<share_dir>/step1`` for the SICSRec runs of the same study; returns the path or None
+    (no ``share_dir``, another model or loss, or already published)."""
+    folder = _step1_share_dir(config)
     best = getattr(trainer, "saved_model_file", None)
     if not folder or config["model"] != "SASRec" or config["loss_type"] != "CE" or not best or not os.path.isfile(best):
         return None
@@ -590,6 +600,26 @@ class SICSRecTrainer(MMTrainer):
                          + format_metrics(result, self.config["metric_decimal_place"] or 4))
         return result
 
+    def extra_test_results(self, test_data, show_progress=False):
+        """The step-1 SASRec's test metrics (:meth:`evaluate_step1`), as ``{"step1": ...}``."""
+        result = self.evaluate_step1(test_data, show_progress=show_progress)
+        return {} if result is None else {"step1": result}
+
+    def stage_summaries(self):
+        info = self._history().get("step1")
+        if not isinstance(info, dict):
+            return []
+        trained = info.get("history") if isinstance(info.get("history"), dict) else None
+        return [{
+            "name": "step1", "label": "step-1 SASRec", "model": "SASRec",
+            "epochs": len(trained.get("train_loss") or []) if trained else None,
+            "max_epochs": step1_config(self.config)["epochs"], "reused": bool(info.get("reused")),
+            "description": "Each run's step-1 ID SASRec (same size and split; trained in that run, or the study's "
+                           "SASRec cell of the same seed when it was the same run and was loaded instead) tested by "
+                           "the same evaluator: a paired ID-only baseline per seed.",
+            "test_result": info.get("test_result"),
+        }]
+
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         model = self.model
@@ -617,7 +647,7 @@ class SICSRecTrainer(MMTrainer):
             return ckpt, {"checkpoint": os.path.abspath(given), "reused": True, "source": "pretrained_id_encoder"}
         key = step1_key(config, train_data, valid_data)
         path = step1_path(config, key)
-        share = _step1_share_dir()
+        share = _step1_share_dir(config)
         candidates = [(path, None)] + ([(step1_path(config, key, share), "shared")] if share else [])
         if _opt(config, "step1_retrain", False):
             candidates = []
@@ -637,7 +667,7 @@ class SICSRecTrainer(MMTrainer):
             if meta.get("history"):
                 info["history"] = meta["history"]  # the epochs it was trained for, when it was trained
             if source:
-                info["source"] = f"{STEP1_SHARE_ENV} ({meta.get('published_by', 'a SICSRec run')})"
+                info["source"] = f"share_dir ({meta.get('published_by', 'a SICSRec run')})"
             return ckpt, info
         return self.train_step1(train_data, valid_data, key, path, verbose, show_progress)
 

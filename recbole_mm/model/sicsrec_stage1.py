@@ -46,6 +46,7 @@ from recbole_mm.model.sicsrec_pairs import (
     user_sequences,
     write_pairs,
 )
+from recbole_mm.utils import dist_rank_world as _dist_info
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,6 @@ def stage1_feature_names(config):
     """
     suffix = f"_seed{sft_seed(config)}" if _cfg(config, "sft_seed") is None else ""
     return {m: _cfg(config, f"stage1_{m}_feature", f"{m}_sicsrec") + suffix for m in modalities(config)}
-
-
-def _dist_info():
-    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier():

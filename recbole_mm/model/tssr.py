@@ -36,6 +36,7 @@ from recbole_mm.model.layers import (
     xavier_init,
 )
 from recbole_mm.model.softmax import CatalogueSoftmax
+from recbole_mm.registry import ModelSpec
 
 _CHOICES = {
     "content_modality": ("text", "image", "both"),
@@ -48,11 +49,18 @@ _CHOICES = {
 }
 
 
+# the model protocol (recbole_mm.registry, docs/ADDING_A_MODEL.md); trim_safe: outputs unchanged when
+# batches are cut to their longest history (tests/test_lazy.py)
+MODEL_SPECS = (
+    ModelSpec(name="TSSR", model="recbole_mm.model.tssr:TSSR", role="proposed", trim_safe=True,
+              dataset="recbole_mm.data.dataset:MultiModalSequentialDataset",
+              features="recbole_mm.model.tssr:TSSR.required_features"),
+)
+
+
 class TSSR(SequentialRecommender):
     r"""TSSR as a RecBole sequential recommender (frozen features or end-to-end text encoder)."""
 
-    dataset_class = "recbole_mm.data.dataset:MultiModalSequentialDataset"
-    trim_safe = True  # outputs unchanged when batches are cut to their longest history (tests/test_lazy.py)
 
     @staticmethod
     def required_features(config):
