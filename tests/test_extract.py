@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import recbole  # noqa: E402
 
@@ -99,16 +100,41 @@ def test_read_item_texts(tmp_path):
     with pytest.raises(ValueError, match=r"ml-100k\.item: duplicate item ids.*'2'"):
         read_item_texts(os.path.join(d, "ml-100k.item"))
 
-    # quotes are kept verbatim; 'NA'-like field values are missing (an item token 'NA' is just a
-    # token); all-empty -> "" (missing)
+    # quotes are read as RecBole reads them (pandas' quoting: a field opening with a quote is a
+    # quoted field); 'NA'-like field values are missing (an item token 'NA' is just a token);
+    # all-empty -> "" (missing)
     p = tmp_path / "q.item"
     p.write_text('item_id:token\ttitle:token_seq\tscore:float\n'
-                 'a\t"Quoted" title\t1.0\nNA\tNA\t2.0\nc\t\t3.0\n', encoding="utf-8")
+                 'a\t"Quoted, title"\t1.0\nNA\tNA\t2.0\nc\t\t3.0\nd\t5" screen\t4.0\n', encoding="utf-8")
     tokens, texts = read_item_texts(p)
-    assert tokens == ["a", "NA", "c"]
-    assert texts == ['"Quoted" title', "", ""]
+    recbole = pd.read_csv(p, delimiter="\t", dtype=str, encoding="utf-8", engine="c")  # the plugin's RecBole load
+    assert tokens == ["a", "NA", "c", "d"]
+    assert texts[0] == recbole["title:token_seq"][0] == "Quoted, title" and texts[3] == '5" screen'
+    assert texts[1:3] == ["", ""]
+    # a quote closing before the field ends: pandas' C parser (the plugin's RecBole load) joins the
+    # parts, and so does the reader; a quoted field never closed is a clear error
+    last = tmp_path / "last.item"
+    last.write_text('item_id:token\ttitle:token_seq\tscore:float\na\t"Quoted" title\t1.0\n', encoding="utf-8")
+    assert read_item_texts(last)[1] == ["Quoted title"]
+    bad = tmp_path / "bad.item"
+    bad.write_text('item_id:token\ttitle:token_seq\na\t"never closed\nb\tx\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.item.*starts with a double quote.*QUOTE_MINIMAL"):
+        read_item_texts(bad)
     _, texts = read_item_texts(p, missing_values=[])  # no markers: 'NA' is a title
-    assert texts == ['"Quoted" title', "NA", ""]
+    assert texts[1] == "NA"
+
+
+def test_a_title_with_quotes_and_tabs_reaches_the_encoder_as_recbole_holds_it(tmp_path):
+    """The converters write quoted fields (csv.QUOTE_MINIMAL); RecBole, the text extraction and the
+    converters' own reader all read the one way (recbole_mm.data.atomic_file)."""
+    from recbole_mm.data import convert as cv
+
+    titles = ['He said "hi"', "tab\there", '"fully quoted"', "plain"]
+    path = tmp_path / "t.item"
+    cv._write_rows(path, ["item_id:token", "title:token_seq"], [[str(i), t] for i, t in enumerate(titles)])
+    _, texts = read_item_texts(path, fields=["title"])
+    recbole = pd.read_csv(path, delimiter="\t", dtype=str, encoding="utf-8", engine="c")
+    assert texts == titles == list(recbole["title:token_seq"]) == list(cv.read_atomic(path)["title"])
 
 
 # ----------------------------------------------------------------------------- text features

@@ -192,18 +192,15 @@ def _write_rows(path: Path, header: list[str], rows: Iterable[Iterable[Any]],
 
 
 def read_atomic(path: str | os.PathLike) -> pd.DataFrame:
-    """Read an atomic file written by this module as strings.
+    """Read an atomic file written by this module as strings, as RecBole parses it
+    (:func:`recbole_mm.data.atomic_file.read_atomic_file`).
 
     Column names are the field names without their type; the types are in
     ``df.attrs["field_types"]``. Empty values stay empty strings.
     """
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-    names = [h.split(":")[0] for h in header]
-    types = {h.split(":")[0]: h.split(":")[1] for h in header}
-    df = pd.read_csv(path, sep="\t", header=0, names=names, dtype=str,
-                     keep_default_na=False, na_filter=False, encoding="utf-8")
+    from .atomic_file import read_atomic_file
+
+    df, types = read_atomic_file(str(path))
     df.attrs["field_types"] = types
     return df
 

@@ -16,7 +16,6 @@ import cost.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
@@ -36,6 +35,8 @@ from .images import (PROBLEMS as IMAGE_PROBLEMS, image_extensions, open_image, p
                      readable_extensions, unsupported_extensions)
 from recbole_mm.atomic import atomic_open, write_json_atomic
 from recbole_mm.utils import dist_rank_world as _dist_rank_world
+
+from .atomic_file import read_atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -400,21 +401,8 @@ def encode_texts(texts: Sequence[str], encoder=DEFAULT_TEXT_ENCODER, pooling: st
 # ============================================================================ dataset files
 
 
-def _read_atomic_file(path: str):
-    """A RecBole atomic file as a str DataFrame with short column names, plus {name: type}."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"item file {path} not found")
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False,
-                     quoting=csv.QUOTE_NONE, encoding="utf-8", header=0)
-    names, types = [], {}
-    for col in df.columns:
-        short, _, ftype = str(col).partition(":")
-        names.append(short)
-        types[short] = ftype or "token"
-    if len(set(names)) != len(names):
-        raise ValueError(f"{path}: duplicate column names {names}")
-    df.columns = names
-    return df, types
+# the one atomic-file reader (RecBole's quoting): a title reaches the encoder as RecBole holds it
+_read_atomic_file = read_atomic_file
 
 
 def _id_column(df, types, id_field, path):
