@@ -476,11 +476,9 @@ def _image_paths(dataset, feature):
         image_dir = os.path.join(data_dir, image_dir)
     field = spec.get("image_field")
     if field:
-        import pandas as pd
+        from recbole_mm.data.atomic_file import read_atomic_file
 
-        item_file = os.path.join(data_dir, f"{dataset.dataset_name}.item")
-        df = pd.read_csv(item_file, sep="\t", dtype=str, keep_default_na=False)
-        df.columns = [str(c).split(":")[0] for c in df.columns]
+        df, _ = read_atomic_file(os.path.join(data_dir, f"{dataset.dataset_name}.item"))
         id_col = spec.get("id_field") or dataset.iid_field
         base = image_dir or data_dir
         by_token = {}
