@@ -36,6 +36,7 @@ from .images import (PROBLEMS as IMAGE_PROBLEMS, image_extensions, open_image, p
 from recbole_mm.atomic import atomic_open, write_json_atomic
 from recbole_mm.utils import dist_rank_world as _dist_rank_world
 
+from . import image_encoders
 from .atomic_file import read_atomic_file
 
 logger = logging.getLogger(__name__)
@@ -168,10 +169,20 @@ def _load_text_encoder(encoder, device, fp16):
 
 
 def _load_image_encoder(encoder, device, fp16):
+    """``(processor, model)`` of a transformers vision model, or ``(None, ModuleImageEncoder)`` for a
+    ``{type: module, ...}`` encoder (:mod:`recbole_mm.data.image_encoders`)."""
     if encoder is None or encoder == DEFAULT_TEXT_ENCODER:
         raise ValueError("an image encoder is required: a hub name such as 'google/vit-base-patch16-224-in21k' "
-                         "or 'openai/clip-vit-base-patch32', or a local model folder")
-    path = os.fspath(encoder)
+                         "or 'openai/clip-vit-base-patch32', a local model folder, or a PyTorch module with its "
+                         "weights ({type: module, factory: 'package.module:callable', weights: <file>})")
+    spec = image_encoders.parse_image_encoder(encoder)
+    if spec["type"] == "module":
+        def load_module():
+            return None, image_encoders.ModuleImageEncoder(spec, device, fp16)
+
+        return _cached(("image-module", image_encoders.describe(spec),
+                        image_encoders.fingerprint(spec, encoder_fingerprint), str(device), fp16), load_module)
+    path = spec["name"]
 
     def load():
         from transformers import AutoImageProcessor, AutoModel
@@ -589,9 +600,11 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
     dev = _pick_device(device)
     use_fp16 = (dev.type == "cuda") if fp16 is None else bool(fp16)
     processor, model = _load_image_encoder(encoder, dev, use_fp16)
-    dtype = next(model.parameters()).dtype
+    dtype = next(model.parameters()).dtype if processor is not None else None
 
     def forward(images):
+        if processor is None:  # a PyTorch module with its own preprocessing (image_encoders.ModuleImageEncoder)
+            return model.encode(images, pooling)
         pixel = processor(images=images, return_tensors="pt")["pixel_values"].to(dev, dtype)
         output = model(pixel_values=pixel)
         mode = pooling
@@ -600,7 +613,8 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
         return _pool(output, None, mode, f"image encoder {encoder!r}").cpu().numpy().astype(np.float32)
 
     key = {"kind": "image", "paths": sha256_strings("" if p is None else p for p in paths),
-           "encoder": str(encoder), "fingerprint": encoder_fingerprint(os.fspath(encoder)),
+           "encoder": image_encoders.describe(encoder),
+           "fingerprint": image_encoders.fingerprint(encoder, encoder_fingerprint),
            "pooling": pooling, "fp16": use_fp16, "chunk_size": int(chunk_size), "background": list(background)}
     chunks = _Chunks(chunk_dir, key)
     status = np.zeros(n, dtype=np.int8)  # 0 ok, then 1 + index in IMAGE_PROBLEMS (missing_file, corrupt, unsupported)
@@ -875,7 +889,8 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
         background = parse_background(spec.get("image_background"), f"feature {name!r}: image_background")
         all_tokens, all_paths, source = _image_inputs(dataset_dir, dataset_name, spec, item_file)
         base_key = {
-            "type": "image", "encoder": str(encoder), "encoder_fingerprint": encoder_fingerprint(os.fspath(encoder)),
+            "type": "image", "encoder": image_encoders.describe(encoder),
+            "encoder_fingerprint": image_encoders.fingerprint(encoder, encoder_fingerprint),
             "pooling": spec.get("pooling", "pooler"), "dtype": str(out_dtype),
             "image_background": list(background), **source,
         }
@@ -1004,7 +1019,7 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
     manifest = dict(key)
     manifest.update(extra)
     manifest.update(
-        encoder_path=resolve_encoder(encoder) if ftype == "text" else os.fspath(encoder),
+        encoder_path=resolve_encoder(encoder) if ftype == "text" else image_encoders.describe(encoder),
         item_file=os.path.basename(item_file), batch_size=int(spec.get("batch_size", 64 if ftype == "text" else 32)),
         extraction_seconds=round(elapsed, 3),
     )

