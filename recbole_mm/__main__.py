@@ -51,7 +51,7 @@ def build_parser():
     study = parser.add_argument_group("study (with --study FILE)", "see docs/STUDIES.md")
     study.add_argument("--study", default=None, metavar="FILE",
                        help="run a YAML study (datasets x models x seeds) instead of one model")
-    add_study_options(study)  # study.py's own definitions: the two lists cannot drift apart
+    add_study_options(study)  # recbole_mm.study's own definitions: the two lists cannot drift apart
     parser.study_flags = {o for a in study._group_actions if a.dest != "study" for o in a.option_strings}
     return parser
 

@@ -32,7 +32,7 @@ def test_help_lists_study_flags_tune_and_overrides():
 
 
 def test_help_study_group_is_study_parsers_own():
-    """Every option of study.py's parser (but the hidden --run-cell) is in the main parser."""
+    """Every option of recbole_mm.study's parser (but the hidden --run-cell) is in the main parser."""
     from recbole_mm.__main__ import build_parser
     from recbole_mm.study import build_parser as study_parser
 
