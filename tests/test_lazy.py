@@ -201,7 +201,7 @@ def test_sasrec_ml100k_same_metrics_as_recbole_path(workdir):
 
 
 def test_bucketed_order_resumes_from_the_generator_state(workdir):
-    """Resume restores ``train_data.generator``'s state (trainer.py); the bucketed loader's next epoch
+    """Resume restores ``train_data.generator``'s state (recbole_mm/trainer/resume.py); the bucketed loader's next epoch
     then yields the batches the uninterrupted run would have."""
     write_tiny_dataset(workdir / "data", n_users=40, n_items=25, min_len=3, max_len=25)
     extra = dict(length_bucketing=True, bucket_pool_batches=2, train_batch_size=16)
