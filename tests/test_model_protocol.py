@@ -97,11 +97,15 @@ def test_a_model_outside_the_package_registers_itself():
 # ----------------------------------------------------------------------------- layering
 # data -> models -> trainers -> runner -> study / tune -> CLI: each layer, imported alone in a fresh
 # interpreter, loads no module of a layer above it (the registry resolves models by name at run time)
+# every plugin model's module is checked: in the model layer, or the trainer layer when its spec names
+# a trainer of its own (defined next to the model, as SICSRec's)
+_MODEL_MODULES = sorted({s.model.split(":")[0] for s in plugin_specs().values() if not s.trainer})
+_TRAINER_MODULES = sorted({s.model.split(":")[0] for s in plugin_specs().values() if s.trainer})
 LAYERS = [
     ("base", ["recbole_mm.registry", "recbole_mm.utils"]),
     ("data", ["recbole_mm.data.dataset", "recbole_mm.data.lazy", "recbole_mm.data.extract"]),
-    ("model", ["recbole_mm.model.tssr", "recbole_mm.model.baselines", "recbole_mm.model.sicsrec_stage1"]),
-    ("trainer", ["recbole_mm.trainer", "recbole_mm.model.sicsrec"]),
+    ("model", _MODEL_MODULES + ["recbole_mm.model.sicsrec_stage1"]),
+    ("trainer", ["recbole_mm.trainer"] + _TRAINER_MODULES),
     ("runner", ["recbole_mm.quick_start"]),
     ("study", ["recbole_mm.study", "recbole_mm.tune"]),
 ]
