@@ -87,7 +87,7 @@ def run_cell(cell_file, record, data_path):
     from recbole_mm.data.lazy import data_preparation
     from recbole_mm.model.layers import ContentNeighbours, ContentRidge, cold_item_features
     from recbole_mm.quick_start import create_dataset
-    from recbole_mm.registry import get_model, required_features
+    from recbole_mm.registry import get_model
 
     cell = json.load(open(cell_file))
     cfg = dict(cell["config_dict"], data_path=data_path, show_progress=False, state="ERROR", record_runs=False)
@@ -108,7 +108,7 @@ def run_cell(cell_file, record, data_path):
     features = {}
     for rule in ("content_ridge", "content_knn"):  # the features each rule reads (ridge: + missing indicators)
         train._dataset.config["cold_item_rule"] = rule
-        features[rule] = cold_item_features(train._dataset, required_features(config))
+        features[rule] = cold_item_features(train._dataset, get_model(cell["model"]).required_features(config))
     results = {}
     for label, rule, k in RULES:
         for r in rules:
