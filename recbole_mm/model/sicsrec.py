@@ -71,11 +71,6 @@ _REQUIRED = ("hidden_size", "inner_size", "n_layers", "n_heads", "hidden_dropout
 ID_ENCODER_PREFIXES = ("item_embedding.", "position_embedding.", "LayerNorm.", "trm_encoder.")
 
 
-def _opt(config, key, default=None):
-    value = config[key] if key in config else None
-    return default if value is None else value
-
-
 # the model protocol (recbole_mm.registry, docs/ADDING_A_MODEL.md): its dataset runs stage 1 when the
 # aligned features are missing; its trainer runs step 1 (an ID SASRec), which a finished SASRec run of
 # the same settings can publish (publish_step1) into the run's share_dir; trim_safe: outputs unchanged
@@ -95,7 +90,7 @@ class SICSRec(SequentialRecommender):
 
     @staticmethod
     def required_features(config):
-        names = stage1_feature_names(config) if _opt(config, "stage1", True) else base_feature_names(config)
+        names = stage1_feature_names(config) if config["stage1"] else base_feature_names(config)
         return list(names.values())
 
     def __init__(self, config, dataset):
@@ -104,9 +99,9 @@ class SICSRec(SequentialRecommender):
         if missing:
             raise ValueError(f"SICSRec: missing config keys {missing} (defaults live in properties/model/SICSRec.yaml)")
         for key, allowed in _CHOICES.items():
-            if _opt(config, key, allowed[0]) not in allowed:
+            if config[key] not in allowed:
                 raise ValueError(f"SICSRec: {key} must be one of {allowed}, got {config[key]!r}")
-        positions = list(_opt(config, "adapter_positions", list(_ADAPTER_POSITIONS)))
+        positions = list(config["adapter_positions"])
         bad = [p for p in positions if p not in _ADAPTER_POSITIONS]
         if bad:
             raise ValueError(f"SICSRec: adapter_positions must be a subset of {_ADAPTER_POSITIONS}, got {positions}")
@@ -116,10 +111,10 @@ class SICSRec(SequentialRecommender):
         self.inner_size = config["inner_size"]
         self.n_layers = config["n_layers"]
         self.n_heads = config["n_heads"]
-        self.n_decoder_layers = _opt(config, "n_decoder_layers", self.n_layers)
+        self.n_decoder_layers = config["n_decoder_layers"] or self.n_layers  # ~ = n_layers
         self.hidden_dropout_prob = config["hidden_dropout_prob"]
         self.attn_dropout_prob = config["attn_dropout_prob"]
-        self.item_dropout_prob = _opt(config, "item_dropout_prob", 0.0)
+        self.item_dropout_prob = config["item_dropout_prob"]
         self.hidden_act = config["hidden_act"]
         self.layer_norm_eps = config["layer_norm_eps"]
         self.initializer_range = config["initializer_range"]
@@ -128,18 +123,18 @@ class SICSRec(SequentialRecommender):
         self.tau = float(config["tau"])
         self.alpha = float(config["alpha"])
         self.reg_weight = float(config["reg_weight"])
-        self.reg_norm = _opt(config, "reg_norm", "frobenius")
-        self.cacl_duplicate_mask = _opt(config, "cacl_duplicate_mask", "neg_inf")
-        self.contrast_negatives = _opt(config, "contrast_negatives", "global")
-        self.decoder_chain_layers = bool(_opt(config, "decoder_chain_layers", True))
-        self.predict_normalize_items = bool(_opt(config, "predict_normalize_items", True))
-        self.content_tables_trainable = bool(_opt(config, "content_tables_trainable", True))
-        self.id_embedding_trainable = bool(_opt(config, "id_embedding_trainable", True))
+        self.reg_norm = config["reg_norm"]
+        self.cacl_duplicate_mask = config["cacl_duplicate_mask"]
+        self.contrast_negatives = config["contrast_negatives"]
+        self.decoder_chain_layers = bool(config["decoder_chain_layers"])
+        self.predict_normalize_items = bool(config["predict_normalize_items"])
+        self.content_tables_trainable = bool(config["content_tables_trainable"])
+        self.id_embedding_trainable = bool(config["id_embedding_trainable"])
         self.sparse_table_updates = bool(config["sparse_table_updates"])
         self.modalities = modalities(config)
         self.feature_names = dict(zip(self.modalities, self.required_features(config)))
         self.missing_modality = missing_modality_setting(config, "SICSRec")
-        mlp_hidden = _opt(config, "content_mlp_hidden")
+        mlp_hidden = config["content_mlp_hidden"]
         d = self.hidden_size
 
         # step-1 ID encoder: RecBole SASRec's modules under SASRec's names (frozen Transformer)
@@ -472,7 +467,7 @@ BUCKETING_KEYS = ("length_bucketing", "bucket_pool_batches")
 def step1_config(config):
     """A copy of ``config`` for the step-1 SASRec: ``step1_config`` overrides applied, model SASRec."""
     cfg = copy.deepcopy(config)
-    for key, value in (_opt(config, "step1_config", {}) or {}).items():
+    for key, value in (config["step1_config"] or {}).items():
         cfg[key] = value
     cfg["model"] = "SASRec"
     cfg["loss_type"] = "CE"
@@ -637,7 +632,7 @@ class SICSRecTrainer(MMTrainer):
         """(step-1 state_dict, info): loaded from ``pretrained_id_encoder`` or the deterministic
         checkpoint, else trained now and saved there atomically."""
         config = self.config
-        given = _opt(config, "pretrained_id_encoder")
+        given = config["pretrained_id_encoder"]
         if given:
             if not os.path.isfile(given):
                 raise FileNotFoundError(f"pretrained_id_encoder {given} does not exist (leave it empty to train "
@@ -649,7 +644,7 @@ class SICSRecTrainer(MMTrainer):
         path = step1_path(config, key)
         share = _step1_share_dir(config)
         candidates = [(path, None)] + ([(step1_path(config, key, share), "shared")] if share else [])
-        if _opt(config, "step1_retrain", False):
+        if config["step1_retrain"]:
             candidates = []
         for candidate, source in candidates:
             if not os.path.isfile(candidate):
