@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_mm.model.layers import (ContentProjector, dataset_missing_masks, missing_modality_setting,
-                                     with_cold_items)
+from recbole_mm.model.layers import (ContentProjector, ItemVectorSASRecMixin, dataset_missing_masks,
+                                     missing_modality_setting, with_cold_items)
 from recbole_mm.model.softmax import CatalogueSoftmax
 from recbole_mm.registry import ModelSpec
 
@@ -48,7 +48,7 @@ MODEL_SPECS = (
 )
 
 
-class _FeatureSASRec(SASRec):
+class _FeatureSASRec(ItemVectorSASRecMixin, SASRec):
     """SASRec whose item vectors come from :meth:`item_vectors` instead of ``item_embedding``."""
 
     use_id_embedding = True
@@ -107,17 +107,7 @@ class _FeatureSASRec(SASRec):
     def all_item_vectors(self):
         return self.item_vectors(torch.arange(self.n_items, device=self.position_embedding.weight.device))
 
-    # ------------------------------------------------------------------ sequence encoder
-    def sequence_output(self, item_seq):
-        """Transformer output at every position, (B, L, hidden_size); position t sees items <= t."""
-        position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
-        input_emb = self.item_vectors(item_seq) + self.position_embedding(position_ids)[None]
-        input_emb = self.dropout(self.LayerNorm(input_emb))
-        mask = self.get_attention_mask(item_seq)
-        return self.trm_encoder(input_emb, mask, output_all_encoded_layers=True)[-1]
-
-    def forward(self, item_seq, item_seq_len):
-        return self.gather_indexes(self.sequence_output(item_seq), item_seq_len - 1)
+    # sequence encoder: sequence_output / forward of ItemVectorSASRecMixin (SASRec over item_vectors)
 
     # ------------------------------------------------------------------ losses and scores
     def calculate_loss(self, interaction):

@@ -745,3 +745,21 @@ class LowRankAdapter(nn.Module):
 
     def forward(self, x):
         return x + self.up(self.down(x))
+
+
+class ItemVectorSASRecMixin:
+    """For subclasses of RecBole's ``SASRec`` whose item vectors come from ``self.item_vectors(ids)``
+    (content, or content + ID) instead of ``item_embedding``: SASRec's input layer and Transformer
+    over those vectors (ContentSASRec, IDContentSASRec, UniSRec)."""
+
+    def sequence_output(self, item_seq):
+        """Transformer output at every position, (B, L, hidden_size); position t sees items <= t."""
+        position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
+        input_emb = self.item_vectors(item_seq) + self.position_embedding(position_ids)[None]
+        input_emb = self.dropout(self.LayerNorm(input_emb))
+        mask = self.get_attention_mask(item_seq)
+        return self.trm_encoder(input_emb, mask, output_all_encoded_layers=True)[-1]
+
+    def forward(self, item_seq, item_seq_len):
+        """The sequence representation (B, hidden_size): the output at the last valid position."""
+        return self.gather_indexes(self.sequence_output(item_seq), item_seq_len - 1)

@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_mm.model.layers import (MissingContent, contrastive_scale, dataset_missing_masks, gather_rows,
-                                     keep_out_of_checkpoints, missing_modality_setting, with_cold_items)
+from recbole_mm.model.layers import (ItemVectorSASRecMixin, MissingContent, contrastive_scale, dataset_missing_masks,
+                                     gather_rows, keep_out_of_checkpoints, missing_modality_setting, with_cold_items)
 from recbole_mm.model.softmax import CatalogueSoftmax
 from recbole_mm.registry import ModelSpec
 
@@ -91,7 +91,7 @@ class MoEAdaptor(nn.Module):
         return out.reshape(*shape, self.hidden_size)
 
 
-class UniSRec(SASRec):
+class UniSRec(ItemVectorSASRecMixin, SASRec):
     r"""UniSRec fine-tuned on one dataset (``train_stage``: ``inductive_ft`` | ``transductive_ft``)."""
 
     @staticmethod
@@ -178,18 +178,7 @@ class UniSRec(SASRec):
     def all_item_vectors(self):
         return self._vectors(torch.arange(self.n_items, device=self.position_embedding.weight.device))
 
-    # ------------------------------------------------------------------ sequence encoder
-    def sequence_output(self, item_seq):
-        """Transformer output at every position, (B, L, hidden_size); position t sees items <= t."""
-        position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
-        input_emb = self.item_vectors(item_seq) + self.position_embedding(position_ids)[None]
-        input_emb = self.dropout(self.LayerNorm(input_emb))
-        mask = self.get_attention_mask(item_seq)
-        return self.trm_encoder(input_emb, mask, output_all_encoded_layers=True)[-1]
-
-    def forward(self, item_seq, item_seq_len):
-        """The sequence representation s (B, hidden_size): the output at the last valid position."""
-        return self.gather_indexes(self.sequence_output(item_seq), item_seq_len - 1)
+    # sequence encoder: sequence_output / forward of ItemVectorSASRecMixin (SASRec over item_vectors)
 
     # ------------------------------------------------------------------ augmentation and losses
     def item_drop(self, item_seq, item_seq_len):
