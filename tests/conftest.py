@@ -140,3 +140,17 @@ def counting_encoder(monkeypatch):
 
     monkeypatch.setattr(extract, "encode_texts", counting_encode)
     return calls
+
+
+def future_changed(inter, t=2, rows=8, n_items=30):
+    """``(seq, length, changed)``: up to ``rows`` histories of ``inter`` with at least ``t + 2`` items,
+    and a copy whose items after position ``t`` are other real items (the no-future-leakage tests:
+    outputs at positions <= t must not change)."""
+    seq, length = inter["item_id_list"].clone(), inter["item_length"].clone()
+    keep = length >= t + 2
+    seq, length = seq[keep][:rows], length[keep][:rows]
+    changed = seq.clone()
+    for b in range(changed.size(0)):
+        n = int(length[b])
+        changed[b, t + 1:n] = (changed[b, t + 1:n] % n_items) + 1
+    return seq, length, changed

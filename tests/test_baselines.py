@@ -13,7 +13,7 @@ from recbole_mm.model.baselines import ContentSASRec, IDContentSASRec
 from recbole_mm.quick_start import run_recbole_mm
 from recbole_mm.registry import get_model, get_trainer
 
-from conftest import FAST, build_tiny, instantiate
+from conftest import FAST, build_tiny, future_changed, instantiate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -111,15 +111,8 @@ def test_padding_never_changes_scores(built, cls):
 @pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
 def test_no_future_leakage(built, cls):
     model = make(built, cls)
-    inter = first_batch(built)
-    seq, length = inter["item_id_list"], inter["item_length"]
-    keep = length >= 4
-    seq, length = seq[keep][:8], length[keep][:8]
     t = 2
-    changed = seq.clone()
-    for b in range(changed.size(0)):
-        n = int(length[b])
-        changed[b, t + 1:n] = (changed[b, t + 1:n] % 30) + 1  # other real items after position t
+    seq, length, changed = future_changed(first_batch(built), t)  # other real items after position t
     with torch.no_grad():
         a, c = model.sequence_output(seq), model.sequence_output(changed)
         # every position <= t is unchanged; the change is visible later

@@ -12,7 +12,7 @@ from recbole.data.interaction import Interaction
 
 from recbole_mm.model.tssr import TSSR
 
-from conftest import FAST, REPO, build_tiny, instantiate, write_tiny_dataset
+from conftest import FAST, REPO, build_tiny, future_changed, instantiate, write_tiny_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,16 +52,9 @@ def test_dataset_keeps_catalog_and_sliding_windows(built):
 
 def test_no_future_leakage(built):
     model = make_model(built)
-    inter = batch(built)
-    seq, length = inter["item_id_list"].clone(), inter["item_length"].clone()
-    # take sequences with at least 4 items and change everything after position t=2
-    keep = length >= 4
-    seq, length = seq[keep][:8], length[keep][:8]
+    # take sequences with at least 4 items and change everything after position t=2 (other real items)
     t = 2
-    changed = seq.clone()
-    for b in range(changed.size(0)):
-        n = int(length[b])
-        changed[b, t + 1:n] = (changed[b, t + 1:n] % 30) + 1  # other real items
+    seq, length, changed = future_changed(batch(built), t)
     with torch.no_grad():
         a = model(seq, length)
         c = model(changed, length)

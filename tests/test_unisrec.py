@@ -15,7 +15,7 @@ from recbole_mm.model.unisrec import MoEAdaptor, UniSRec
 from recbole_mm.quick_start import run_recbole_mm
 from recbole_mm.registry import get_model, get_spec
 
-from conftest import FAST, build_tiny, instantiate
+from conftest import FAST, build_tiny, future_changed, instantiate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -95,15 +95,8 @@ def test_bad_settings_are_errors(built):
 def test_no_future_leakage(built, stage):
     model = make(built, train_stage=stage)
     randomise_adaptor(model)
-    inter = first_batch(built)
-    seq, length = inter["item_id_list"], inter["item_length"]
-    keep = length >= 4
-    seq, length = seq[keep][:8], length[keep][:8]
     t = 2
-    changed = seq.clone()
-    for b in range(changed.size(0)):
-        n = int(length[b])
-        changed[b, t + 1:n] = (changed[b, t + 1:n] % 30) + 1  # other real items after position t
+    seq, length, changed = future_changed(first_batch(built), t)  # other real items after position t
     with torch.no_grad():
         a, c = model.sequence_output(seq), model.sequence_output(changed)
     torch.testing.assert_close(a[:, : t + 1], c[:, : t + 1], rtol=0, atol=1e-6)
