@@ -30,7 +30,7 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_mm.atomic import write_json_atomic
 from recbole_mm.config import MMConfig
 from recbole_mm.data.lazy import data_preparation
-from recbole_mm.registry import get_dataset_class, get_model, get_trainer, publishers_for
+from recbole_mm.registry import get_dataset_class, get_model, get_spec, get_trainer, publishers_for
 from recbole_mm.trainer import forget_last_checkpoints, format_metrics, remove_last_checkpoints
 from recbole_mm.utils import jsonable  # noqa: F401  (also this module's public name, as before)
 
@@ -477,7 +477,7 @@ def run_recbole_mm(
             if saved and global_rank(config) == 0 and config["share_dir"]:
                 # a run other models can reuse (a SASRec run: SICSRec's step 1), published into share_dir
                 published = {name: fn(config, trainer, train_data, valid_data, best_valid_score, best_valid_result)
-                             for name, fn in publishers_for(config["model"])}
+                             for name, fn in publishers_for(get_spec(config["model"]).name)}
                 result["published"] = {k: v for k, v in published.items() if v}
             timings["total"] = time.perf_counter() - t_start
             if hasattr(trainer, "remove_last_checkpoint"):

@@ -161,7 +161,7 @@ def get_spec(name):
     RecBole model: a baseline resolved to its class), or raises :class:`UnknownModelError`."""
     if isinstance(name, type):
         for spec in plugin_specs().values():
-            if spec.model.split(":")[1] == name.__name__ and spec.model.split(":")[0] == name.__module__:
+            if spec.model.split(":")[1] == name.__qualname__ and spec.model.split(":")[0] == name.__module__:
                 return spec
         return ModelSpec(name=name.__name__, model=f"{name.__module__}:{name.__qualname__}",
                          trim_safe=name.__name__ in TRIM_SAFE_RECBOLE_MODELS and name.__module__.startswith("recbole."))

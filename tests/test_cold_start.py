@@ -300,10 +300,14 @@ def test_cold_rows_content_rule_in_evaluation_mean_rule_in_training_and_its_cach
     assert torch.allclose(emb(ids), table[ids])
     warm_only = torch.tensor([1, 2, 4])
     assert torch.equal(emb(warm_only), emb.weight[warm_only])
-    # cached until the table changes, then refitted
+    # cached until the table changes, then refitted (also after a write that bypasses autograd's
+    # version counter, as a fused optimizer's or a .data write)
     with torch.no_grad():
         emb.weight[5] += 1.0
-    assert not torch.allclose(id_table(emb)[cold], table[cold])
+    refitted = id_table(emb)[cold]
+    assert not torch.allclose(refitted, table[cold])
+    emb.weight.data[6] += 1.0
+    assert not torch.allclose(id_table(emb)[cold], refitted)
 
 
 def test_content_knn_rows_are_the_nearest_warm_items_rows():

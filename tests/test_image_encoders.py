@@ -29,6 +29,9 @@ class Tiny(nn.Module):
     def forward(self, x):
         return self.bn(self.conv(x)).relu()
 
+    def both(self, x):
+        return self.forward(x), x
+
 
 def make(width=4):
     return Tiny(width)
@@ -110,6 +113,9 @@ def test_what_cannot_work_is_said_plainly(tiny_module, tmp_path):
         parse_image_encoder({"type": "module", "factory": "tinyvision:make", "weight": "x.pth"})
     with pytest.raises(FileNotFoundError, match="nope.pth not found"):
         parse_image_encoder(dict(spec, weights=str(tmp_path / "nope.pth")))
+    several = parse_image_encoder(dict(spec, method="both"))
+    with pytest.raises(ValueError, match="returned a tuple of 2 outputs; set method"):
+        ModuleImageEncoder(several, torch.device("cpu"), False).encode([Image.open(_photos()[0])])
     with pytest.raises(AttributeError, match="no method 'features'"):
         ModuleImageEncoder(parse_image_encoder(dict(spec, method="features")), torch.device("cpu"), False)
 

@@ -112,3 +112,9 @@ def test_optimizer_state_round_trip_and_clear_errors(built):
         _step(built, sparse_table_updates=True, learner="sgd")
     with pytest.raises(ValueError, match="weight_decay"):
         _step(built, sparse_table_updates=True, weight_decay=0.1)
+    # what sparse gradients cannot go through: RecBole's gradient clipping, RecBole's DDP step
+    config, _, (train, _, _) = built
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        instantiate(config, train, SICSRec, sparse_table_updates=True, clip_grad_norm={"max_norm": 1.0})
+    with pytest.raises(ValueError, match="single-process only"):
+        instantiate(config, train, SICSRec, sparse_table_updates=True, single_spec=False)

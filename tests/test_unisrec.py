@@ -320,6 +320,7 @@ def test_seq_contrast_adds_a_second_term_with_gradients(built):
     torch.testing.assert_close(got, F.cross_entropy(a @ b.t() / 0.07, torch.arange(len(seq))))
     # trimmed batches draw the same views as padded ones
     width = int(length.max())
+    assert width < model.max_seq_length  # else padded and trimmed would be the same input
     with torch.no_grad():
         torch.manual_seed(9)
         padded = torch.nn.functional.pad(seq[:, :width], (0, model.max_seq_length - width))

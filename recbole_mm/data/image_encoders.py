@@ -20,7 +20,8 @@ A feature spec's ``encoder`` (``mm_features: {image: {type: image, encoder: ...}
         mean: [0.485, 0.456, 0.406]    # normalisation (default: ImageNet's)
         std: [0.229, 0.224, 0.225]
 
-  The method's output is pooled to one vector per image: a feature map (B, C, H, W) by its spatial
+  The method must return one tensor, pooled to one vector per image: a channels-first feature map
+  (B, C, H, W; a channels-last map is not recognised) by its spatial
   mean, a token sequence (B, T, D) by its first token (``pooling: cls`` / ``pooler``) or its mean
   (``pooling: mean``), a (B, D) output as it is.
 
@@ -197,7 +198,9 @@ class ModuleImageEncoder:
     def encode(self, images, pooling="pooler"):
         out = getattr(self.model, self.spec["method"])(self.preprocess(images))
         if isinstance(out, (tuple, list)):
-            out = out[0]
+            raise ValueError(f"image encoder {self.spec['factory']}: {self.spec['method']} returned a "
+                             f"{type(out).__name__} of {len(out)} outputs; set method to one that returns one "
+                             "tensor of features ((B, D), (B, T, D) or channels-first (B, C, H, W))")
         if out.dim() == 4:  # feature map
             out = out.mean(dim=(2, 3))
         elif out.dim() == 3:  # tokens

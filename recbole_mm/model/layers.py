@@ -522,7 +522,7 @@ class ContentNeighbours:
     """The content-to-table map of :class:`ColdRows`' ``content_knn`` rule: a cold item's row is the
     mean of the rows of its ``k`` nearest warm items by content (cosine of the centred features,
     each feature block scaled to unit mean norm first so no modality dominates by its scale). The
-    neighbours are found once; unlike the ridge map the rows keep a trained row's scale (``k = 1``:
+    neighbours are found once (float32, the warm rows built once); unlike the ridge map the rows keep a trained row's scale (``k = 1``:
     a warm item's own row and bias), so cold items compete with warm ones for the top of a ranking."""
 
     CHUNK = 4096
@@ -531,17 +531,20 @@ class ContentNeighbours:
         self.k = max(1, int(k))
         warm_ids = torch.nonzero(warm.cpu()).flatten()
         cold_ids = torch.nonzero(cold.cpu()).flatten()
-        blocks = []
+        def rows(ids):  # centred, each block scaled to unit mean norm, unit rows (float32)
+            return F.normalize(torch.cat([(f.detach()[ids].float() - m) / s for f, m, s in stats], dim=1), dim=1)
+
+        stats = []
         for f in features:
-            f = f.detach().double()
-            centred = f - f[warm_ids].mean(0)
-            scale = centred[warm_ids].norm(dim=1).mean().clamp_min(1e-12)
-            blocks.append(centred / scale)
-        x = F.normalize(torch.cat(blocks, dim=1), dim=1)
+            warm_rows = f.detach()[warm_ids].float()
+            mean = warm_rows.mean(0)
+            stats.append((f, mean, (warm_rows - mean).norm(dim=1).mean().clamp_min(1e-12)))
+            del warm_rows
+        warm_x = rows(warm_ids).t()  # (D, n_warm), built once
         k = min(self.k, warm_ids.numel())
         best = []
         for start in range(0, cold_ids.numel(), self.CHUNK):
-            sim = x[cold_ids[start:start + self.CHUNK]] @ x[warm_ids].t()
+            sim = rows(cold_ids[start:start + self.CHUNK]) @ warm_x
             best.append(sim.topk(k, dim=1).indices)
         self.neighbours = warm_ids[torch.cat(best)] if best else torch.zeros(0, k, dtype=torch.long)
         self.last = {"k": k}
@@ -599,7 +602,10 @@ class ColdRows(nn.Module):
         return table.detach()[self.warm].mean(0)
 
     def _ridge_rows(self, table):
-        key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device)
+        # _version catches optimizer steps and in-place ops; a sum over a sample of rows also catches
+        # writes that do not bump it (a fused optimizer, .data writes)
+        probe = float(table.detach()[:: max(1, table.shape[0] // 64)].double().sum())
+        key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device, probe)
         hit = self._cache.get(id(table))
         if hit is None or hit[0] != key:
             rows = self.ridge.predict(table).to(table.device, table.dtype).reshape((-1,) + tuple(table.shape[1:]))
@@ -617,7 +623,7 @@ class ColdRows(nn.Module):
     def rows(self, table, ids, looked_up):
         """``looked_up`` (= ``table[ids]``) with the cold ids' rows replaced."""
         mask = self.cold[ids]
-        if self.ridge is not None and not self.training and not bool(mask.any()):
+        if not bool(mask.any()):  # no cold id: nothing to replace (no pass over the table)
             return looked_up
         mask = mask.view(tuple(ids.shape) + (1,) * (looked_up.dim() - ids.dim()))
         if self.ridge is None or self.training:

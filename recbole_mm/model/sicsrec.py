@@ -131,6 +131,14 @@ class SICSRec(SequentialRecommender):
         self.content_tables_trainable = bool(config["content_tables_trainable"])
         self.id_embedding_trainable = bool(config["id_embedding_trainable"])
         self.sparse_table_updates = bool(config["sparse_table_updates"])
+        if self.sparse_table_updates and config["clip_grad_norm"]:
+            raise ValueError("SICSRec: sparse_table_updates cannot be combined with clip_grad_norm (RecBole clips "
+                             "every parameter's gradient with a norm sparse gradients do not support); remove "
+                             "clip_grad_norm or set sparse_table_updates: False")
+        if self.sparse_table_updates and not config["single_spec"]:
+            raise ValueError("SICSRec: sparse_table_updates is single-process only (RecBole's DDP step gives every "
+                             "parameter a dense zero gradient, which SparseAdam refuses, and NCCL has no sparse "
+                             "all-reduce); run without DDP or set sparse_table_updates: False")
         self.modalities = modalities(config)
         self.feature_names = dict(zip(self.modalities, self.required_features(config)))
         self.missing_modality = missing_modality_setting(config, "SICSRec")
@@ -397,8 +405,8 @@ class SICSRec(SequentialRecommender):
 
     def reg_loss(self, rows=None):
         """``reg_norm`` of E and the trainable stage-1 tables. A sparse table (``sparse_table_updates``)
-        counts only the ``rows`` the batch read (lazy regularisation: a dense norm would touch every row
-        each step); the others count whole."""
+        counts only ``rows``, the items of this batch's histories and targets (lazy regularisation: a
+        dense norm would touch every row each step); the others count whole."""
         def part(module, table):
             if module.sparse and rows is not None:
                 return module(rows)

@@ -1,4 +1,5 @@
-"""UniSRec: universal item and sequence representations from item text, fine-tuned on one dataset.
+"""UniSRec: item and sequence representations from item text, trained on one dataset (the paper's
+fine-tuning setting, from scratch: no cross-domain pre-training).
 
 Reference: Y. Hou, S. Mu, W. X. Zhao, Y. Li, B. Ding, J.-R. Wen. "Towards Universal Sequence
 Representation Learning for Recommender Systems", KDD 2022 (arXiv 2206.05941). Written from the
