@@ -420,3 +420,22 @@ def test_tssr_finetune_replaces_missing_text(built):
     with torch.no_grad():
         torch.testing.assert_close(model.item_content(miss), vector.expand(len(miss), -1))
         torch.testing.assert_close(model.item_content(have), zero.item_content(have))
+
+
+@pytest.mark.parametrize("cls", [TSSR, ContentSASRec, IDContentSASRec], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("mode", ["learned", "id"])
+def test_missing_vectors_start_at_the_projected_contents_scale(built, cls, mode):
+    """Drawn at an embedding's scale they stay near zero next to the projected content, and a
+    content-only model ranks items without content in the middle of every list: they start at the
+    root mean square of the projections of the items that have the feature (same directions)."""
+    model = make(built, cls, missing_modality=mode)
+    content = model.content
+    name = content.names[0]
+    with torch.no_grad():
+        projected = content.proj[name](content.tables[name](content_ids(built)))
+        vectors = content.missing.vectors[name]
+        assert torch.allclose(vectors.pow(2).mean().sqrt(), projected.pow(2).mean().sqrt(), rtol=1e-4)
+    # the other weights are those of a model whose vectors were not rescaled (no random numbers used)
+    plain = make(built, cls, missing_modality="zero")
+    for (n, a), (_, b) in zip(model.content.proj.named_parameters(), plain.content.proj.named_parameters()):
+        assert torch.equal(a, b), n

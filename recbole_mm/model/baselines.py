@@ -95,6 +95,7 @@ class _FeatureSASRec(ItemVectorSASRecMixin, SASRec):
         if self.content.missing is not None:
             # drawn like SASRec's embeddings, after every other weight (those stay as with zero)
             self.content.missing.reset_parameters(lambda w: w.normal_(0.0, self.initializer_range))
+            self.content.match_missing_scale()  # at the projected content's scale
 
     # ------------------------------------------------------------------ item vectors
     def item_vectors(self, item_ids):

@@ -335,6 +335,27 @@ class ContentProjector(nn.Module):
     def forward(self, item_ids):
         return self.project({n: self.tables[n](item_ids) for n in self.names}, item_ids)
 
+    @torch.no_grad()
+    def match_missing_scale(self, sample=4096):
+        """Rescale the ``learned`` / ``id`` missing-content vectors of each feature to the root mean
+        square of the projected content they stand in for (the projections of up to ``sample`` items
+        that have it), keeping their drawn directions. Drawn at an embedding's small scale next to
+        projected content an order of magnitude larger, they stay near zero in training, and a
+        content-only model then ranks items without that content in the middle of every list
+        (docs/notes/2026-12-04.md, "Images on a real catalogue"). Uses no random numbers."""
+        if self.missing is None:
+            return
+        for n in self.names:
+            if n not in self.missing.vectors:
+                continue
+            have = torch.nonzero(~self.missing.get_buffer(f"mask_{n}")).flatten()
+            have = have[have > 0][:sample]
+            if have.numel() == 0:
+                continue
+            target = self.proj[n](self.tables[n](have)).pow(2).mean().sqrt()
+            vectors = self.missing.vectors[n]
+            vectors.mul_(target / vectors.pow(2).mean().sqrt().clamp_min(1e-12))
+
 
 def checkpointed_sum(fn, chunk, sliced, fixed=()):
     """``fn(*[t[part] for t in sliced], *fixed)`` summed over parts of ``chunk`` rows (dim 0 of every

@@ -193,6 +193,8 @@ class TSSR(SequentialRecommender):
             # those are the same as with missing_modality: zero under one seed)
             bound = math.sqrt(1.0 / self.n_items)
             self.content.missing.reset_parameters(lambda w: nn.init.uniform_(w, -bound, bound))
+            if isinstance(self.content, ContentProjector):
+                self.content.match_missing_scale()  # at the projected content's scale
 
     def optimizer_param_groups(self):
         """Trainable parameters; a finetuned encoder gets ``encoder_learning_rate``."""
