@@ -114,16 +114,16 @@ def run_cell(cell_file, record, data_path):
         for r in rules:
             r._cache = {}
             if rule == "mean":
-                r.ridge = None
+                r.content_map = None
             elif rule == "content_ridge":
-                r.ridge = ContentRidge(features[rule], r.warm, r.cold)
+                r.content_map = ContentRidge(features[rule], r.warm, r.cold)
             elif rule == "content_knn":
-                r.ridge = ContentNeighbours(features[rule], r.warm, r.cold, k)
+                r.content_map = ContentNeighbours(features[rule], r.warm, r.cold, k)
             else:
-                r.ridge = _RandomWarm(r.warm, r.cold)
+                r.content_map = _RandomWarm(r.warm, r.cold)
         results[label] = _evaluate(model, test, cold)
         if rule == "content_ridge":
-            results[label]["fit"] = dict(rules[0].ridge.last)
+            results[label]["fit"] = dict(rules[0].content_map.last)
     return results
 
 

@@ -85,18 +85,21 @@ def resolve(target):
     return obj
 
 
-def _literal_specs(path):
-    """The literal ``ModelSpec(...)`` calls of ``path``'s module-level ``MODEL_SPECS``."""
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), filename=path)
+def _literal_specs(path, source):
+    """The literal ``ModelSpec(...)`` calls of the module-level ``MODEL_SPECS`` of ``source`` (``path``'s text)."""
+    tree = ast.parse(source, filename=path)
     specs = []
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        else:
+            targets = [node.target] if isinstance(node, ast.AnnAssign) else []
         if not any(isinstance(t, ast.Name) and t.id == "MODEL_SPECS" for t in targets) or node.value is None:
             continue
         calls = node.value.elts if isinstance(node.value, (ast.Tuple, ast.List)) else [node.value]
         for call in calls:
-            if not (isinstance(call, ast.Call) and getattr(call.func, "id", getattr(call.func, "attr", None)) == "ModelSpec"):
+            called = getattr(call.func, "id", getattr(call.func, "attr", None)) if isinstance(call, ast.Call) else None
+            if called != "ModelSpec":
                 raise ValueError(f"{path}: MODEL_SPECS must hold ModelSpec(...) calls with literal arguments")
             try:
                 kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
@@ -125,9 +128,10 @@ def _discover():
                         continue
                     path = os.path.join(root, file)
                     with open(path, encoding="utf-8") as f:
-                        if "MODEL_SPECS" not in f.read():
-                            continue
-                    for s in _literal_specs(path):
+                        source = f.read()
+                    if "MODEL_SPECS" not in source:
+                        continue
+                    for s in _literal_specs(path, source):
                         if s.name in found:
                             raise ValueError(f"model {s.name} is declared twice: {found[s.name].source} and {path}")
                         found[s.name] = s

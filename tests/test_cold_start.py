@@ -294,7 +294,7 @@ def test_cold_rows_content_rule_in_evaluation_mean_rule_in_training_and_its_cach
     emb.eval()
     table = id_table(emb)
     assert not torch.allclose(table[3], table[9])  # each cold item from its own content
-    assert torch.allclose(table[cold], emb.cold_rule.ridge.predict(emb.weight).float(), atol=1e-6)
+    assert torch.allclose(table[cold], emb.cold_rule.content_map.predict(emb.weight).float(), atol=1e-6)
     assert torch.equal(table[~cold], emb.weight[~cold])
     ids = torch.tensor([[3, 2], [9, 0]])
     assert torch.allclose(emb(ids), table[ids])
@@ -423,7 +423,7 @@ def test_sicsrec_scores_cold_items_from_their_content(workdir):
     table = id_table(model.item_embedding)
     rule = model.item_embedding.cold_rule
     assert rule.rule == "content_ridge"
-    assert torch.allclose(table[cold], rule.ridge.predict(model.item_embedding.weight).float(), atol=1e-6)
+    assert torch.allclose(table[cold], rule.content_map.predict(model.item_embedding.weight).float(), atol=1e-6)
     assert not torch.allclose(table[cold], table[cold][:1].expand(int(cold.sum()), -1))
     assert torch.allclose(model.item_matrix()[cold], torch.nn.functional.normalize(table[cold], dim=-1), atol=1e-6)
     model.train()  # training: the mean warm row (cold items are not ranked in training)

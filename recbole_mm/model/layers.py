@@ -543,8 +543,9 @@ class ContentNeighbours:
     """The content-to-table map of :class:`ColdRows`' ``content_knn`` rule: a cold item's row is the
     mean of the rows of its ``k`` nearest warm items by content (cosine of the centred features,
     each feature block scaled to unit mean norm first so no modality dominates by its scale). The
-    neighbours are found once (float32, the warm rows built once); unlike the ridge map the rows keep a trained row's scale (``k = 1``:
-    a warm item's own row and bias), so cold items compete with warm ones for the top of a ranking."""
+    neighbours are found once (float32, the warm rows built once); unlike the ridge map the rows keep
+    a trained row's scale (``k = 1``: a warm item's own row and bias), so cold items compete with warm
+    ones for the top of a ranking."""
 
     CHUNK = 4096
 
@@ -552,6 +553,7 @@ class ContentNeighbours:
         self.k = max(1, int(k))
         warm_ids = torch.nonzero(warm.cpu()).flatten()
         cold_ids = torch.nonzero(cold.cpu()).flatten()
+
         def rows(ids):  # centred, each block scaled to unit mean norm, unit rows (float32)
             return F.normalize(torch.cat([(f.detach()[ids].float() - m) / s for f, m, s in stats], dim=1), dim=1)
 
@@ -604,42 +606,44 @@ class ColdRows(nn.Module):
         self.register_buffer("cold", cold, persistent=False)
         self.register_buffer("warm", warm, persistent=False)
         self.register_buffer("cold_index", index, persistent=False)
-        # the map from content to a table's cold rows (predict(table) -> (n_cold, k) float64)
+        # the map from content to a table's cold rows (predict(table) -> (n_cold, k) float64), or None
+        # for the mean rule
         if not features or rule == "mean":
-            self.ridge = None
+            self.content_map = None
         elif rule == "content_knn":
-            self.ridge = ContentNeighbours(features, warm, cold, neighbours)
+            self.content_map = ContentNeighbours(features, warm, cold, neighbours)
         else:
-            self.ridge = ContentRidge(features, warm, cold)
+            self.content_map = ContentRidge(features, warm, cold)
         self._cache = {}
 
     @property
     def rule(self):
-        if self.ridge is None:
+        if self.content_map is None:
             return "mean"
-        return "content_knn" if isinstance(self.ridge, ContentNeighbours) else "content_ridge"
+        return "content_knn" if isinstance(self.content_map, ContentNeighbours) else "content_ridge"
 
     def mean_row(self, table):
         return table.detach()[self.warm].mean(0)
 
-    def _ridge_rows(self, table):
+    def _content_rows(self, table):
         # _version catches optimizer steps and in-place ops; a sum over a sample of rows also catches
         # writes that do not bump it (a fused optimizer, .data writes)
         probe = float(table.detach()[:: max(1, table.shape[0] // 64)].double().sum())
         key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device, probe)
         hit = self._cache.get(id(table))
         if hit is None or hit[0] != key:
-            rows = self.ridge.predict(table).to(table.device, table.dtype).reshape((-1,) + tuple(table.shape[1:]))
+            rows = self.content_map.predict(table).to(table.device, table.dtype)
+            rows = rows.reshape((-1,) + tuple(table.shape[1:]))
             hit = (key, rows)
             self._cache[id(table)] = hit
         return hit[1]
 
     def forward(self, table):
         """``table`` with its cold rows replaced."""
-        if self.ridge is None or self.training:
+        if self.content_map is None or self.training:
             mask = self.cold.view((-1,) + (1,) * (table.dim() - 1))
             return torch.where(mask, self.mean_row(table).to(table.dtype), table)
-        return torch.index_put(table, (torch.nonzero(self.cold).flatten(),), self._ridge_rows(table))
+        return torch.index_put(table, (torch.nonzero(self.cold).flatten(),), self._content_rows(table))
 
     def rows(self, table, ids, looked_up):
         """``looked_up`` (= ``table[ids]``) with the cold ids' rows replaced."""
@@ -647,9 +651,9 @@ class ColdRows(nn.Module):
         if not bool(mask.any()):  # no cold id: nothing to replace (no pass over the table)
             return looked_up
         mask = mask.view(tuple(ids.shape) + (1,) * (looked_up.dim() - ids.dim()))
-        if self.ridge is None or self.training:
+        if self.content_map is None or self.training:
             return torch.where(mask, self.mean_row(table).to(looked_up.dtype), looked_up)
-        repl = self._ridge_rows(table)[self.cold_index[ids].clamp_min(0)]
+        repl = self._content_rows(table)[self.cold_index[ids].clamp_min(0)]
         return torch.where(mask, repl.to(looked_up.dtype), looked_up)
 
 

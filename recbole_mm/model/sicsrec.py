@@ -53,7 +53,7 @@ from recbole_mm.model.layers import (
 )
 from recbole_mm.model.softmax import CatalogueSoftmax
 from recbole_mm.model.sicsrec_stage1 import base_feature_names, modalities, stage1_feature_names
-from recbole_mm.registry import ModelSpec
+from recbole_mm.registry import ModelSpec, get_spec
 from recbole_mm.trainer import MMTrainer, format_metrics
 from recbole_mm.utils import jsonable
 
@@ -407,14 +407,13 @@ class SICSRec(SequentialRecommender):
         """``reg_norm`` of E and the trainable stage-1 tables. A sparse table (``sparse_table_updates``)
         counts only ``rows``, the items of this batch's histories and targets (lazy regularisation: a
         dense norm would touch every row each step); the others count whole."""
-        def part(module, table):
-            if module.sparse and rows is not None:
-                return module(rows)
-            return table
+        def part(module, whole):
+            # a sparse table's batch rows; else the whole table (built only then: not on the sparse path)
+            return module(rows) if module.sparse and rows is not None else whole()
 
-        tables = [part(self.item_embedding, id_table(self.item_embedding))] \
+        tables = [part(self.item_embedding, lambda: id_table(self.item_embedding))] \
             if self.item_embedding.weight.requires_grad else []
-        tables += [part(t, t.weight) for t in self.content_tables.values() if t.weight.requires_grad]
+        tables += [part(t, lambda t=t: t.weight) for t in self.content_tables.values() if t.weight.requires_grad]
         if not tables:
             return self.fusion.weight.sum() * 0.0
         if self.reg_norm == "squared":
@@ -547,7 +546,8 @@ def publish_step1(config, trainer, train_data, valid_data, best_valid_score, bes
     (no ``share_dir``, another model or loss, or already published)."""
     folder = _step1_share_dir(config)
     best = getattr(trainer, "saved_model_file", None)
-    if not folder or config["model"] != "SASRec" or config["loss_type"] != "CE" or not best or not os.path.isfile(best):
+    if not folder or get_spec(config["model"]).name != "SASRec" or config["loss_type"] != "CE" or not best \
+            or not os.path.isfile(best):
         return None
     key = step1_key(config, train_data, valid_data)
     path = step1_path(config, key, folder)

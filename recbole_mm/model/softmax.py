@@ -20,9 +20,8 @@ Only training uses it: validation and test always rank every item. Cold-start it
 (``cold_items``, :mod:`recbole_mm.data.cold`) are not in the training softmax at all (their logits
 are -inf, they are never drawn as negatives): held out of training, they do not exist yet for
 the model, as a new item does not; a softmax that kept them would teach the model to rank them
-last. The item frequencies come
-from the training dataset the model is built on (its samples' targets, +1 smoothing), held as a
-plain tensor (never in a checkpoint, never broadcast by DDP).
+last. The item frequencies come from the training dataset the model is built on (its samples'
+targets, +1 smoothing), held as a plain tensor (never in a checkpoint, never broadcast by DDP).
 """
 
 from __future__ import annotations
@@ -90,8 +89,10 @@ class CatalogueSoftmax(nn.Module):
         self.n_items = n_items
         cold = getattr(dataset, "cold_items", None)
         cold = None if cold is None else torch.as_tensor(cold, dtype=torch.bool)
-        # plain tensor (moved on first use): the training logits' mask of the held-out items
         self.excluded = cold if cold is not None and bool(cold.any()) else None
+        # plain tensor (moved on first use): -inf on the held-out items' training logits, built once
+        self.exclusion_bias = None if self.excluded is None else \
+            torch.zeros(n_items).masked_fill(self.excluded, float("-inf"))
         if self.sampled:
             counts = item_frequencies(dataset, n_items)
             if self.negatives == "uniform":
@@ -138,11 +139,10 @@ class CatalogueSoftmax(nn.Module):
             weight = all_items() if all_items is not None else \
                 item_vectors(torch.arange(self.n_items, device=hidden.device))
             bias = item_bias(torch.arange(self.n_items, device=hidden.device)) if item_bias is not None else None
-            if self.training and self.excluded is not None:
-                if self.excluded.device != hidden.device:
-                    self.excluded = self.excluded.to(hidden.device)
-                mask = torch.zeros(self.n_items, device=hidden.device, dtype=hidden.dtype).masked_fill(
-                    self.excluded, float("-inf"))
+            if self.training and self.exclusion_bias is not None:
+                if self.exclusion_bias.device != hidden.device:
+                    self.exclusion_bias = self.exclusion_bias.to(hidden.device)
+                mask = self.exclusion_bias.to(hidden.dtype)
                 bias = mask if bias is None else bias + mask
             return chunked_cross_entropy(hidden, weight, labels, bias=bias, memory_mb=self.memory_mb)
         if self.log_q.device != hidden.device:
