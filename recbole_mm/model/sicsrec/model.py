@@ -4,13 +4,14 @@ Reference: D. Zhou, W. Pan, Z. Ming. "Self-supervised representation learning wi
 modality alignment for sequential recommendation", Frontiers of Computer Science 20(12), 2025
 (arXiv 2510.10556). Specification: ``docs/SICSRec.md``.
 
-Stage 1 (``recbole_mm.model.sicsrec_stage1``) aligns text/image encoders on mined item pairs and
-exports item feature tables. Stage 2 is this module, trained in two steps by
-:class:`SICSRecTrainer`:
+Stage 1 (:mod:`recbole_mm.model.sicsrec.alignment`) aligns text/image encoders on mined item pairs and
+exports item feature tables. Stage 2 is this module's :class:`SICSRec`, trained in two steps by
+:class:`~recbole_mm.model.sicsrec.trainer.SICSRecTrainer`:
 
-* **step 1**: an ID-only SASRec (RecBole's own ``SASRec``, CE loss) of the same width, trained
-  once and saved under a deterministic path in ``checkpoint_dir`` (or loaded from
-  ``pretrained_id_encoder``); a later run with the same data and step-1 settings reuses it;
+* **step 1** (:mod:`recbole_mm.model.sicsrec.id_pretraining`): an ID-only SASRec (RecBole's own
+  ``SASRec``, CE loss) of the same width, trained once and saved under a deterministic path in
+  ``checkpoint_dir`` (or loaded from ``pretrained_id_encoder``); a later run with the same data and
+  step-1 settings reuses it;
 * **step 2**: :class:`SICSRec` loads it, freezes the ID Transformer, inserts zero-initialised
   rank-``r`` adapters after its attention and feed-forward sublayers, and trains the content
   encoder, the ID->content cross-attention decoder and the fusion layer with
@@ -20,22 +21,14 @@ Every deviation from the official code is a named switch in ``properties/model/S
 the defaults are the corrected behaviour.
 """
 
-import copy
-import hashlib
-import json
-import os
 from logging import getLogger
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.layers import TransformerEncoder
-from recbole.utils import init_seed, set_color
 
-from recbole_mm.compat import torch_load
-from recbole_mm.atomic import torch_save_atomic
 from recbole_mm.model.layers import (
     AttentionStack,
     LowRankAdapter,
@@ -52,10 +45,8 @@ from recbole_mm.model.layers import (
     with_cold_items,
 )
 from recbole_mm.model.softmax import CatalogueSoftmax
-from recbole_mm.model.sicsrec_stage1 import base_feature_names, modalities, stage1_feature_names
-from recbole_mm.registry import ModelSpec, get_spec
-from recbole_mm.trainer import MMTrainer, format_metrics
-from recbole_mm.utils import jsonable
+from recbole_mm.model.sicsrec.settings import base_feature_names, modalities, stage1_feature_names
+from recbole_mm.registry import ModelSpec
 
 _CHOICES = {
     "content_modality": ("text", "image", "both"),
@@ -76,11 +67,11 @@ ID_ENCODER_PREFIXES = ("item_embedding.", "position_embedding.", "LayerNorm.", "
 # the same settings can publish (publish_step1) into the run's share_dir; trim_safe: outputs unchanged
 # when batches are cut to their longest history (tests/test_lazy.py)
 MODEL_SPECS = (
-    ModelSpec(name="SICSRec", model="recbole_mm.model.sicsrec:SICSRec", role="proposed", trim_safe=True,
-              dataset="recbole_mm.model.sicsrec_stage1:SICSRecDataset",
-              trainer="recbole_mm.model.sicsrec:SICSRecTrainer",
-              features="recbole_mm.model.sicsrec:SICSRec.required_features",
-              publishers=(("SASRec", "recbole_mm.model.sicsrec:publish_step1"),),
+    ModelSpec(name="SICSRec", model="recbole_mm.model.sicsrec.model:SICSRec", role="proposed", trim_safe=True,
+              dataset="recbole_mm.model.sicsrec.dataset:SICSRecDataset",
+              trainer="recbole_mm.model.sicsrec.trainer:SICSRecTrainer",
+              features="recbole_mm.model.sicsrec.model:SICSRec.required_features",
+              publishers=(("SASRec", "recbole_mm.model.sicsrec.id_pretraining:publish_step1"),),
               test_config={"stage1": False}),
 )
 
@@ -456,263 +447,3 @@ class SICSRec(SequentialRecommender):
 
     def full_sort_predict(self, interaction):
         return self.logits(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]))
-
-
-# ====================================================================== trainer
-
-# config keys that decide what step 1 learns (they name its checkpoint)
-STEP1_KEYS = (
-    "hidden_size", "inner_size", "n_layers", "n_heads", "hidden_dropout_prob", "attn_dropout_prob", "hidden_act",
-    "layer_norm_eps", "initializer_range", "MAX_ITEM_LIST_LENGTH", "loss_type", "learner", "learning_rate",
-    "weight_decay", "epochs", "stopping_step", "eval_step", "train_batch_size", "valid_metric", "seed",
-    "reproducibility", "clip_grad_norm", "train_windows", "eval_args", "benchmark_filename",
-)
-# step-1 settings only when on (keys of runs without bucketing stay as they were)
-BUCKETING_KEYS = ("length_bucketing", "bucket_pool_batches")
-
-
-def step1_config(config):
-    """A copy of ``config`` for the step-1 SASRec: ``step1_config`` overrides applied, model SASRec."""
-    cfg = copy.deepcopy(config)
-    for key, value in (config["step1_config"] or {}).items():
-        cfg[key] = value
-    cfg["model"] = "SASRec"
-    cfg["loss_type"] = "CE"
-    return cfg
-
-
-def data_checksum(train_data, valid_data=None):
-    """Identity of the training (and validation) samples: users, items and histories."""
-    h = hashlib.sha256()
-    for loader in (train_data, valid_data):
-        if loader is None:
-            continue
-        ds = loader._dataset
-        h.update("|".join(map(str, ds.field2id_token[ds.iid_field])).encode("utf-8"))
-        inter = ds.inter_feat
-        list_field = ds.iid_field + ds.config["LIST_SUFFIX"]
-        for field in (ds.uid_field, ds.iid_field, list_field):
-            if field in inter:
-                h.update(np.ascontiguousarray(inter[field].numpy()).tobytes())
-            elif field == list_field and getattr(ds, "lazy_sequences", False):
-                # lazy histories, cut at full width in blocks: the same bytes as a materialised table
-                for start in range(0, len(inter), 65536):
-                    rows = ds.histories(inter[start:start + 65536], width=ds.max_item_list_len)
-                    h.update(np.ascontiguousarray(rows[field].numpy()).tobytes())
-    return h.hexdigest()
-
-
-def step1_key(config, train_data, valid_data=None):
-    cfg = step1_config(config)
-    return {
-        "dataset": config["dataset"],
-        "data": data_checksum(train_data, valid_data),
-        "settings": {k: jsonable(cfg[k]) for k in STEP1_KEYS + BUCKETING_KEYS * bool(cfg["length_bucketing"])
-                     if k in cfg},
-        "n_items": int(train_data._dataset.item_num),
-    }
-
-
-def _barrier(ddp):
-    if ddp:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def step1_path(config, key, folder=None):
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    return os.path.join(folder or config["checkpoint_dir"], f"SICSRec-step1-{config['dataset']}-{digest}.pth")
-
-
-# ``share_dir``: a folder shared by the runs of one study (set by ``recbole_mm.study`` for its cells): a finished
-# RecBole SASRec run (CE loss) publishes its best checkpoint there under the step-1 name its
-# settings and data give; a SICSRec run whose step 1 has the same key loads it instead of training
-# the same SASRec again. The key (data checksum + every step-1 setting, seed included) decides, so
-# a published SASRec is only ever used where SICSRec would have trained exactly that model.
-def _step1_share_dir(config):
-    return os.path.join(config["share_dir"], "step1") if config["share_dir"] else None
-
-
-def _history_of(trainer):
-    history = getattr(trainer, "history", None) or {}
-    return {k: jsonable(history[k]) for k in ("train_loss", "valid_score", "valid_result", "train_epoch_s", "valid_epoch_s")
-            if k in history}
-
-
-def publish_step1(config, trainer, train_data, valid_data, best_valid_score, best_valid_result):
-    """After a SASRec run (CE loss) with a saved best checkpoint: write it, with its step-1 key,
-    to ``<share_dir>/step1`` for the SICSRec runs of the same study; returns the path or None
-    (no ``share_dir``, another model or loss, or already published)."""
-    folder = _step1_share_dir(config)
-    best = getattr(trainer, "saved_model_file", None)
-    if not folder or get_spec(config["model"]).name != "SASRec" or config["loss_type"] != "CE" or not best \
-            or not os.path.isfile(best):
-        return None
-    key = step1_key(config, train_data, valid_data)
-    path = step1_path(config, key, folder)
-    if os.path.isfile(path):
-        return None  # the same key: the same run, published before
-    ckpt = torch_load(best, map_location="cpu")
-    ckpt["sicsrec_step1"] = {"key": jsonable(key), "best_valid_score": jsonable(best_valid_score),
-                             "best_valid_result": jsonable(best_valid_result), "history": _history_of(trainer),
-                             "published_by": "SASRec run"}
-    os.makedirs(folder, exist_ok=True)
-    torch_save_atomic(ckpt, path)
-    getLogger().info(set_color("SICSRec step 1", "green") + f": this SASRec published as a step 1 for SICSRec -> {path}")
-    return path
-
-
-class SICSRecTrainer(MMTrainer):
-    """Runs SICSRec's two steps: step 1 (ID SASRec; trained, or reused when its checkpoint
-    exists) then step 2 (the SICSRec model, RecBole's training loop with early stopping)."""
-
-    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        state, info = self.prepare_step1(train_data, valid_data, verbose=verbose, show_progress=show_progress)
-        self.model.load_id_encoder(state)
-        # only the weights are kept for evaluate_step1 (not the checkpoint's optimizer state)
-        self._step1_state = state["state_dict"] if isinstance(state.get("state_dict"), dict) else state
-        self.step1_info = info
-        self._history()["step1"] = jsonable(info)
-        # step 2 starts from the same random state whether step 1 was trained or reused
-        init_seed(self.config["seed"] + self.config["local_rank"], self.config["reproducibility"])
-        self.logger.info(set_color("SICSRec step 2", "green") + ": frozen ID Transformer + adapters, content "
-                         "encoder, decoder and fusion")
-        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
-                           callback_fn=callback_fn)
-
-    @torch.no_grad()
-    def evaluate_step1(self, eval_data, show_progress=False):
-        """Test metrics of the step-1 SASRec on ``eval_data``: the ID-only baseline this run's
-        step 2 started from, scored by the same evaluator (a paired SASRec number for free).
-        Stored in the run record as ``history.step1.test_result``; None before ``fit``."""
-        from recbole.model.sequential_recommender.sasrec import SASRec
-
-        from recbole_mm.registry import get_trainer
-
-        state = getattr(self, "_step1_state", None)
-        if state is None:
-            return None
-        cfg = step1_config(self.config)
-        model = SASRec(cfg, eval_data._dataset).to(self.device)
-        model.load_state_dict(state)
-        trainer = get_trainer(cfg["MODEL_TYPE"], "SASRec")(cfg, model)
-        result = trainer.evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-        self._history().setdefault("step1", {})["test_result"] = jsonable(result)
-        self.logger.info(set_color("SICSRec step 1 (ID SASRec) test result", "yellow") + ": "
-                         + format_metrics(result, self.config["metric_decimal_place"] or 4))
-        return result
-
-    def extra_test_results(self, test_data, show_progress=False):
-        """The step-1 SASRec's test metrics (:meth:`evaluate_step1`), as ``{"step1": ...}``."""
-        result = self.evaluate_step1(test_data, show_progress=show_progress)
-        return {} if result is None else {"step1": result}
-
-    def stage_summaries(self):
-        info = self._history().get("step1")
-        if not isinstance(info, dict):
-            return []
-        trained = info.get("history") if isinstance(info.get("history"), dict) else None
-        return [{
-            "name": "step1", "label": "step-1 SASRec", "model": "SASRec",
-            "epochs": len(trained.get("train_loss") or []) if trained else None,
-            "max_epochs": step1_config(self.config)["epochs"], "reused": bool(info.get("reused")),
-            "description": "Each run's step-1 ID SASRec (same size and split; trained in that run, or the study's "
-                           "SASRec cell of the same seed when it was the same run and was loaded instead) tested by "
-                           "the same evaluator: a paired ID-only baseline per seed.",
-            "test_result": info.get("test_result"),
-        }]
-
-    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
-        model = self.model
-        if hasattr(model, "content_spread"):
-            was = model.training
-            model.eval()
-            spread = model.content_spread()
-            model.train(was)
-            self._history().setdefault("content_mean_cosine", []).append(spread)
-            self.logger.info(f"SICSRec epoch {epoch_idx}: content vectors' mean pairwise cosine {spread:.3f} "
-                             "(1 = collapsed)")
-        return loss
-
-    def prepare_step1(self, train_data, valid_data=None, verbose=True, show_progress=False):
-        """(step-1 state_dict, info): loaded from ``pretrained_id_encoder`` or the deterministic
-        checkpoint, else trained now and saved there atomically."""
-        config = self.config
-        given = config["pretrained_id_encoder"]
-        if given:
-            if not os.path.isfile(given):
-                raise FileNotFoundError(f"pretrained_id_encoder {given} does not exist (leave it empty to train "
-                                        "step 1 and save it under checkpoint_dir)")
-            ckpt = torch_load(given, map_location=self.device)
-            self.logger.info(set_color("SICSRec step 1", "green") + f": loaded from pretrained_id_encoder {given}")
-            return ckpt, {"checkpoint": os.path.abspath(given), "reused": True, "source": "pretrained_id_encoder"}
-        key = step1_key(config, train_data, valid_data)
-        path = step1_path(config, key)
-        share = _step1_share_dir(config)
-        candidates = [(path, None)] + ([(step1_path(config, key, share), "shared")] if share else [])
-        if config["step1_retrain"]:
-            candidates = []
-        for candidate, source in candidates:
-            if not os.path.isfile(candidate):
-                continue
-            ckpt = torch_load(candidate, map_location=self.device)
-            meta = ckpt.get("sicsrec_step1", {})
-            if meta.get("key") != jsonable(key):
-                self.logger.warning(f"SICSRec step 1: {candidate} was written for other settings; not used")
-                continue
-            what = f"the step 1 published by a {meta['published_by']}" if meta.get("published_by") else "step 1"
-            self.logger.info(set_color("SICSRec step 1", "green") + f": reusing {what}, {candidate} (best valid "
-                             f"{meta.get('best_valid_score')})")
-            info = {"checkpoint": candidate, "reused": True, "best_valid_score": meta.get("best_valid_score"),
-                    "best_valid_result": meta.get("best_valid_result")}
-            if meta.get("history"):
-                info["history"] = meta["history"]  # the epochs it was trained for, when it was trained
-            if source:
-                info["source"] = f"share_dir ({meta.get('published_by', 'a SICSRec run')})"
-            return ckpt, info
-        return self.train_step1(train_data, valid_data, key, path, verbose, show_progress)
-
-    def train_step1(self, train_data, valid_data, key, path, verbose=True, show_progress=False):
-        from recbole.model.sequential_recommender.sasrec import SASRec
-
-        from recbole_mm.registry import get_trainer
-
-        cfg = step1_config(self.config)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        generator_state = train_data.generator.get_state()
-        batch_changed = cfg["train_batch_size"] != self.config["train_batch_size"]
-        if batch_changed:
-            train_data.update_config(cfg)
-        self.logger.info(set_color("SICSRec step 1", "green") + f": training an ID SASRec -> {path}")
-        init_seed(cfg["seed"] + cfg["local_rank"], cfg["reproducibility"])
-        model = SASRec(cfg, train_data._dataset).to(self.device)
-        trainer = get_trainer(cfg["MODEL_TYPE"], "SASRec")(cfg, model)
-        # under DDP only local rank 0 writes checkpoints (RecBole's rule): one shared partial name
-        ddp = not cfg["single_spec"]
-        writer = not ddp or cfg["local_rank"] == 0
-        partial = f"{path}.partial-ddp" if ddp else f"{path}.partial-{os.getpid()}"
-        trainer.saved_model_file = partial
-        try:
-            best_score, best_result = trainer.fit(train_data, valid_data, verbose=verbose, saved=True,
-                                                  show_progress=show_progress)
-            _barrier(ddp)
-            if writer:
-                ckpt = torch_load(partial, map_location=self.device)
-                ckpt["sicsrec_step1"] = {"key": jsonable(key), "best_valid_score": jsonable(best_score),
-                                         "best_valid_result": jsonable(best_result),
-                                         "history": _history_of(trainer)}
-                torch_save_atomic(ckpt, path)
-            _barrier(ddp)
-            ckpt = torch_load(path, map_location=self.device)
-        finally:
-            if writer and os.path.exists(partial):
-                os.remove(partial)
-            if batch_changed:
-                train_data.update_config(self.config)
-            train_data.generator.set_state(generator_state)
-        self.logger.info(set_color("SICSRec step 1", "green") + f": best valid {best_result} saved to {path}")
-        info = {"checkpoint": path, "reused": False, "best_valid_score": best_score,
-                "best_valid_result": best_result, "history": getattr(trainer, "history", None)}
-        return ckpt, info
