@@ -1,9 +1,9 @@
-"""BoundedRowCache (recbole_mm.model.encoders): filled as rows are seen, within its budget, exact
+"""BoundedRowCache (recbole_mm.encoders): filled as rows are seen, within its budget, exact
 in float32, recomputed (not stored) once the budget is spent."""
 
 import torch
 
-from recbole_mm.model.encoders import BoundedRowCache
+from recbole_mm.encoders import BoundedRowCache
 
 
 def _compute(calls):

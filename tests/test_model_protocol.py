@@ -94,26 +94,60 @@ def test_a_model_outside_the_package_registers_itself():
         ModelSpec(name="X", model="a.b.C")
 
 
+def test_a_moved_model_keeps_its_old_names():
+    """SICSRec moved from three modules into a package: what checkpoints pickled (a Config holds the
+    model class, a saved dataset its class) and what scripts import still resolves, to the same objects,
+    and the spec found by class is SICSRec's."""
+    import pickle
+
+    from recbole_mm.model import sicsrec_pairs, sicsrec_stage1
+    from recbole_mm.model.sicsrec import SICSRec, SICSRecTrainer, publish_step1
+    from recbole_mm.model.sicsrec import dataset, pairs, trainer
+
+    assert pickle.loads(b"crecbole_mm.model.sicsrec\nSICSRec\n.") is SICSRec
+    assert pickle.loads(b"crecbole_mm.model.sicsrec_stage1\nSICSRecDataset\n.") is dataset.SICSRecDataset
+    assert pickle.loads(pickle.dumps(SICSRec)) is SICSRec and SICSRecTrainer is trainer.SICSRecTrainer
+    assert get_spec(SICSRec).name == "SICSRec" and get_model("SICSRec") is SICSRec
+    assert resolve(get_spec("SICSRec").publishers[0][1]) is publish_step1
+    assert sicsrec_stage1.main.__module__ == "recbole_mm.model.sicsrec.cli"
+    assert sicsrec_pairs.LLMPairMiner is pairs.LLMPairMiner and sicsrec_stage1.stage1_pairs is pairs.stage1_pairs
+
+
 # ----------------------------------------------------------------------------- layering
-# data -> models -> trainers -> runner -> study / tune -> CLI: each layer, imported alone in a fresh
+# data -> encoders (content encoders in the graph) -> models -> trainers -> runner -> study / tune -> CLI: each layer, imported alone in a fresh
 # interpreter, loads no module of a layer above it (the registry resolves models by name at run time)
-# every plugin model's module is checked: in the model layer, or the trainer layer when its spec names
-# a trainer of its own (defined next to the model, as SICSRec's)
-_MODEL_MODULES = sorted({s.model.split(":")[0] for s in plugin_specs().values() if not s.trainer})
-_TRAINER_MODULES = sorted({s.model.split(":")[0] for s in plugin_specs().values() if s.trainer})
+# every module a plugin model's spec names is checked: the trainer of its own that a spec names in the
+# trainer layer (with the model module when both are one module), the model, dataset, features and
+# publisher modules in the model layer
+_TRAINER_MODULES = sorted({s.trainer.split(":")[0] for s in plugin_specs().values() if s.trainer})
+_MODEL_MODULES = sorted({target.split(":")[0] for s in plugin_specs().values()
+                         for target in (s.model, s.dataset, s.features, *(t for _, t in s.publishers))
+                         if target and target.startswith("recbole_mm.model.")} - set(_TRAINER_MODULES))
+# a model split into a package (SICSRec): the package, each of its modules, and the old module names kept
+# for compatibility (the package's __init__ resolves its names on first use, so importing one of its model
+# modules does not load its trainer)
+_SICSREC_DIR = os.path.join(REPO, "recbole_mm", "model", "sicsrec")
+_PACKAGE_MODULES = sorted({"recbole_mm.model.sicsrec", "recbole_mm.model.sicsrec_stage1",
+                           "recbole_mm.model.sicsrec_pairs"}
+                          | {f"recbole_mm.model.sicsrec.{f[:-3]}" for f in os.listdir(_SICSREC_DIR)
+                             if f.endswith(".py") and f != "__init__.py"})
 LAYERS = [
     ("base", ["recbole_mm.registry", "recbole_mm.utils"]),
     ("data", ["recbole_mm.data.dataset", "recbole_mm.data.lazy", "recbole_mm.data.extract"]),
-    ("model", _MODEL_MODULES + ["recbole_mm.model.sicsrec_stage1"]),
+    ("encoders", ["recbole_mm.encoders", "recbole_mm.encoders.text", "recbole_mm.encoders.image",
+                  "recbole_mm.encoders.lora"]),
+    ("model", sorted((set(_MODEL_MODULES) | set(_PACKAGE_MODULES)) - set(_TRAINER_MODULES))),
     ("trainer", ["recbole_mm.trainer"] + _TRAINER_MODULES),
     ("runner", ["recbole_mm.quick_start"]),
     ("study", ["recbole_mm.study", "recbole_mm.tune"]),
 ]
 _ABOVE = {
-    "base": ["recbole_mm.data", "recbole_mm.model", "recbole_mm.trainer", "recbole_mm.quick_start", "recbole_mm.study",
+    "base": ["recbole_mm.data", "recbole_mm.encoders", "recbole_mm.model", "recbole_mm.trainer", "recbole_mm.quick_start", "recbole_mm.study",
              "recbole_mm.tune", "recbole_mm.__main__"],
-    "data": ["recbole_mm.model", "recbole_mm.trainer", "recbole_mm.quick_start", "recbole_mm.study", "recbole_mm.tune",
+    "data": ["recbole_mm.encoders", "recbole_mm.model", "recbole_mm.trainer", "recbole_mm.quick_start", "recbole_mm.study", "recbole_mm.tune",
              "recbole_mm.__main__"],
+    "encoders": ["recbole_mm.model", "recbole_mm.trainer", "recbole_mm.quick_start", "recbole_mm.study",
+                 "recbole_mm.tune", "recbole_mm.__main__"],
     "model": ["recbole_mm.trainer", "recbole_mm.quick_start", "recbole_mm.study", "recbole_mm.tune", "recbole_mm.__main__"],
     "trainer": ["recbole_mm.quick_start", "recbole_mm.study", "recbole_mm.tune", "recbole_mm.__main__"],
     "runner": ["recbole_mm.study", "recbole_mm.tune", "recbole_mm.__main__"],

@@ -125,6 +125,20 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
         self._text_inputs[key] = (ids, mask)
         return ids, mask
 
+    def image_paths(self, name):
+        """Per internal item id, the image file of image feature ``name`` (None: PAD, or no file),
+        resolved as its extraction resolves it (``image_field`` / ``image_dir``)."""
+        from recbole_mm.data.extract import image_inputs
+
+        spec = self.feature_spec(name)
+        data_dir = self.config["data_path"]
+        item_file = os.path.join(data_dir, f"{self.dataset_name}.item")
+        tokens, paths, _ = image_inputs(data_dir, self.dataset_name, spec, item_file)
+        by_token = {str(t): p for t, p in zip(tokens, paths)}
+        aligned = [by_token.get(str(t)) for t in self.field2id_token[self.iid_field]]
+        aligned[0] = None
+        return [p if p is not None and os.path.isfile(p) else None for p in aligned]
+
     # ---------------------------------------------------------------- training windows
     def build(self):
         datasets = super().build()

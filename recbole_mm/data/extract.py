@@ -734,7 +734,7 @@ def _dist_same_as_rank0(value):
     return box[0]
 
 
-def _image_inputs(dataset_dir, dataset_name, spec, item_file):
+def image_inputs(dataset_dir, dataset_name, spec, item_file):
     """(tokens, paths, source description) for an image feature."""
     image_field = spec.get("image_field")
     image_dir = spec.get("image_dir")
@@ -887,7 +887,7 @@ def _extract_features(dataset_dir, dataset_name: str, name: str, spec: dict, sho
             raise ValueError(f"feature {name!r}: spec['encoder'] is required for image features "
                              "(a hub name such as 'google/vit-base-patch16-224-in21k' or a local folder)")
         background = parse_background(spec.get("image_background"), f"feature {name!r}: image_background")
-        all_tokens, all_paths, source = _image_inputs(dataset_dir, dataset_name, spec, item_file)
+        all_tokens, all_paths, source = image_inputs(dataset_dir, dataset_name, spec, item_file)
         base_key = {
             "type": "image", "encoder": image_encoders.describe(encoder),
             "encoder_fingerprint": image_encoders.fingerprint(encoder, encoder_fingerprint),

@@ -151,6 +151,24 @@ def load_state(model, path, where):
             "Check factory, args and kwargs (the architecture) against the weights")
 
 
+def resize_crop_uint8(images, size, resize):
+    """PIL images -> uint8 tensor (B, 3, size, size): the shorter side resized to ``resize``
+    (bicubic), then a centre crop of ``size``."""
+    import torch
+    from PIL import Image
+
+    out = []
+    for img in images:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = resize / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        out.append(np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
 class ModuleImageEncoder:
     """A module spec's model with its preprocessing: ``encode(images, pooling)`` -> float32 (B, D)."""
 
@@ -176,23 +194,13 @@ class ModuleImageEncoder:
         self.mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
 
-    def preprocess(self, images):
-        """PIL images -> normalised (B, 3, S, S): shorter side resized to ``resize`` (bicubic), centre crop."""
-        import torch
-        from PIL import Image
+    def pixels_uint8(self, images):
+        """PIL images -> uint8 (B, 3, S, S): shorter side resized to ``resize`` (bicubic), centre crop."""
+        return resize_crop_uint8(images, self.spec["image_size"], self.spec["resize"])
 
-        size, resize = self.spec["image_size"], self.spec["resize"]
-        out = []
-        for img in images:
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = resize / min(w, h)
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            out.append(np.asarray(img, dtype=np.float32) / 255.0)
-        pixel = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+    def preprocess(self, images):
+        """PIL images -> normalised (B, 3, S, S) on the model's device and dtype."""
+        pixel = self.pixels_uint8(images).float() / 255.0
         return ((pixel - self.mean) / self.std).to(self.device, self.dtype)
 
     def encode(self, images, pooling="pooler"):

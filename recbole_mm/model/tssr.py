@@ -69,8 +69,6 @@ class TSSR(SequentialRecommender):
         names["both"] = names["text"] + names["image"]
         if modality not in names:
             raise ValueError(f"content_modality must be one of {_CHOICES['content_modality']}, got {modality!r}")
-        if config["content_mode"] == "finetune" and modality != "text":
-            raise ValueError("content_mode: finetune supports content_modality: text only (use frozen image features)")
         return names[modality]
 
     def __init__(self, config, dataset):
@@ -160,24 +158,45 @@ class TSSR(SequentialRecommender):
         self.classifier_cold = rule if self.classifier is not None else None
 
     def _build_finetune_content(self, config, dataset, masks=None):
-        from recbole_mm.model.encoders import FinetuneTextEncoder, load_text_encoder
+        """The modality's encoders in the graph (recbole_mm.encoders): text, image or both."""
+        from recbole_mm.encoders.lora import lora_settings
 
-        name = self.feature_names[0]
-        spec = dataset.feature_spec(name)
-        encoder_name = config["content_encoder"] or spec.get("encoder") or "default"
-        encoder, tokenizer = load_text_encoder(encoder_name)
-        ids, mask = dataset.text_inputs(name, tokenizer, config["encoder_max_length"])
-        text = FinetuneTextEncoder(
-            encoder, ids, mask,
-            trainable_layers=config["encoder_trainable_layers"],
-            pooling=config["encoder_pooling"] or spec.get("pooling", "mean"),
-            unique_items=config["encoder_unique_items"],
-            cache_lower=config["encoder_cache_lower"],
-            cache_mb=config["encoder_cache_mb"],
-            cache_dtype=config["encoder_cache_dtype"] or "float32",
-        )
-        missing = MissingContent({name: masks[name]}, self.hidden_size, self.missing_modality) if masks else None
-        return _FinetuneContent(text, self.hidden_size, name, missing)
+        peft = config["encoder_peft"]
+        if peft not in (None, "lora"):
+            raise ValueError(f"encoder_peft must be ~ (tune the top layers themselves) or lora, got {peft!r}")
+        lora = lora_settings(config) if peft == "lora" else None
+        shared = dict(unique_items=config["encoder_unique_items"], cache_lower=config["encoder_cache_lower"],
+                      cache_mb=config["encoder_cache_mb"], cache_dtype=config["encoder_cache_dtype"] or "float32",
+                      lora=lora)
+        encoders = {}
+        for name in self.feature_names:
+            spec = dataset.feature_spec(name)
+            if spec.get("type") == "image":
+                encoders[name] = self._finetune_image_encoder(config, dataset, name, spec, masks, shared)
+            else:
+                from recbole_mm.encoders.text import FinetuneTextEncoder, load_text_encoder
+
+                encoder, tokenizer = load_text_encoder(config["content_encoder"] or spec.get("encoder") or "default")
+                ids, mask = dataset.text_inputs(name, tokenizer, config["encoder_max_length"])
+                encoders[name] = FinetuneTextEncoder(
+                    encoder, ids, mask, trainable_layers=config["encoder_trainable_layers"],
+                    pooling=config["encoder_pooling"] or spec.get("pooling", "mean"), **shared)
+        missing = (MissingContent({n: masks[n] for n in encoders}, self.hidden_size, self.missing_modality)
+                   if masks else None)
+        return _FinetuneContent(encoders, self.hidden_size, missing)
+
+    @staticmethod
+    def _finetune_image_encoder(config, dataset, name, spec, masks, shared):
+        from recbole_mm.data.images import parse_background
+        from recbole_mm.encoders.image import load_image_finetune
+
+        available = ~dataset.mm_missing[name]  # readable images, as the image feature's extraction found them
+        return load_image_finetune(
+            config["image_encoder"] or spec.get("encoder"), dataset.image_paths(name), available,
+            background=parse_background(spec.get("image_background"), f"mm_features.{name}.image_background"),
+            pooling=config["image_pooling"] or spec.get("pooling") or "pooler",
+            trainable_layers=config["image_trainable_layers"], cache_pixels=config["image_cache_pixels"],
+            pixel_cache_mb=config["image_pixel_cache_mb"], **shared)
 
     def _init_weights(self):
         # TSSR's init (xavier-normal Linear, constant bias, uniform ID embeddings); a pretrained
@@ -200,9 +219,9 @@ class TSSR(SequentialRecommender):
         """Trainable parameters; a finetuned encoder gets ``encoder_learning_rate``."""
         if self.content_mode != "finetune":
             return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-        enc = {id(p) for p in self.content.text.encoder.parameters()}
+        enc_params = self.content.encoder_parameters()
+        enc = {id(p) for p in enc_params}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in enc]
-        enc_params = [p for p in self.content.text.encoder.parameters() if p.requires_grad]
         groups = [{"params": rest}]
         if enc_params:
             groups.append({"params": enc_params, "lr": self.encoder_learning_rate})
@@ -425,20 +444,44 @@ class TSSR(SequentialRecommender):
 
 
 class _FinetuneContent(nn.Module):
-    """Text encoder (partly trainable) + projection to ``hidden_size``: C[x] for any id tensor;
-    ``missing`` (a :class:`~recbole_mm.model.layers.MissingContent` or None) replaces the vectors
-    of items without text (``missing_modality``)."""
+    """Content encoders in the graph (text and / or image, partly trainable), each projected to
+    ``hidden_size`` and summed (as the frozen :class:`ContentProjector` sums its features): C[x] for
+    any id tensor. ``missing`` (a :class:`~recbole_mm.model.layers.MissingContent` or None) replaces
+    the projection of a modality an item lacks (``missing_modality``)."""
 
-    def __init__(self, text_encoder, hidden_size, name="text", missing=None):
+    def __init__(self, encoders, hidden_size, missing=None):
         super().__init__()
-        self.text = text_encoder
-        self.proj = nn.Linear(text_encoder.out_dim, hidden_size)
-        self.name = name
+        self.names = list(encoders)
+        self.encoders = nn.ModuleDict(encoders)
+        self.proj = nn.ModuleDict({n: nn.Linear(e.out_dim, hidden_size) for n, e in encoders.items()})
         self.missing = missing
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written when finetune was text only: content.text.* / content.proj.{weight,bias}
+        name = self.names[0]
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if rest.startswith("text."):
+                state_dict[f"{prefix}encoders.{name}.{rest[len('text.'):]}"] = state_dict.pop(key)
+            elif rest in ("proj.weight", "proj.bias"):
+                state_dict[f"{prefix}proj.{name}.{rest[len('proj.'):]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def text(self):  # the text encoder (older code and tests read content.text)
+        return next(e for e in self.encoders.values() if hasattr(e, "input_ids"))
+
     def encoder_modules(self):
-        return list(self.text.encoder.modules())
+        return [m for e in self.encoders.values() for m in e.encoder.modules()]
+
+    def encoder_parameters(self):
+        return [p for e in self.encoders.values() for p in e.encoder_parameters()]
 
     def forward(self, item_ids):
-        z = self.proj(self.text(item_ids))
-        return z if self.missing is None else self.missing.replace(self.name, item_ids, z)
+        out = None
+        for name, encoder in self.encoders.items():
+            z = self.proj[name](encoder(item_ids))
+            if self.missing is not None:
+                z = self.missing.replace(name, item_ids, z)
+            out = z if out is None else out + z
+        return out

@@ -957,6 +957,11 @@ BEHAVIOUR_KEEPING_DEFAULTS = (
     "cold_item_rule", "cold_item_neighbours",
     # sparse_table_updates: False (the default) is the dense update as before
     "sparse_table_updates",
+    # finetune with images / LoRA (new): act only under content_mode: finetune with an image modality or
+    # encoder_peft: lora, neither of which existed before; the pixel cache's budget decides what is
+    # decoded again, not the values
+    "image_encoder", "image_trainable_layers", "image_pooling", "image_cache_pixels", "image_pixel_cache_mb",
+    "encoder_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target",
 )
 BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
 

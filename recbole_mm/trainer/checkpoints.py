@@ -32,6 +32,7 @@ RUN_KEY_IGNORED = frozenset({
     "wandb_project", "worker", "share_dir",
     # how, not what: the same values either way
     "feature_table_mmap", "activation_checkpointing", "eval_memory_mb", "ce_memory_mb", "contrastive_memory_mb",
+    "image_pixel_cache_mb",
 })
 
 

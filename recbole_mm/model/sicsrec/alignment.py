@@ -4,8 +4,8 @@
    similar to the user's last training item (``pair_miner: cooccurrence | llm``, or a
    ready-made ``pair_file``).
 2. **Alignment fine-tuning**: a text encoder and/or an image encoder (any ``transformers``
-   models; top ``k`` layers trainable; the image tower is
-   :class:`~recbole_mm.model.sicsrec.image_tower.ImageTower`) with trained projection heads, on
+   models; top ``k`` layers trainable; the image tower is (any pooling but logits)
+   :class:`~recbole_mm.model.sicsrec.image_tower.EncoderImageTower`, cached) with trained projection heads, on
    the pairs, with in-batch InfoNCE losses ``t2t`` (target text vs similar item's text), ``i2i``
    (same on images) and ``t2i`` (an item's text vs its own image), temperature ``sft_tau``.
    Text-only and image-only datasets use the losses their modality allows.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from recbole_mm.data.extract import sha256_strings
 from recbole_mm.model.sicsrec._runtime import _barrier, _free_memory
-from recbole_mm.model.sicsrec.image_tower import ImageTower, _file_sig, _image_paths
+from recbole_mm.model.sicsrec.image_tower import _file_sig, _image_paths, make_image_tower
 from recbole_mm.model.sicsrec.pairs import stage1_pairs
 from recbole_mm.model.sicsrec.settings import base_feature_names, modalities, setting, sft_seed, stage1_feature_names
 from recbole_mm.utils import dist_rank_world as _dist_info
@@ -160,6 +160,7 @@ def stage1_inputs(dataset, mods):
         if not enc_name:
             raise ValueError("SICSRec stage 1 with images needs sft_image_encoder (or an encoder in the "
                              f"'{base['image']}' feature spec): a hub name or a local vision model folder")
+        from recbole_mm.data import image_encoders
         from recbole_mm.data.images import parse_background
 
         background = parse_background(spec.get("image_background"), f"feature {base['image']!r}: image_background")
@@ -167,7 +168,8 @@ def stage1_inputs(dataset, mods):
         inputs["image"] = {
             "encoder": enc_name, "paths": paths, "feature": base["image"], "background": background,
             "valid": torch.tensor([p is not None for p in paths], dtype=torch.bool),
-            "key": {"encoder": str(enc_name), "fingerprint": encoder_fingerprint(os.fspath(enc_name)),
+            "key": {"encoder": image_encoders.describe(enc_name),
+                    "fingerprint": image_encoders.fingerprint(enc_name, encoder_fingerprint),
                     "images": _file_sig(paths), "feature": base["image"], "image_background": list(background)},
         }
     return inputs
@@ -190,9 +192,11 @@ def build_aligner(dataset, inputs):
                                    cache_mb=setting(config, "sft_cache_mb", keep_none=True),
                                    cache_dtype=setting(config, "sft_cache_dtype"))
     if "image" in inputs:
-        image = ImageTower(inputs["image"]["encoder"], inputs["image"]["paths"],
-                           int(setting(config, "sft_image_trainable_layers")),
-                           setting(config, "sft_image_pooling"), background=inputs["image"].get("background"))
+        image = make_image_tower(inputs["image"]["encoder"], inputs["image"]["paths"],
+                                 int(setting(config, "sft_image_trainable_layers")),
+                                 setting(config, "sft_image_pooling"), background=inputs["image"].get("background"),
+                                 cache_mb=setting(config, "sft_cache_mb", keep_none=True),
+                                 cache_dtype=setting(config, "sft_cache_dtype"))
     return Stage1Aligner(text, image, int(setting(config, "sft_proj_hidden")), int(setting(config, "sft_proj_dim")))
 
 

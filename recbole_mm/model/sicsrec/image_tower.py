@@ -206,6 +206,58 @@ class ImageTower(nn.Module):
         return full[inverse.to(feats.device)], ok[inverse]
 
 
+class EncoderImageTower(nn.Module):
+    """Stage 1's image tower on :class:`recbole_mm.encoders.image.FinetuneImageEncoder` (any encoder
+    it loads: ``transformers`` vision models and ``{type: module, ...}`` networks such as
+    EfficientNet with real ImageNet weights), with its economies: each distinct item once, pixels
+    decoded once (uint8 cache) and the frozen lower blocks run once per item (cached), so a step runs
+    the top ``k`` blocks only. ``forward`` gives ``(vectors, ok)`` as :class:`ImageTower` does."""
+
+    def __init__(self, encoder, paths, trainable_layers=1, pooling="pooler", background=None, cache_mb=2048,
+                 cache_dtype="float32", pixel_cache_mb=2048):
+        super().__init__()
+        from recbole_mm.data.images import parse_background
+        from recbole_mm.encoders.image import load_image_finetune
+
+        if pooling not in IMAGE_POOLINGS[:3]:
+            raise ValueError(f"sft_image_pooling must be one of {IMAGE_POOLINGS[:3]} here, got {pooling!r}")
+        self.encoder = load_image_finetune(
+            encoder, paths, torch.tensor([p is not None for p in paths], dtype=torch.bool),
+            background=parse_background(background, "image_background"), pooling=pooling,
+            trainable_layers=trainable_layers, cache_mb=cache_mb, cache_dtype=cache_dtype,
+            pixel_cache_mb=pixel_cache_mb)
+        self.out_dim = self.encoder.out_dim
+
+    @property
+    def valid(self):
+        return self.encoder.available.cpu()
+
+    @property
+    def model(self):
+        """The network (as :attr:`ImageTower.model`)."""
+        return self.encoder.encoder
+
+    def forward(self, item_ids):
+        """``item_ids`` (N,) -> (vectors (N, dim), ok (N,) bool); items without image get zeros."""
+        flat = item_ids.reshape(-1)
+        vec = self.encoder(flat.to(self.encoder.available.device))
+        return vec, self.encoder.available[flat.to(self.encoder.available.device)].cpu()
+
+
+def make_image_tower(encoder, paths, trainable_layers, pooling, background=None, cache_mb=2048,
+                     cache_dtype="float32"):
+    """:class:`EncoderImageTower` (cached, any encoder) for every pooling but ``logits`` (an image
+    classifier's class scores, the official Swin export), which keeps :class:`ImageTower`."""
+    from recbole_mm.data.image_encoders import parse_image_encoder
+
+    if pooling == "logits":
+        if parse_image_encoder(encoder, "sft_image_encoder")["type"] != "transformers":
+            raise ValueError("sft_image_pooling: logits needs a transformers image-classification model")
+        return ImageTower(encoder, paths, trainable_layers, pooling, background=background)
+    return EncoderImageTower(encoder, paths, trainable_layers, pooling, background=background, cache_mb=cache_mb,
+                             cache_dtype=cache_dtype)
+
+
 def _image_paths(dataset, feature):
     """Per internal item id, the image file of the item (None: no image)."""
     from recbole_mm.data.extract import find_item_images
