@@ -69,6 +69,22 @@ def create_dataset(config):
     return dataset
 
 
+def peak_memory():
+    """This process's peak resident memory (MiB, Linux / macOS) and, on CUDA, the peak allocated by
+    torch (MiB): a cell of a study is one process, so these are the cell's peaks."""
+    out = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["rss_mb"] = round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+    except (ImportError, OSError):
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return out
+
+
 def library_versions():
     # package metadata, not imports: importing transformers just for its version costs seconds
     from importlib import metadata
@@ -120,6 +136,7 @@ def build_record(config, result, timings, trainer=None, log_file=None, status="f
         "test_result": result.get("test_result"),
         "test_slices": result.get("test_slices"),  # test metrics per bucket (recbole_mm.slices)
         "timings_s": timings,
+        "peak_memory": peak_memory(),
         "history": getattr(trainer, "history", None),
         "checkpoint": getattr(trainer, "saved_model_file", None) if result.get("saved") else None,
         "test_checkpoint": getattr(trainer, "loaded_checkpoint", None),

@@ -130,9 +130,14 @@ def test_tiny_study_killed_and_resumed_without_rerunning_and_reports(env):
     # the table: mean ± std, best in bold, improvement over the best baseline with a paired t-test
     table = open(os.path.join(out, "tables", "tiny.md")).read()
     assert ("| Model | Role | n | HR@5: mean ± std (± 95% CI) | HR@10: mean ± std (± 95% CI) | NDCG@5: mean ± std "
-            "(± 95% CI) | NDCG@10: mean ± std (± 95% CI) | epochs | wall time / cell |") in table
+            "(± 95% CI) | NDCG@10: mean ± std (± 95% CI) | epochs | s / training epoch | peak memory | "
+            "wall time / cell |") in table
     sas_line = next(line for line in table.splitlines() if line.startswith("| SASRec |"))
-    assert sas_line.split(" | ")[-2] == "1 (cap)" and sas_line.endswith(" s |")  # epochs 1 of 1; seconds per cell
+    epochs, epoch_s, peak = sas_line.split(" | ")[-4:-1]
+    assert epochs == "1 (cap)" and sas_line.endswith(" s |")  # epochs 1 of 1; seconds per cell
+    assert epoch_s.endswith(" s") and peak.endswith(" GiB")  # every cell's record has both
+    lo_peak = float(peak.split()[0].split("-")[0])
+    assert 0.1 < lo_peak < 16  # a real process's peak resident memory, in GiB
     assert "±" in table and table.count("**") >= 8  # 4 metrics, each best value bold
     assert "vs SASRec (p=" in table and ", n=2)" in table
     results = open(os.path.join(out, "results.md")).read()

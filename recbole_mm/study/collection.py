@@ -74,6 +74,8 @@ def collect_cells(study, live_status=None):
         epoch_s = [float(x) for x in history.get("train_epoch_s") or [] if x is not None]
         row["train_epoch_s"] = round(statistics.median(epoch_s), 3) if epoch_s else None
         row["max_epochs"] = config.get("epochs")
+        # the cell process's peak resident memory (records since 2026-12-04's fourth session)
+        row["peak_rss_mb"] = ((rec or {}).get("peak_memory") or {}).get("rss_mb")
         # a multi-stage run (the record's "stages", from its trainer's stage_summaries): its first
         # stage's name, label, epochs (None when the stage was reused, not trained) and test result
         row["stage"] = _first_stage(rec or {})

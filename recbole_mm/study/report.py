@@ -87,6 +87,12 @@ def _epoch_time_text(cells):
                        " s")
 
 
+def _peak_text(cells):
+    """The cells' peak resident memory (GiB), lowest-highest; — for records without it."""
+    return _range_text([None if r.get("peak_rss_mb") is None else round(r["peak_rss_mb"] / 1024, 2)
+                        for r in cells], " GiB")
+
+
 def dataset_table(study, rows, dataset, metrics, family=None):
     """Markdown table (and comparison) for one dataset, and its summary. ``family``: the
     :class:`PFamily` of the report, whose adjusted p-values it shows (default: one of this table)."""
@@ -104,8 +110,9 @@ def _dataset_table(study, rows, dataset, metrics, family):
                  f"Baselines: {', '.join(m for m in study.models if m not in study.proposed) or 'none'}; "
                  f"proposed: {', '.join(study.proposed) or 'none'}.")
     lines.append("")
-    lines.append("| Model | Role | n | " + " | ".join(map(_mean_header, labels)) + " | epochs | wall time / cell |")
-    lines.append("|---|---|---|" + "---|" * len(labels) + "---|---|")
+    lines.append("| Model | Role | n | " + " | ".join(map(_mean_header, labels))
+                 + " | epochs | s / training epoch | peak memory | wall time / cell |")
+    lines.append("|---|---|---|" + "---|" * len(labels) + "---|---|---|---|")
     for m in study.models:
         finished = [r for r in rows if r["dataset"] == dataset and r["model"] == m and r["status"] == "finished"]
         cells = []
@@ -119,10 +126,14 @@ def _dataset_table(study, rows, dataset, metrics, family):
                 text = f"**{text}**"
             cells.append(text)
         lines.append(f"| {m} | {_model_role(m, study.proposed)} | {pm[m]['n']} | " + " | ".join(cells)
-                     + f" | {_epochs_text(finished)} | {_wall_text(finished)} |")
+                     + f" | {_epochs_text(finished)} | {_epoch_time_text(finished)} | {_peak_text(finished)} "
+                     f"| {_wall_text(finished)} |")
     lines.append("")
     lines.append("epochs: training epochs run, the range over seeds; (cap) when every seed ran to its `epochs` "
-                 "limit instead of stopping early; multi-stage runs (e.g. SICSRec) show their first stage + the run. wall time: the "
+                 "limit instead of stopping early; multi-stage runs (e.g. SICSRec) show their first stage + the run. "
+                 "s / training epoch: each cell's median training pass (no evaluation), shortest-longest over "
+                 "seeds. peak memory: the cell process's peak resident memory (— in records written before it "
+                 "was recorded). wall time: the "
                  "cell's processes (summed over its attempts when it was interrupted and resumed), shortest-longest "
                  "over seeds; cells that ran at the same time shared the machine.")
     lines.append("")
