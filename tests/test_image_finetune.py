@@ -334,3 +334,40 @@ def test_sicsrec_stage1_tower_takes_a_module_encoder_with_its_caches(image_paths
     assert tower.encoder.lower_cache.used == 2 and tower.encoder.pixel_cache.used == 2  # i1 and i2, once each
     with pytest.raises(ValueError, match="logits needs a transformers"):
         make_image_tower(_efficientnet_spec(), image_paths, trainable_layers=1, pooling="logits")
+
+
+def test_sicsrec_stage1_lora_trains_adapters_of_both_encoders_only(tmp_path, tiny_vit):
+    pytest.importorskip("peft")
+    from recbole_mm.config import MMConfig
+    from recbole_mm.model.sicsrec import alignment
+    from recbole_mm.model.sicsrec.pairs import stage1_pairs
+    from recbole_mm.quick_start import create_dataset
+
+    specs = _image_dataset(tmp_path, tiny_vit)
+    old, argv = os.getcwd(), sys.argv
+    os.chdir(tmp_path)
+    sys.argv = ["pytest"]
+    try:
+        cfg = dict(FAST, data_path=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "saved"), mm_features=specs,
+                   stage1=False, content_modality="both", sft_epochs=1, sft_batch_size=16, sft_max_length=8,
+                   sft_proj_hidden=16, sft_proj_dim=8, sft_peft="lora", sft_lora_r=2)
+        ds = create_dataset(MMConfig(model="SICSRec", dataset="tiny", config_dict=cfg))
+    finally:
+        os.chdir(old)
+        sys.argv = argv
+    pairs, _ = stage1_pairs(ds)
+    inputs = alignment.stage1_inputs(ds, ["text", "image"])
+    torch.manual_seed(0)
+    aligner = alignment.build_aligner(ds, inputs)
+    nets = {"text": aligner.text.encoder, "image": aligner.image.model}
+    for name, net in nets.items():
+        trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable), name
+    before = {(m, k): v.clone() for m, net in nets.items() for k, v in net.state_dict().items()}
+    history = alignment.train_alignment(aligner, pairs, {m: inputs[m]["valid"] for m in inputs}, ds.config,
+                                        torch.device("cpu"))
+    assert history and all(np.isfinite(v) for row in history for v in row.values())
+    after = {(m, k): v for m, net in nets.items() for k, v in net.state_dict().items()}
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all("lora_" in k for _m, k in changed)
+    assert {m for m, _k in changed} == {"text", "image"}

@@ -175,11 +175,24 @@ def stage1_inputs(dataset, mods):
     return inputs
 
 
+def sft_lora(config):
+    """``sft_peft: lora``: the LoRA settings (``sft_lora_*``) for both encoders, else None."""
+    peft = setting(config, "sft_peft", keep_none=True)
+    if peft is None:
+        return None
+    if peft != "lora":
+        raise ValueError(f"sft_peft must be ~ (tune the top layers themselves) or lora, got {peft!r}")
+    return {"r": int(setting(config, "sft_lora_r")), "alpha": float(setting(config, "sft_lora_alpha")),
+            "dropout": float(setting(config, "sft_lora_dropout")),
+            "target": setting(config, "sft_lora_target", keep_none=True)}
+
+
 def build_aligner(dataset, inputs):
     """The :class:`Stage1Aligner` for the modalities in ``inputs`` (see :func:`stage1_inputs`)."""
-    from recbole_mm.model.encoders import FinetuneTextEncoder, load_text_encoder
+    from recbole_mm.encoders.text import FinetuneTextEncoder, load_text_encoder
 
     config = dataset.config
+    lora = sft_lora(config)
     text = image = None
     if "text" in inputs:
         encoder, tokenizer = load_text_encoder(inputs["text"]["encoder"])
@@ -190,13 +203,13 @@ def build_aligner(dataset, inputs):
                                    pooling=inputs["text"]["pooling"], unique_items=True,
                                    cache_lower=bool(setting(config, "sft_cache_lower")),
                                    cache_mb=setting(config, "sft_cache_mb", keep_none=True),
-                                   cache_dtype=setting(config, "sft_cache_dtype"))
+                                   cache_dtype=setting(config, "sft_cache_dtype"), lora=lora)
     if "image" in inputs:
         image = make_image_tower(inputs["image"]["encoder"], inputs["image"]["paths"],
                                  int(setting(config, "sft_image_trainable_layers")),
                                  setting(config, "sft_image_pooling"), background=inputs["image"].get("background"),
                                  cache_mb=setting(config, "sft_cache_mb", keep_none=True),
-                                 cache_dtype=setting(config, "sft_cache_dtype"))
+                                 cache_dtype=setting(config, "sft_cache_dtype"), lora=lora)
     return Stage1Aligner(text, image, int(setting(config, "sft_proj_hidden")), int(setting(config, "sft_proj_dim")))
 
 
@@ -352,7 +365,9 @@ def run_stage1(dataset, show_progress=None):
         "pairs_checksum": sha256_strings(f"{id2token[a]}|{id2token[b]}" for a, b in pairs.tolist()),
         "sft": dict({k: setting(config, k, keep_none=True) for k in SFT_KEYS}, sft_seed=sft_seed(config),
                     # a float16 lower-layer cache changes the features slightly (float32: exact, as before)
-                    **({"sft_cache_dtype": "float16"} if setting(config, "sft_cache_dtype") == "float16" else {})),
+                    **({"sft_cache_dtype": "float16"} if setting(config, "sft_cache_dtype") == "float16" else {}),
+                    # LoRA instead of tuning the top layers (absent: the key of tables built before it existed)
+                    **({"sft_lora": sft_lora(config)} if sft_lora(config) is not None else {})),
         "encoders": {m: inputs[m]["key"] for m in mods},
     }
     fresh = all(store.is_fresh(names[m], key) for m in mods)

@@ -4,7 +4,7 @@
 blocks train, everything before and below stays frozen (and in eval mode, so a frozen BatchNorm's
 statistics never move); images are read by the plugin's one image loader
 (:mod:`recbole_mm.data.images`), an unreadable file makes the item image-less. The text tower is
-:class:`recbole_mm.model.encoders.FinetuneTextEncoder`.
+:class:`recbole_mm.encoders.text.FinetuneTextEncoder`.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class EncoderImageTower(nn.Module):
     the top ``k`` blocks only. ``forward`` gives ``(vectors, ok)`` as :class:`ImageTower` does."""
 
     def __init__(self, encoder, paths, trainable_layers=1, pooling="pooler", background=None, cache_mb=2048,
-                 cache_dtype="float32", pixel_cache_mb=2048):
+                 cache_dtype="float32", pixel_cache_mb=2048, lora=None):
         super().__init__()
         from recbole_mm.data.images import parse_background
         from recbole_mm.encoders.image import load_image_finetune
@@ -225,7 +225,7 @@ class EncoderImageTower(nn.Module):
             encoder, paths, torch.tensor([p is not None for p in paths], dtype=torch.bool),
             background=parse_background(background, "image_background"), pooling=pooling,
             trainable_layers=trainable_layers, cache_mb=cache_mb, cache_dtype=cache_dtype,
-            pixel_cache_mb=pixel_cache_mb)
+            pixel_cache_mb=pixel_cache_mb, lora=lora)
         self.out_dim = self.encoder.out_dim
 
     @property
@@ -245,7 +245,7 @@ class EncoderImageTower(nn.Module):
 
 
 def make_image_tower(encoder, paths, trainable_layers, pooling, background=None, cache_mb=2048,
-                     cache_dtype="float32"):
+                     cache_dtype="float32", lora=None):
     """:class:`EncoderImageTower` (cached, any encoder) for every pooling but ``logits`` (an image
     classifier's class scores, the official Swin export), which keeps :class:`ImageTower`."""
     from recbole_mm.data.image_encoders import parse_image_encoder
@@ -253,9 +253,11 @@ def make_image_tower(encoder, paths, trainable_layers, pooling, background=None,
     if pooling == "logits":
         if parse_image_encoder(encoder, "sft_image_encoder")["type"] != "transformers":
             raise ValueError("sft_image_pooling: logits needs a transformers image-classification model")
+        if lora is not None:
+            raise ValueError("sft_peft: lora is not available with sft_image_pooling: logits (use pooler, cls or mean)")
         return ImageTower(encoder, paths, trainable_layers, pooling, background=background)
     return EncoderImageTower(encoder, paths, trainable_layers, pooling, background=background, cache_mb=cache_mb,
-                             cache_dtype=cache_dtype)
+                             cache_dtype=cache_dtype, lora=lora)
 
 
 def _image_paths(dataset, feature):
