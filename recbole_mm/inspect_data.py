@@ -111,8 +111,9 @@ def inspect_dataset(dataset, data_path="dataset/", user_field=None, item_field=N
     :class:`~recbole_mm.data.preflight.DataFileError` for a file a run could not load.
     """
     from recbole_mm.data.checks import find_duplicates
-    from recbole_mm.data.extract import _read_atomic_file, normalize_missing_values
     from recbole_mm.data.preflight import DataFileError, check_atomic_files, read_atomic_header
+    from recbole_mm.features.item_file import _read_atomic_file
+    from recbole_mm.features.text import normalize_missing_values
 
     data_path = os.fspath(data_path or "dataset/")
     folder = os.path.join(data_path, dataset)

@@ -199,7 +199,7 @@ def feature_modality(dataset, name):
     if kind is None:
         config = getattr(dataset, "config", None)
         if config is not None and config["data_path"]:
-            from recbole_mm.data.features import FeatureStore
+            from recbole_mm.features import FeatureStore
 
             manifest = FeatureStore(config["data_path"], dataset.dataset_name).read_manifest(name) or {}
             kind = manifest.get("modality") or manifest.get("type")

@@ -128,8 +128,9 @@ def instantiate(config, train, model_class, **overrides):
 
 
 def counting_encoder(monkeypatch):
-    """Wrap ``extract.encode_texts`` so a test sees how many texts each call encoded."""
-    from recbole_mm.data import extract
+    """Wrap ``encode_texts`` where :func:`recbole_mm.features.extract.extract_features` looks it up, so a
+    test sees how many texts each call encoded."""
+    from recbole_mm.features import extract
 
     calls = []
     real_encode = extract.encode_texts

@@ -26,6 +26,7 @@ from recbole_mm.data.extract import (  # noqa: E402
     read_item_texts,
 )
 from recbole_mm.data.features import FeatureStore, align_to_dataset  # noqa: E402
+from recbole_mm.features import chunks as feature_chunks, extract as feature_extract  # noqa: E402
 from conftest import counting_encoder  # noqa: E402
 from test_features import make_read_only  # noqa: E402,F401 - fixture
 
@@ -249,7 +250,7 @@ def test_killed_extraction_resumes_from_chunks(tmp_path, monkeypatch, caplog):
     npy, man = store.paths("text")
     chunk_dir = store.chunk_dir("text")
 
-    real_save_chunk = extract._save_chunk
+    real_save_chunk = feature_chunks._save_chunk
     saved = []
 
     def dying_save_chunk(path, **arrays):
@@ -258,7 +259,7 @@ def test_killed_extraction_resumes_from_chunks(tmp_path, monkeypatch, caplog):
         real_save_chunk(path, **arrays)
         saved.append((path, arrays["emb"].copy()))
 
-    monkeypatch.setattr(extract, "_save_chunk", dying_save_chunk)
+    monkeypatch.setattr(feature_chunks, "_save_chunk", dying_save_chunk)  # where _Chunks.put looks it up
     with pytest.raises(KeyboardInterrupt):
         extract_features(d, "ml-100k", "text", spec, show_progress=False)
     assert not os.path.exists(npy) and not os.path.exists(man)  # nothing looks valid
@@ -272,7 +273,7 @@ def test_killed_extraction_resumes_from_chunks(tmp_path, monkeypatch, caplog):
         fresh.append(path)
         real_save_chunk(path, **arrays)
 
-    monkeypatch.setattr(extract, "_save_chunk", counting_save_chunk)
+    monkeypatch.setattr(feature_chunks, "_save_chunk", counting_save_chunk)
     with caplog.at_level(logging.INFO, logger="recbole_mm"):
         fm = extract_features(d, "ml-100k", "text", spec, show_progress=False)
     assert len(fresh) == 2  # only the two unfinished chunks were encoded
@@ -384,13 +385,13 @@ def test_image_features_with_bad_files(tmp_path, tiny_vit, caplog, monkeypatch):
 
     # cached; changing one image's bytes invalidates
     calls = []
-    real = extract.encode_images
+    real = feature_extract.encode_images
 
     def counting(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(extract, "encode_images", counting)
+    monkeypatch.setattr(feature_extract, "encode_images", counting)  # where _extract_features looks it up
     extract_features(d, "toy", "image", spec, show_progress=False)
     assert calls == []
     shutil.copy(os.path.join(SK_IMAGES, "flower.jpg"), os.path.join(d, "images", "1.jpg"))

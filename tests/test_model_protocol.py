@@ -113,6 +113,22 @@ def test_a_moved_model_keeps_its_old_names():
     assert sicsrec_pairs.LLMPairMiner is pairs.LLMPairMiner and sicsrec_stage1.stage1_pairs is pairs.stage1_pairs
 
 
+def test_moved_feature_modules_keep_their_old_names():
+    """Feature extraction and the feature store moved from data/extract.py and data/features.py into the
+    package recbole_mm.features: the old modules still hold every public name (and the private ones
+    other code imports), as the same objects."""
+    from recbole_mm import features
+    from recbole_mm.data import extract as old_extract, features as old_features
+    from recbole_mm.features import align, chunks, extract, item_file, store, text
+
+    for old in (old_extract, old_features):
+        assert old.__all__ and all(getattr(old, name) is getattr(features, name) for name in old.__all__)
+    assert all(hasattr(features, name) for name in features.__all__)
+    assert old_extract._extract_features is extract._extract_features and old_extract._save_chunk is chunks._save_chunk
+    assert old_extract._read_atomic_file is item_file._read_atomic_file and old_extract.encode_texts is text.encode_texts
+    assert old_features._check_unique is store._check_unique and old_features._gather is align._gather
+
+
 # ----------------------------------------------------------------------------- layering
 # data -> encoders (content encoders in the graph) -> models -> trainers -> runner -> study / tune -> CLI: each layer, imported alone in a fresh
 # interpreter, loads no module of a layer above it (the registry resolves models by name at run time)
@@ -131,9 +147,14 @@ _PACKAGE_MODULES = sorted({"recbole_mm.model.sicsrec", "recbole_mm.model.sicsrec
                            "recbole_mm.model.sicsrec_pairs"}
                           | {f"recbole_mm.model.sicsrec.{f[:-3]}" for f in os.listdir(_SICSREC_DIR)
                              if f.endswith(".py") and f != "__init__.py"})
+# frozen item features (recbole_mm/features/, and the former modules data.extract / data.features) are data
+_FEATURES_DIR = os.path.join(REPO, "recbole_mm", "features")
+_FEATURE_MODULES = sorted({"recbole_mm.features", "recbole_mm.data.extract", "recbole_mm.data.features"}
+                          | {f"recbole_mm.features.{f[:-3]}" for f in os.listdir(_FEATURES_DIR)
+                             if f.endswith(".py") and f != "__init__.py"})
 LAYERS = [
     ("base", ["recbole_mm.registry", "recbole_mm.utils"]),
-    ("data", ["recbole_mm.data.dataset", "recbole_mm.data.lazy", "recbole_mm.data.extract"]),
+    ("data", ["recbole_mm.data.dataset", "recbole_mm.data.lazy"] + _FEATURE_MODULES),
     ("encoders", ["recbole_mm.encoders", "recbole_mm.encoders.text", "recbole_mm.encoders.image",
                   "recbole_mm.encoders.lora"]),
     ("model", sorted((set(_MODEL_MODULES) | set(_PACKAGE_MODULES)) - set(_TRAINER_MODULES))),
@@ -142,7 +163,7 @@ LAYERS = [
     ("study", ["recbole_mm.study", "recbole_mm.tune"]),
 ]
 _ABOVE = {
-    "base": ["recbole_mm.data", "recbole_mm.encoders", "recbole_mm.model", "recbole_mm.trainer", "recbole_mm.quick_start", "recbole_mm.study",
+    "base": ["recbole_mm.data", "recbole_mm.features", "recbole_mm.encoders", "recbole_mm.model", "recbole_mm.trainer", "recbole_mm.quick_start", "recbole_mm.study",
              "recbole_mm.tune", "recbole_mm.__main__"],
     "data": ["recbole_mm.encoders", "recbole_mm.model", "recbole_mm.trainer", "recbole_mm.quick_start", "recbole_mm.study", "recbole_mm.tune",
              "recbole_mm.__main__"],

@@ -85,7 +85,7 @@ def test_equals_the_in_memory_alignment_and_is_reused(store, monkeypatch):
     def no_write(*a, **kw):
         raise AssertionError("a fresh aligned table must not be rewritten")
 
-    monkeypatch.setattr("recbole_mm.data.features.save_npy_atomic", no_write)
+    monkeypatch.setattr("recbole_mm.features.align.save_npy_atomic", no_write)
     again, missing2, stats2, path2 = shared_aligned_table(store.load("text"), _id2token())
     after = os.stat(path2)
     assert path2 == path and (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

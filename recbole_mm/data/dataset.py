@@ -2,7 +2,7 @@
 
 Item content never goes through RecBole's atomic loader, so the candidate item set is exactly
 the one a plain SASRec run gets. After RecBole has filtered and remapped ids, each feature
-matrix (keyed by raw item token, see :mod:`recbole_mm.data.features`) is aligned to the
+matrix (keyed by raw item token, see :mod:`recbole_mm.features.store`) is aligned to the
 internal ids: row 0 (PAD) and items without content are zero rows with a missing mask.
 """
 
@@ -68,7 +68,7 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
         return dict(specs[name])
 
     def _load_feature(self, name):
-        from recbole_mm.data.extract import extract_features, items_to_encode
+        from recbole_mm.features import extract_features, items_to_encode
 
         spec = self.feature_spec(name)
         id2token = self.field2id_token[self.iid_field]
@@ -84,9 +84,9 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
 
         With ``feature_table_mmap`` (default True) the table is a memory map of the aligned file
         shared by every process using the same feature and ids
-        (:func:`~recbole_mm.data.features.shared_aligned_table`; in memory where the file cannot
+        (:func:`~recbole_mm.features.align.shared_aligned_table`; in memory where the file cannot
         be written); False: a private in-memory table. The values are the same either way."""
-        from recbole_mm.data.features import align_to_dataset, shared_aligned_table
+        from recbole_mm.features import align_to_dataset, shared_aligned_table
 
         use_mmap = self.config["feature_table_mmap"]
         if use_mmap is None or bool(use_mmap):
@@ -108,7 +108,7 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
         key = (name, getattr(tokenizer, "name_or_path", id(tokenizer)), max_length)
         if key in self._text_inputs:
             return self._text_inputs[key]
-        from recbole_mm.data.extract import read_item_texts
+        from recbole_mm.features import read_item_texts
 
         spec = self.feature_spec(name)
         item_file = os.path.join(self.config["data_path"], f"{self.dataset_name}.item")
@@ -128,7 +128,7 @@ class MultiModalSequentialDataset(InteractionChecksMixin, LazySequencesMixin, Ve
     def image_paths(self, name):
         """Per internal item id, the image file of image feature ``name`` (None: PAD, or no file),
         resolved as its extraction resolves it (``image_field`` / ``image_dir``)."""
-        from recbole_mm.data.extract import image_inputs
+        from recbole_mm.features import image_inputs
 
         spec = self.feature_spec(name)
         data_dir = self.config["data_path"]

@@ -8,7 +8,7 @@ imports, pickled datasets and ``python -m recbole_mm.model.sicsrec_stage1 --data
 import sys
 
 from recbole_mm.data.dataset import MultiModalSequentialDataset  # noqa: F401
-from recbole_mm.data.extract import sha256_strings  # noqa: F401
+from recbole_mm.features import sha256_strings  # noqa: F401
 from recbole_mm.model.sicsrec._runtime import _all_gather_object, _barrier, _free_memory  # noqa: F401
 from recbole_mm.model.sicsrec.alignment import (  # noqa: F401
     SFT_KEYS,

@@ -25,10 +25,10 @@ class SICSRecDataset(MultiModalSequentialDataset):
     def _load_feature(self, name):
         if not setting(self.config, "stage1") or name not in stage1_feature_names(self.config).values():
             return super()._load_feature(name)
-        from recbole_mm.data.features import align_to_dataset
+        from recbole_mm.features import align_to_dataset
 
         if getattr(self, "_stage1_features", None) is None:
-            from recbole_mm.data.features import FeatureStore
+            from recbole_mm.features import FeatureStore
 
             # one lock for all stage-1 tables: they are built together
             with FeatureStore(self.config["data_path"], self.dataset_name).build_lock("sicsrec_stage1"):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recbole_mm.data.extract import sha256_strings
+from recbole_mm.features import sha256_strings
 from recbole_mm.model.sicsrec._runtime import _all_gather_object, _barrier, _free_memory
 from recbole_mm.model.sicsrec.settings import base_feature_names, setting
 from recbole_mm.utils import dist_rank_world as _dist_info
@@ -543,8 +543,7 @@ def stage1_pairs(dataset, show_progress=False):
     info.update(source=miner, users=len(seqs), queries=len(queries), pair_target=target_mode)
 
     if miner == "cooccurrence":
-        from recbole_mm.data.extract import extract_features, items_to_encode
-        from recbole_mm.data.features import align_to_dataset
+        from recbole_mm.features import align_to_dataset, extract_features, items_to_encode
 
         feat = setting(config, "pair_feature") or base_feature_names(config).get(
             "text", base_feature_names(config).get("image"))
@@ -579,7 +578,7 @@ def _pairs_tensor(pairs):
 
 def _item_titles(dataset, id2token):
     """token -> text of the text feature's spec (what the LLM reads)."""
-    from recbole_mm.data.extract import read_item_texts
+    from recbole_mm.features import read_item_texts
 
     config = dataset.config
     feat = setting(config, "pair_title_feature") or setting(config, "text_feature")
@@ -606,7 +605,7 @@ def _llm_pairs(dataset, queries, id2token, token2id, show_progress):
         "chat_template": setting(config, "pair_llm_chat_template"),
         "dtype": str(setting(config, "pair_llm_dtype")), "instruction": setting(config, "pair_llm_prompt"),
     }
-    from recbole_mm.data.extract import encoder_fingerprint
+    from recbole_mm.features import encoder_fingerprint
 
     key = {"queries": queries_checksum(tq), "titles": sha256_strings(titles.get(c, "") for q in tq for c in [q[1]] + q[2]),
            "fingerprint": encoder_fingerprint(os.fspath(model)), **settings}
