@@ -432,7 +432,7 @@ def load_image_finetune(encoder, paths, available, background=(255, 255, 255), p
                                     method=spec["method"], pooling=pooling, **kwargs)
     from transformers import AutoImageProcessor, AutoModel
 
-    from recbole_mm.data.extract import resolve_encoder
+    from recbole_mm.features.encoders import resolve_encoder
 
     path = resolve_encoder(spec["name"])
     try:

@@ -170,7 +170,7 @@ def load_text_encoder(name_or_path):
     """``AutoModel`` + ``AutoTokenizer`` from a hub name or local folder ('default' = offline MiniLM)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from recbole_mm.data.extract import resolve_encoder
+    from recbole_mm.features.encoders import resolve_encoder
 
     path = resolve_encoder(name_or_path)
     return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recbole_mm.data.extract import sha256_strings
+from recbole_mm.features.chunks import sha256_strings
 from recbole_mm.model.sicsrec._runtime import _barrier, _free_memory
 from recbole_mm.model.sicsrec.image_tower import _file_sig, _image_paths, make_image_tower
 from recbole_mm.model.sicsrec.pairs import stage1_pairs
@@ -131,7 +131,8 @@ def stage1_inputs(dataset, mods):
     """What the stage-1 encoders read, without loading them: per modality the encoder name, the
     per-item inputs (texts / image paths, aligned to internal ids), a ``valid`` mask and the
     manifest-key part."""
-    from recbole_mm.data.extract import encoder_fingerprint, read_item_texts, resolve_encoder
+    from recbole_mm.features.encoders import encoder_fingerprint, resolve_encoder
+    from recbole_mm.features.text import read_item_texts
 
     config = dataset.config
     base = base_feature_names(config)
@@ -348,7 +349,7 @@ def _device(config):
 
 def run_stage1(dataset, show_progress=None):
     """Produce (or reuse) the stage-1 features of ``dataset``; returns name -> FeatureMatrix."""
-    from recbole_mm.data.features import FeatureStore
+    from recbole_mm.features.store import FeatureStore
 
     config = dataset.config
     show_progress = bool(config["show_progress"]) if show_progress is None else show_progress

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
-from recbole_mm.data.extract import sha256_strings
+from recbole_mm.features.chunks import sha256_strings
 
 logger = logging.getLogger(__name__)
 
@@ -261,30 +261,9 @@ def make_image_tower(encoder, paths, trainable_layers, pooling, background=None,
 
 
 def _image_paths(dataset, feature):
-    """Per internal item id, the image file of the item (None: no image)."""
-    from recbole_mm.data.extract import find_item_images
-
-    spec = dataset.feature_spec(feature)
-    data_dir = dataset.config["data_path"]
-    tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
-    image_dir = spec.get("image_dir")
-    if image_dir is not None and not os.path.isabs(image_dir):
-        image_dir = os.path.join(data_dir, image_dir)
-    field = spec.get("image_field")
-    if field:
-        from recbole_mm.data.atomic_file import read_atomic_file
-
-        df, _ = read_atomic_file(os.path.join(data_dir, f"{dataset.dataset_name}.item"))
-        id_col = spec.get("id_field") or dataset.iid_field
-        base = image_dir or data_dir
-        by_token = {}
-        for tok, v in zip(df[id_col], df[field].str.strip()):
-            by_token[str(tok)] = None if not v else (v if os.path.isabs(v) else os.path.join(base, v))
-        paths = [by_token.get(t) for t in tokens]
-    else:
-        paths = find_item_images(image_dir or os.path.join(data_dir, "images"), tokens)
-    paths[0] = None
-    return [p if p is not None and os.path.isfile(p) else None for p in paths]
+    """Per internal item id, the image file of the item (None: no image), resolved as feature
+    extraction resolves it (:meth:`MultiModalSequentialDataset.image_paths`)."""
+    return dataset.image_paths(feature)
 
 
 def _file_sig(paths):
