@@ -256,11 +256,13 @@ class FinetuneImageEncoder(nn.Module):
         lora: None, or a dict for :func:`recbole_mm.encoders.lora.apply_lora` (the top blocks get
             adapters; every weight of the network stays frozen).
         unique_items / cache_pixels / cache_lower: the three economies of the module docstring.
+        chunk_items: images decoded and run through the frozen part at a time (bounds the memory
+            of a batch that brings many new items).
     """
 
     def __init__(self, model, pixels, available, forward_fn=None, method="forward", trainable_layers=1,
                  pooling="pooler", unique_items=True, cache_pixels=True, pixel_cache_mb=2048, cache_lower=True,
-                 cache_mb=2048, cache_dtype="float32", lora=None):
+                 cache_mb=2048, cache_dtype="float32", lora=None, chunk_items=64):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"image encoder pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -271,6 +273,7 @@ class FinetuneImageEncoder(nn.Module):
         self.pooling = pooling
         self.forward_fn = forward_fn
         self.unique_items = bool(unique_items)
+        self.chunk_items = max(1, int(chunk_items))
         self.register_buffer("available", torch.as_tensor(available, dtype=torch.bool).clone(), persistent=False)
         self.split = find_split(model, method)
         blocks = self.split.blocks if self.split is not None else largest_module_list(model)
@@ -367,8 +370,13 @@ class FinetuneImageEncoder(nn.Module):
         return self.pixel_cache.get(rows.to(device), lambda todo: self.pixels.load(todo.cpu()).to(device)).float()
 
     def _lower(self, rows):
+        """The frozen part for ``rows``, ``chunk_items`` images at a time: its activations at full
+        resolution are large (an EfficientNet's stem: ~5 MB per image), and a batch brings hundreds
+        of new items at once."""
         with torch.no_grad():
-            return self._run_lower(self.pixels.normalise(self._load_pixels(rows)))
+            parts = [self._run_lower(self.pixels.normalise(self._load_pixels(rows[i:i + self.chunk_items])))
+                     for i in range(0, rows.numel(), self.chunk_items)]
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
 
     def _encode_rows(self, rows):
         """(len(rows), out_dim): rows with an image through the network, zeros for the others."""
@@ -380,7 +388,8 @@ class FinetuneImageEncoder(nn.Module):
             return out
         todo = rows[has]
         if self.split is None:
-            vec = self.forward_fn(self.pixels.normalise(self._load_pixels(todo)), self.pooling)
+            vec = torch.cat([self.forward_fn(self.pixels.normalise(self._load_pixels(todo[i:i + self.chunk_items])),
+                                             self.pooling) for i in range(0, todo.numel(), self.chunk_items)])
         else:
             if self.cache_lower:
                 h = self.lower_cache.get(todo, self._lower)

@@ -55,8 +55,8 @@ class _FeatureSASRec(ItemVectorSASRecMixin, SASRec):
 
     @staticmethod
     def required_features(config):
-        modality = config["content_modality"] or "text"
-        names = {"text": [config["text_feature"] or "text"], "image": [config["image_feature"] or "image"]}
+        modality = config["content_modality"]
+        names = {"text": [config["text_feature"]], "image": [config["image_feature"]]}
         names["both"] = names["text"] + names["image"]
         if modality not in names:
             raise ValueError(f"content_modality must be one of {_MODALITIES}, got {modality!r}")
@@ -78,7 +78,7 @@ class _FeatureSASRec(ItemVectorSASRecMixin, SASRec):
         self.content = ContentProjector(
             {n: features[n] for n in self.feature_names},
             self.hidden_size,
-            dropout_prob=config["content_dropout_prob"] or 0.0,
+            dropout_prob=config["content_dropout_prob"],
             missing=(dataset_missing_masks(dataset, self.feature_names, name)
                      if self.missing_modality != "zero" else None),
             missing_modality=self.missing_modality,

@@ -73,8 +73,8 @@ class CatalogueSoftmax(nn.Module):
 
     def __init__(self, config, dataset, n_items, model_name):
         super().__init__()
-        self.mode = config["softmax"] or "full"
-        self.negatives = config["sampled_negatives"] or "in_batch"
+        self.mode = config["softmax"]
+        self.negatives = config["sampled_negatives"]
         if self.mode not in SOFTMAX_CHOICES:
             raise ValueError(f"{model_name}: softmax must be one of {SOFTMAX_CHOICES}, got {self.mode!r}")
         if self.negatives not in NEGATIVE_CHOICES:

@@ -64,7 +64,7 @@ class TSSR(SequentialRecommender):
 
     @staticmethod
     def required_features(config):
-        modality = config["content_modality"] or "text"
+        modality = config["content_modality"]
         names = {"text": [config["text_feature"]], "image": [config["image_feature"]]}
         names["both"] = names["text"] + names["image"]
         if modality not in names:
@@ -107,7 +107,7 @@ class TSSR(SequentialRecommender):
         self.share_position_embedding = config["share_position_embedding"]
         self.content_mode = config["content_mode"]
         self.init_bias = config["init_bias"]
-        self.classifier_kind = config["classifier"] or "linear"
+        self.classifier_kind = config["classifier"]
         if self.classifier_kind == "id_content" and self.content_mode == "finetune":
             raise ValueError(
                 "TSSR: classifier: id_content needs every item's content vector at every step, which "
@@ -166,7 +166,7 @@ class TSSR(SequentialRecommender):
             raise ValueError(f"encoder_peft must be ~ (tune the top layers themselves) or lora, got {peft!r}")
         lora = lora_settings(config) if peft == "lora" else None
         shared = dict(unique_items=config["encoder_unique_items"], cache_lower=config["encoder_cache_lower"],
-                      cache_mb=config["encoder_cache_mb"], cache_dtype=config["encoder_cache_dtype"] or "float32",
+                      cache_mb=config["encoder_cache_mb"], cache_dtype=config["encoder_cache_dtype"],
                       lora=lora)
         encoders = {}
         for name in self.feature_names:

@@ -97,7 +97,7 @@ class UniSRec(ItemVectorSASRecMixin, SASRec):
 
     @staticmethod
     def required_features(config):
-        return [config["text_feature"] or "text"]
+        return [config["text_feature"]]
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)  # SASRec: Transformer, positions, LayerNorm, dropout (and an ID table)

@@ -140,7 +140,7 @@ class SICSRec(SequentialRecommender):
         # sparse_table_updates: E is sparse only when no step reads it whole (softmax: sampled; the full
         # softmax scores every row, a dense gradient)
         self.sparse_id_table = (self.sparse_table_updates and self.id_embedding_trainable
-                                and (config["softmax"] or "full") == "sampled")
+                                and (config["softmax"]) == "sampled")
         self.item_embedding = nn.Embedding(self.n_items, d, padding_idx=0, sparse=self.sparse_id_table)
         self.position_embedding = nn.Embedding(self.max_seq_length, d)
         self.trm_encoder = TransformerEncoder(
