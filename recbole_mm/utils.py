@@ -1,9 +1,11 @@
 """Small helpers shared by every layer (imports nothing else of the plugin, and not torch).
 
 * :func:`dist_rank_world`: (rank, world size) of a running ``torch.distributed`` group;
-* :func:`jsonable`: a value made JSON-serialisable (records, manifests, checkpoints' metadata).
+* :func:`jsonable`: a value made JSON-serialisable (records, manifests, checkpoints' metadata);
+* :func:`lazy_exports`: a package's ``__getattr__`` / ``__dir__`` that import a name's module on first use.
 """
 
+import importlib
 import sys
 
 
@@ -28,3 +30,21 @@ def jsonable(value):
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         return value.item()
     return str(value)
+
+
+def lazy_exports(package, exports, namespace):
+    """``(__getattr__, __dir__)`` for package ``package`` (its ``__name__``) whose names live in its
+    submodules: ``exports`` maps each name to its submodule; a name is imported on first use and
+    kept in ``namespace`` (the package's ``globals()``), so importing the package loads none of them."""
+    def __getattr__(name):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__

@@ -89,6 +89,24 @@ def tiny(workdir):
     return cfg
 
 
+def save_tiny_vit(folder, layers=2):
+    """A tiny random-weight ViT (32 px, patches of 8, width 32) with its image processor, saved in
+    ``folder`` as a transformers model folder; returns the folder."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    """One tiny ViT model folder (two layers) for the image tests."""
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny_vit"))
+
+
 def build_tiny(root, model, **overrides):
     """Config, dataset and (train, valid, test) loaders for ``model`` on a tiny dataset in ``root``.
 

@@ -312,18 +312,6 @@ def test_full_ml100k_second_run_uses_cache(tmp_path):
 SK_IMAGES = os.path.join(os.path.dirname(__import__("sklearn").__file__), "datasets", "images")
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    folder = tmp_path_factory.mktemp("tiny_vit")
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64)
-    ViTModel(cfg).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return str(folder)
-
-
 def _image_dataset(root):
     """Items 1..7: real JPEG, real PNG, JPEG crop, 200-byte JPEG, no file, text-as-jpg, half JPEG."""
     from PIL import Image

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, write_tiny_dataset
+from conftest import FAST, save_tiny_vit, write_tiny_dataset
 from recbole_mm.encoders.image import FinetuneImageEncoder, PixelSource, find_split, load_image_finetune
 
 N_ITEMS = 30
@@ -20,14 +20,7 @@ NO_IMAGE = {3, 7, 11}  # tokens i3, i7, i11 have no image file
 
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    folder = tmp_path_factory.mktemp("tiny_vit_finetune")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                       intermediate_size=64)).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny_vit_finetune"), layers=3)  # 3 blocks: top 1 or 2 train
 
 
 @pytest.fixture(scope="module")

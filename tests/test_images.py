@@ -119,18 +119,6 @@ def test_svg_is_an_unsupported_format_not_a_missing_or_corrupt_file(tmp_path):
     assert [os.path.basename(p) if p else None for p in found] == ["only_svg.svg", "both.png", None]
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    folder = tmp_path_factory.mktemp("tiny_vit_images")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64)).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return str(folder)
-
-
 def test_extraction_reports_unsupported_formats_and_composites_alpha(tmp_path, tiny_vit, caplog):
     d = tmp_path / "toy"
     img = d / "images"

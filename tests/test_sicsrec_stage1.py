@@ -220,19 +220,6 @@ def test_llm_miner_end_to_end_with_a_tiny_causal_lm(plain, tiny_lm, tmp_path):
 # ----------------------------------------------------------------------------- alignment fine-tuning
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    folder = tmp_path_factory.mktemp("tiny_vit")
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64)
-    ViTModel(cfg).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return str(folder)
-
-
 def _with_photos(root, with_item=True):
     folder = write_tiny_dataset(root / "data", n_users=30, n_items=20, with_item=with_item)
     img = os.path.join(folder, "images")

@@ -203,8 +203,9 @@ class ModuleImageEncoder:
         pixel = self.pixels_uint8(images).float() / 255.0
         return ((pixel - self.mean) / self.std).to(self.device, self.dtype)
 
-    def encode(self, images, pooling="pooler"):
-        out = getattr(self.model, self.spec["method"])(self.preprocess(images))
+    def features(self, pixels, pooling="pooler"):
+        """Normalised pixels -> (B, D) features of ``method``, pooled (see the module docstring)."""
+        out = getattr(self.model, self.spec["method"])(pixels)
         if isinstance(out, (tuple, list)):
             raise ValueError(f"image encoder {self.spec['factory']}: {self.spec['method']} returned a "
                              f"{type(out).__name__} of {len(out)} outputs; set method to one that returns one "
@@ -216,4 +217,8 @@ class ModuleImageEncoder:
         elif out.dim() != 2:
             raise ValueError(f"image encoder {self.spec['factory']}: {self.spec['method']} gave a tensor of shape "
                              f"{tuple(out.shape)}; expected (B, D), (B, T, D) or (B, C, H, W)")
+        return out
+
+    def encode(self, images, pooling="pooler"):
+        out = self.features(self.preprocess(images), pooling)
         return out.float().cpu().numpy().astype(np.float32)

@@ -1,5 +1,6 @@
-"""A bounded per-row cache for encoder intermediates (an item's frozen lower-layer output, its
-preprocessed pixels): filled as batches bring rows, never allocated for the whole catalogue."""
+"""Per-item helpers of the encoders in the graph: a bounded per-row cache for their intermediates
+(an item's frozen lower-layer output, its preprocessed pixels), filled as batches bring rows and never
+allocated for the whole catalogue, and :func:`encode_items` (each distinct item of a batch once)."""
 
 import logging
 import math
@@ -76,3 +77,15 @@ class BoundedRowCache:
                 logger.info(f"{self.name}: budget full ({self.used:,} of {self.n_rows:,} items, "
                             f"{self.nbytes() / 2 ** 20:.0f} MiB); further items are recomputed each time they occur")
         return out
+
+
+def encode_items(item_ids, encode_rows, unique=True):
+    """``item_ids`` of any shape -> (*item_ids.shape, dim) from ``encode_rows(1-d ids) -> (n, dim)``:
+    each distinct id once (``unique``), or every position as it is (the original TSSR regime)."""
+    flat = item_ids.reshape(-1)
+    if unique:
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        vec = encode_rows(uniq)[inverse]
+    else:
+        vec = encode_rows(flat)
+    return vec.view(*item_ids.shape, -1)

@@ -33,7 +33,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from .cache import BoundedRowCache
+from .cache import BoundedRowCache, encode_items
 from .text import _layer_output
 
 logger = logging.getLogger(__name__)
@@ -406,13 +406,7 @@ class FinetuneImageEncoder(nn.Module):
 
     def forward(self, item_ids):
         """``item_ids`` of any shape -> (*item_ids.shape, out_dim) item image vectors."""
-        flat = item_ids.reshape(-1)
-        if self.unique_items:
-            uniq, inverse = torch.unique(flat, return_inverse=True)
-            vec = self._encode_rows(uniq)[inverse]
-        else:
-            vec = self._encode_rows(flat)
-        return vec.view(*item_ids.shape, -1)
+        return encode_items(item_ids, self._encode_rows, self.unique_items)
 
 
 # ============================================================================ loading
@@ -425,40 +419,14 @@ def load_image_finetune(encoder, paths, available, background=(255, 255, 255), p
     if spec["type"] == "module":
         loaded = image_encoders.ModuleImageEncoder(spec, torch.device("cpu"), fp16=False,
                                                    where="finetune image encoder")
-        model = loaded.model
-        for p in model.parameters():
-            p.requires_grad_(True)
+        return FinetuneImageEncoder(loaded.model, module_pixels(spec, paths, background), available,
+                                    forward_fn=loaded.features, method=spec["method"], pooling=pooling, **kwargs)
+    from recbole_mm.features.encoders import load_vision_model, pool_image_output, resolve_encoder
 
-        def forward_fn(x, pool):
-            out = getattr(model, spec["method"])(x)
-            if out.dim() == 4:
-                return out.mean(dim=(2, 3))
-            if out.dim() == 3:
-                return out.mean(1) if pool == "mean" else out[:, 0]
-            return out
-
-        return FinetuneImageEncoder(model, module_pixels(spec, paths, background), available, forward_fn=forward_fn,
-                                    method=spec["method"], pooling=pooling, **kwargs)
-    from transformers import AutoImageProcessor, AutoModel
-
-    from recbole_mm.features.encoders import resolve_encoder
-
-    path = resolve_encoder(spec["name"])
-    try:
-        processor = AutoImageProcessor.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
-    except Exception as e:
-        raise OSError(f"cannot load image encoder {spec['name']!r} for finetuning: {e}. Use a local model folder "
-                      "holding the weights and the image processor config, or a hub name with a network") from None
+    processor, model = load_vision_model(resolve_encoder(spec["name"]), spec["name"])
 
     def forward_fn(x, pool):
-        output = model(pixel_values=x)
-        if pool == "pooler" and getattr(output, "pooler_output", None) is not None:
-            return output.pooler_output.flatten(1)
-        hidden = output.last_hidden_state
-        if hidden.dim() == 4:
-            return hidden.mean(dim=(2, 3))
-        return hidden.mean(1) if pool == "mean" else hidden[:, 0]
+        return pool_image_output(model(pixel_values=x), pool, f"image encoder {spec['name']!r}")
 
     return FinetuneImageEncoder(model, processor_pixels(processor, paths, background), available,
                                 forward_fn=forward_fn, pooling=pooling, **kwargs)

@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from .cache import BoundedRowCache
+from .cache import BoundedRowCache, encode_items
 
 logger = logging.getLogger(__name__)
 
@@ -157,13 +157,7 @@ class FinetuneTextEncoder(nn.Module):
 
     def forward(self, item_ids):
         """``item_ids`` of any shape -> (*item_ids.shape, hidden) item text vectors."""
-        flat = item_ids.reshape(-1)
-        if self.unique_items:
-            uniq, inverse = torch.unique(flat, return_inverse=True)
-            vec = self._encode_rows(uniq)[inverse]
-        else:
-            vec = self._encode_rows(flat)
-        return vec.view(*item_ids.shape, -1)
+        return encode_items(item_ids, self._encode_rows, self.unique_items)
 
 
 def load_text_encoder(name_or_path):

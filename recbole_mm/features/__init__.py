@@ -26,7 +26,7 @@ Importing this package loads none of its modules: the names below are imported w
 ``transformers`` only when something is encoded.
 """
 
-import importlib
+from recbole_mm.utils import lazy_exports
 
 # module of this package -> the public names it defines
 _MODULES = {
@@ -49,14 +49,4 @@ _EXPORTS = {name: module for module, names in _MODULES.items() for name in names
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -129,6 +129,27 @@ def _load_text_encoder(encoder, device, fp16):
     return _cached(("text", path, encoder_fingerprint(path), str(device), fp16), load)
 
 
+def load_vision_model(path, name=None):
+    """``(AutoImageProcessor, AutoModel)`` of a transformers vision model folder / hub name (not
+    cached, in train mode as loaded); an OSError naming what to give on failure."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    try:
+        return AutoImageProcessor.from_pretrained(path), AutoModel.from_pretrained(path)
+    except OSError as e:
+        raise OSError(f"cannot load image encoder {name or path!r}: {e}. Use a local model folder holding the "
+                      "model and its preprocessor_config.json, or a reachable hub name.") from e
+
+
+def pool_image_output(output, pooling: str, what: str):
+    """(batch, dim) from a vision model's output: ``pooler`` = ``pooler_output`` when the model has
+    one, else the CLS token (token sequences) or the spatial mean (feature maps); ``cls``; ``mean``."""
+    mode = pooling
+    if mode == "pooler" and getattr(output, "pooler_output", None) is None:
+        mode = "cls" if output.last_hidden_state.dim() == 3 else "mean"
+    return _pool(output, None, mode, what)
+
+
 def _load_image_encoder(encoder, device, fp16):
     """``(processor, model)`` of a transformers vision model, or ``(None, ModuleImageEncoder)`` for a
     ``{type: module, ...}`` encoder (:mod:`recbole_mm.data.image_encoders`)."""
@@ -146,14 +167,7 @@ def _load_image_encoder(encoder, device, fp16):
     path = spec["name"]
 
     def load():
-        from transformers import AutoImageProcessor, AutoModel
-
-        try:
-            processor = AutoImageProcessor.from_pretrained(path)
-            model = AutoModel.from_pretrained(path)
-        except OSError as e:
-            raise OSError(f"cannot load image encoder {encoder!r}: {e}. Use a local model folder holding the "
-                          "model and its preprocessor_config.json, or a reachable hub name.") from e
+        processor, model = load_vision_model(path, encoder)
         return processor, _prepare_model(model, device, fp16, "vision_model")
 
     return _cached(("image", path, encoder_fingerprint(path), str(device), fp16), load)

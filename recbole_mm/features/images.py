@@ -22,7 +22,7 @@ from recbole_mm.data.images import (PROBLEMS as IMAGE_PROBLEMS, image_extensions
                                     problem_kind, readable_extensions, unsupported_extensions)
 
 from .chunks import _Chunks, _progress, sha256_strings
-from .encoders import PoolingError, _load_image_encoder, _pick_device, _pool, encoder_fingerprint
+from .encoders import PoolingError, _load_image_encoder, _pick_device, encoder_fingerprint, pool_image_output
 from .item_file import _id_column, _item_tokens, _read_atomic_file
 
 logger = logging.getLogger(__name__)
@@ -101,10 +101,7 @@ def encode_images(paths: Sequence, encoder, batch_size: int = 32, device=None, f
             return model.encode(images, pooling)
         pixel = processor(images=images, return_tensors="pt")["pixel_values"].to(dev, dtype)
         output = model(pixel_values=pixel)
-        mode = pooling
-        if mode == "pooler" and getattr(output, "pooler_output", None) is None:
-            mode = "cls" if output.last_hidden_state.dim() == 3 else "mean"
-        return _pool(output, None, mode, f"image encoder {encoder!r}").cpu().numpy().astype(np.float32)
+        return pool_image_output(output, pooling, f"image encoder {encoder!r}").cpu().numpy().astype(np.float32)
 
     key = {"kind": "image", "paths": sha256_strings("" if p is None else p for p in paths),
            "encoder": image_encoders.describe(encoder),

@@ -27,7 +27,7 @@ module ``recbole_mm.model.sicsrec_pairs`` stay light, and a checkpoint that pick
 ``recbole_mm.model.sicsrec.SICSRec`` (the module this package replaces) still loads.
 """
 
-import importlib
+from recbole_mm.utils import lazy_exports
 
 # name -> module of this package that defines it: every name of the former recbole_mm/model/sicsrec.py,
 # and the entry points of each part
@@ -52,14 +52,4 @@ _EXPORTS = {
 __all__ = sorted(n for n in _EXPORTS if not n.startswith("_"))
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
