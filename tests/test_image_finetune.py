@@ -365,3 +365,77 @@ def test_sicsrec_stage1_lora_trains_adapters_of_both_encoders_only(tmp_path, tin
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert changed and all("lora_" in k for _m, k in changed)
     assert {m for m, _k in changed} == {"text", "image"}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+    CLIPModel(CLIPConfig(text_config=dict(small, vocab_size=100), projection_dim=16,
+                         vision_config=dict(small, image_size=32, patch_size=8))).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_bit(tmp_path_factory):
+    from transformers import BitConfig, BitImageProcessor, BitModel
+
+    folder = tmp_path_factory.mktemp("tiny_bit")
+    torch.manual_seed(0)
+    BitModel(BitConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_groups=4)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("which", ["clip", "bit"])
+def test_a_look_alike_the_split_does_not_reproduce_runs_whole(which, tiny_clip, tiny_bit, image_paths, caplog):
+    """CLIP's vision tower (a norm before the blocks) and BiT (a norm after the stages) look like the
+    ViT / ResNet families: the split is checked against the whole forward and dropped, so the
+    features still equal the frozen extraction's."""
+    encoder = tiny_clip if which == "clip" else tiny_bit
+    enc = load_image_finetune(encoder, image_paths, _available(image_paths), trainable_layers=1, pooling="mean")
+    assert enc.split is None and enc.lower_cache is None
+    assert type(enc.encoder).__name__ in ("CLIPVisionModel", "CLIPVisionTransformer", "BitModel")
+    trainable = {id(p) for p in enc.encoder_parameters()}
+    assert trainable and trainable == {id(p) for p in enc.blocks[-1].parameters()}
+    enc.eval()
+    rows = torch.tensor([1, 2])
+    with torch.no_grad():
+        ours = enc(rows)
+    ref = _frozen_features(encoder, [image_paths[1], image_paths[2]], pooling="mean")
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_pooler_trains_only_when_read_and_blocks_are_stored_once(tiny_vit, image_paths):
+    cls = load_image_finetune(tiny_vit, image_paths, _available(image_paths), trainable_layers=1, pooling="cls")
+    pooler = load_image_finetune(tiny_vit, image_paths, _available(image_paths), trainable_layers=1)
+    in_pooler = lambda enc: {id(p) for p in enc.encoder.pooler.parameters()}  # noqa: E731
+    assert not in_pooler(cls) & {id(p) for p in cls.encoder_parameters()}
+    assert in_pooler(pooler) <= {id(p) for p in pooler.encoder_parameters()}
+    keys = list(pooler.state_dict())
+    assert not any(k.startswith("blocks.") for k in keys) and any(k.startswith("encoder.") for k in keys)
+
+
+def test_lora_dropout_follows_train_mode_base_blocks_stay_in_eval(tiny_vit, image_paths):
+    pytest.importorskip("peft")
+    enc = load_image_finetune(tiny_vit, image_paths, _available(image_paths), trainable_layers=1,
+                              lora={"r": 2, "alpha": 4, "dropout": 0.3, "target": None})
+    enc.train()
+    drops = [m for n, m in enc.encoder.named_modules() if "lora_dropout" in n]
+    assert drops and all(m.training for m in drops)
+    assert not enc.blocks[-1].attention.training if hasattr(enc.blocks[-1], "attention") else True
+    enc.eval()
+    assert not any(m.training for m in drops)
+
+
+def test_a_batch_without_images_keeps_the_trainable_parameters_in_the_graph(tiny_vit, image_paths):
+    enc = load_image_finetune(tiny_vit, image_paths, _available(image_paths), trainable_layers=1)
+    enc.train()
+    out = enc(torch.tensor([3, 7, 0]))
+    assert (out == 0).all()
+    out.sum().backward()
+    assert all(p.grad is not None and (p.grad == 0).all() for p in enc.encoder_parameters())

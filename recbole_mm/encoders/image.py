@@ -188,6 +188,9 @@ class ResNetSplit(Split):
         return self.model.embedder(x)
 
     def head(self, h, pooling):
+        if pooling == "cls":
+            raise ValueError("image encoder: a ResNet-like model outputs feature maps without a CLS token; use "
+                             "pooling pooler or mean (as feature extraction requires)")
         return h.mean(dim=(2, 3))  # the pooler's global average pool (identical, without reshaping)
 
 
@@ -226,7 +229,7 @@ def find_split(model, method="forward"):
         return EfficientNetSplit(model) if method == "extract_features" else None
     if hasattr(model, "embedder") and hasattr(getattr(model, "encoder", None), "stages"):
         return ResNetSplit(model)
-    if hasattr(model, "embeddings"):
+    if hasattr(model, "embeddings") and not hasattr(model, "pre_layrnorm"):
         blocks = _find_list(model, VIT_LAYER_PATHS)
         if blocks is not None and (hasattr(model, "layernorm") or hasattr(model, "post_layernorm")):
             return ViTSplit(model, blocks)
@@ -234,11 +237,15 @@ def find_split(model, method="forward"):
 
 
 def largest_module_list(model):
+    """The main stack of repeated blocks: the ``nn.ModuleList`` holding most parameters (the
+    outermost on a tie), or None."""
     best = None
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and (best is None or len(m) > len(best)):
-            best = m
-    return best
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            key = (sum(p.numel() for p in module.parameters()), -len(name))
+            if best is None or key > best[0]:
+                best = (key, module)
+    return best[1] if best else None
 
 
 # ============================================================================ the encoder
@@ -274,8 +281,10 @@ class FinetuneImageEncoder(nn.Module):
         self.forward_fn = forward_fn
         self.unique_items = bool(unique_items)
         self.chunk_items = max(1, int(chunk_items))
-        self.register_buffer("available", torch.as_tensor(available, dtype=torch.bool).clone(), persistent=False)
-        self.split = find_split(model, method)
+        has_path = torch.tensor([p is not None for p in pixels.paths], dtype=torch.bool)
+        available = torch.as_tensor(available, dtype=torch.bool).clone() & has_path  # a file gone since extraction
+        self.register_buffer("available", available, persistent=False)
+        self.split = self._checked_split(find_split(model, method), forward_fn)
         blocks = self.split.blocks if self.split is not None else largest_module_list(model)
         n_blocks = len(blocks) if blocks is not None else 0
         if trainable_layers < 0 or trainable_layers > max(n_blocks, 1 if blocks is None else 0):
@@ -285,7 +294,7 @@ class FinetuneImageEncoder(nn.Module):
             raise ValueError("image encoder: its structure is not a known family (ViT-like, ResNet-like, "
                              "EfficientNet) and no forward function was given")
         self.n_blocks, self.trainable_layers = n_blocks, int(trainable_layers)
-        self.blocks = blocks
+        object.__setattr__(self, "blocks", blocks)  # a view into the model: not registered twice (state_dict)
         for p in model.parameters():
             p.requires_grad = False
         top = list(blocks)[n_blocks - self.trainable_layers:] if blocks is not None else []
@@ -294,14 +303,17 @@ class FinetuneImageEncoder(nn.Module):
             logger.warning("image encoder: no block list found; the whole network trains")
             self.trainable_modules = [model]
         if self.trainable_layers > 0 and self.split is not None and lora is None:
-            self.trainable_modules += list(self.split.head_modules)
+            # the head after the blocks trains with them; a pooler only when the pooling reads it (a
+            # parameter without gradient breaks DDP's reduction)
+            self.trainable_modules += [m for m in self.split.head_modules
+                                       if m is not getattr(self.split, "pooler", None) or pooling == "pooler"]
         if lora is not None:
             from .lora import apply_lora
 
             if not top:
                 raise ValueError("image encoder: LoRA needs trainable layers >= 1 (the blocks that get adapters)")
             self.lora_names = apply_lora(model, top, **lora)
-            self.trainable_modules = list(top)  # they run in train mode only for LoRA dropout; see train()
+            self.trainable_modules = list(top)
             self.lora = True
         else:
             self.lora = False
@@ -318,6 +330,44 @@ class FinetuneImageEncoder(nn.Module):
         self.out_dim = self._probe_dim(cache_mb, cache_dtype)
 
     # ------------------------------------------------------------------ set-up
+    def _checked_split(self, split, forward_fn):
+        """``split`` when stem + blocks + head reproduce the whole network (``forward_fn``) on a
+        random image in eval mode, else None (the network then runs whole): a model that looks like
+        a known family but computes differently (a norm before or after the blocks that the split
+        does not know, stages that take extra arguments) must not give silently different features."""
+        if split is None or forward_fn is None:
+            return split
+        model = split.model
+        was = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                x = torch.randn((2,) + tuple(self.pixels.size), generator=torch.Generator().manual_seed(0))
+                x = x.to(next(model.parameters()).device)
+                h = split.stem(x)
+                for i in range(len(split.blocks)):
+                    h = split.block(i, h)
+                ours, ref = split.head(h, self.pooling), forward_fn(x, self.pooling)
+            ok = ours.shape == ref.shape and torch.allclose(ours.float(), ref.float(), rtol=1e-3, atol=1e-4)
+            problem = None if ok else f"max difference {float((ours.float() - ref.float()).abs().max()):.3g}"
+        except Exception as e:  # noqa: BLE001 - any failure means the split does not fit this model
+            problem = f"{type(e).__name__}: {e}"
+        finally:
+            for m, mode in was:
+                m.training = mode
+        if problem is None:
+            return split
+        logger.warning("image encoder %s: the %s stem/blocks/head split does not reproduce its forward (%s); "
+                       "the whole network runs every step (no lower-part cache)", type(model).__name__, split.kind,
+                       problem)
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the block list stopped being registered a second time ("blocks.*")
+        for key in [k for k in state_dict if k.startswith(prefix + "blocks.")]:
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _device(self):
         return next(self.encoder.parameters()).device
 
@@ -341,9 +391,16 @@ class FinetuneImageEncoder(nn.Module):
     def train(self, mode=True):
         super().train(mode)
         # frozen parts in eval mode (BatchNorm statistics and dropout): the cache stays valid.
-        # Under LoRA the adapted blocks' own weights are frozen too: they stay in eval mode.
+        # Under LoRA the adapted blocks' own weights are frozen too: they stay in eval mode, and
+        # only the adapters' dropout follows ``mode``.
         self.encoder.eval()
-        if mode and not self.lora:
+        if not mode:
+            return self
+        if self.lora:
+            for name, m in self.encoder.named_modules():
+                if "lora_dropout" in name:
+                    m.train(True)
+        else:
             for m in self.trainable_modules:
                 m.train(True)
         return self
@@ -385,6 +442,10 @@ class FinetuneImageEncoder(nn.Module):
         has = self.available.to(device)[rows]
         out = torch.zeros(rows.size(0), self.out_dim, device=device)
         if not has.any():
+            if torch.is_grad_enabled() and self.training:
+                # no image in this batch: the trainable parameters still take part in the graph
+                # (with zero gradient), as DDP's reduction expects every rank to use them
+                out = out + sum(p.view(-1)[0] * 0.0 for p in self.encoder_parameters())
             return out
         todo = rows[has]
         if self.split is None:
@@ -421,9 +482,10 @@ def load_image_finetune(encoder, paths, available, background=(255, 255, 255), p
                                                    where="finetune image encoder")
         return FinetuneImageEncoder(loaded.model, module_pixels(spec, paths, background), available,
                                     forward_fn=loaded.features, method=spec["method"], pooling=pooling, **kwargs)
-    from recbole_mm.features.encoders import load_vision_model, pool_image_output, resolve_encoder
+    from recbole_mm.features.encoders import load_vision_model, pool_image_output, resolve_encoder, unwrap_model
 
     processor, model = load_vision_model(resolve_encoder(spec["name"]), spec["name"])
+    model = unwrap_model(model, "vision_model")  # as extraction does: CLIP-like models' vision tower
 
     def forward_fn(x, pool):
         return pool_image_output(model(pixel_values=x), pool, f"image encoder {spec['name']!r}")

@@ -98,14 +98,20 @@ def clear_model_cache() -> None:
     _MODEL_CACHE.clear()
 
 
-def _prepare_model(model, device, fp16: bool, part: str):
-    """Unwrap composite models (CLIP-like: ``text_model``/``vision_model``; encoder-decoder)."""
+def unwrap_model(model, part: str):
+    """The ``part`` (``text_model`` / ``vision_model``) of a composite model (CLIP-like), the encoder
+    of an encoder-decoder text model, else ``model`` itself."""
     sub = getattr(model, part, None)
     if sub is not None and hasattr(model.config, part.replace("_model", "_config")):
-        model = sub
-    elif part == "text_model" and getattr(model.config, "is_encoder_decoder", False):
-        model = model.get_encoder()
-    model = model.to(device)
+        return sub
+    if part == "text_model" and getattr(model.config, "is_encoder_decoder", False):
+        return model.get_encoder()
+    return model
+
+
+def _prepare_model(model, device, fp16: bool, part: str):
+    """Unwrap composite models (:func:`unwrap_model`), move, cast and set eval mode."""
+    model = unwrap_model(model, part).to(device)
     if fp16:
         model = model.half()
     model.eval()
@@ -131,7 +137,8 @@ def _load_text_encoder(encoder, device, fp16):
 
 def load_vision_model(path, name=None):
     """``(AutoImageProcessor, AutoModel)`` of a transformers vision model folder / hub name (not
-    cached, in train mode as loaded); an OSError naming what to give on failure."""
+    cached, not moved); an OSError naming what to give on failure. Extraction unwraps a composite
+    model's ``vision_model`` (:func:`_prepare_model`); a model fine-tuned in the graph does too."""
     from transformers import AutoImageProcessor, AutoModel
 
     try:

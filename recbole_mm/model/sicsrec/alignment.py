@@ -170,6 +170,8 @@ def stage1_inputs(dataset, mods):
             "encoder": enc_name, "paths": paths, "feature": base["image"], "background": background,
             "valid": torch.tensor([p is not None for p in paths], dtype=torch.bool),
             "key": {"encoder": image_encoders.describe(enc_name),
+                    # the tower (recbole_mm.encoders.image since 2026-12-04; ImageTower before, and for logits)
+                    **({} if setting(config, "sft_image_pooling") == "logits" else {"tower": "encoders.image"}),
                     "fingerprint": image_encoders.fingerprint(enc_name, encoder_fingerprint),
                     "images": _file_sig(paths), "feature": base["image"], "image_background": list(background)},
         }

@@ -23,15 +23,13 @@ IMAGE_POOLINGS = ("pooler", "cls", "mean", "logits")
 
 
 def _block_list(model):
-    """The main stack of repeated blocks (the ``nn.ModuleList`` holding most parameters)."""
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            size = sum(p.numel() for p in module.parameters())
-            key = (size, -len(name))
-            if best is None or key > best[0]:
-                best = (key, name, module)
-    return (best[1], best[2]) if best else (None, None)
+    """The main stack of repeated blocks (the ``nn.ModuleList`` holding most parameters): (its name, it)."""
+    from recbole_mm.encoders.image import largest_module_list
+
+    blocks = largest_module_list(model)
+    if blocks is None:
+        return None, None
+    return next(name for name, m in model.named_modules() if m is blocks), blocks
 
 
 def _open_rgb(path, background=None):
