@@ -1,5 +1,6 @@
 """Shared fixtures: tiny datasets in RecBole's atomic format, written into tmp folders."""
 
+import contextlib
 import os
 import sys
 
@@ -89,6 +90,19 @@ def tiny(workdir):
     return cfg
 
 
+@contextlib.contextmanager
+def inside(root):
+    """Run inside ``root`` with a clean command line (RecBole writes to the cwd and reads sys.argv)."""
+    old, argv = os.getcwd(), sys.argv
+    os.chdir(root)
+    sys.argv = ["pytest"]
+    try:
+        yield
+    finally:
+        os.chdir(old)
+        sys.argv = argv
+
+
 def save_tiny_vit(folder, layers=2):
     """A tiny random-weight ViT (32 px, patches of 8, width 32) with its image processor, saved in
     ``folder`` as a transformers model folder; returns the folder."""
@@ -116,19 +130,13 @@ def build_tiny(root, model, **overrides):
     from recbole_mm.data.lazy import data_preparation
     from recbole_mm.quick_start import create_dataset
 
-    old, argv = os.getcwd(), sys.argv
-    os.chdir(root)
-    sys.argv = ["pytest"]
-    try:
+    with inside(root):
         write_tiny_dataset(os.path.join(str(root), "data"), n_users=40, n_items=30)
         cfg = dict(FAST, data_path=os.path.join(str(root), "data"),
                    checkpoint_dir=os.path.join(str(root), "saved"), **overrides)
         config = MMConfig(model=model, dataset="tiny", config_dict=cfg)
         dataset = create_dataset(config)
         loaders = data_preparation(config, dataset)
-    finally:
-        os.chdir(old)
-        sys.argv = argv
     return config, dataset, loaders
 
 

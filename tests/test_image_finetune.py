@@ -5,13 +5,12 @@ LoRA trains adapters only, and TSSR trains with image / both in finetune mode.""
 
 import glob
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, save_tiny_vit, write_tiny_dataset
+from conftest import FAST, inside, save_tiny_vit, write_tiny_dataset
 from recbole_mm.encoders.image import FinetuneImageEncoder, PixelSource, find_split, load_image_finetune
 
 N_ITEMS = 30
@@ -237,19 +236,13 @@ def _build(root, specs, **overrides):
     from recbole_mm.data.lazy import data_preparation
     from recbole_mm.quick_start import create_dataset
 
-    old, argv = os.getcwd(), sys.argv
-    os.chdir(root)
-    sys.argv = ["pytest"]
-    try:
+    with inside(root):
         cfg = dict(FAST, data_path=os.path.join(str(root), "data"), checkpoint_dir=os.path.join(str(root), "saved"),
                    mm_features=specs, content_mode="finetune", hidden_dropout_prob=0.0, attn_dropout_prob=0.0,
                    input_dropout_prob=0.0, **overrides)
         config = MMConfig(model="TSSR", dataset="tiny", config_dict=cfg)
         dataset = create_dataset(config)
         train, _valid, _test = data_preparation(config, dataset)
-    finally:
-        os.chdir(old)
-        sys.argv = argv
     return config, dataset, train
 
 
@@ -338,17 +331,11 @@ def test_sicsrec_stage1_lora_trains_adapters_of_both_encoders_only(tmp_path, tin
     from recbole_mm.quick_start import create_dataset
 
     specs = _image_dataset(tmp_path, tiny_vit)
-    old, argv = os.getcwd(), sys.argv
-    os.chdir(tmp_path)
-    sys.argv = ["pytest"]
-    try:
+    with inside(tmp_path):
         cfg = dict(FAST, data_path=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "saved"), mm_features=specs,
                    stage1=False, content_modality="both", sft_epochs=1, sft_batch_size=16, sft_max_length=8,
                    sft_proj_hidden=16, sft_proj_dim=8, sft_peft="lora", sft_lora_r=2)
         ds = create_dataset(MMConfig(model="SICSRec", dataset="tiny", config_dict=cfg))
-    finally:
-        os.chdir(old)
-        sys.argv = argv
     pairs, _ = stage1_pairs(ds)
     inputs = alignment.stage1_inputs(ds, ["text", "image"])
     torch.manual_seed(0)

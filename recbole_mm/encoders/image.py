@@ -47,7 +47,7 @@ class PixelSource:
 
     ``paths``: per internal item id, the image file or None. ``to_uint8(PIL images)`` resizes and crops
     as the encoder expects; ``normalise`` maps 0..255 values to the encoder's input. Images that
-    fail to open give zero pixels (counted in ``unreadable``; their items are normally already
+    fail to open give zero pixels (marked in ``bad``; their items are normally already
     marked missing by the image feature's extraction).
     """
 
@@ -58,7 +58,6 @@ class PixelSource:
         self.std = torch.tensor([float(x) for x in std]).view(1, 3, 1, 1)
         self.scale = float(scale)
         self.background = tuple(background)
-        self.unreadable = 0
         self.bad = torch.zeros(len(self.paths), dtype=torch.bool)  # files found unreadable when loading
         self.size = size if size is not None else self._probe_size()
 
@@ -80,7 +79,6 @@ class PixelSource:
                 continue
             img, reason = open_image(path, self.background)
             if img is None:
-                self.unreadable += 1
                 self.bad[r] = True
                 logger.warning("image of item %d (%s): %s; its pixels are zeros", r, path, reason)
                 continue
