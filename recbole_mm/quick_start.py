@@ -539,18 +539,59 @@ def run_recbole_mm(
     result["record_path"] = record_file if global_rank(config) == 0 else None
     result["timings_s"] = timings
     result["model"] = config["model"]
+    _close_tensorboard(trainer)
     if not config["single_spec"]:
+        from recbole_mm.trainer.ddp import barrier
+
+        barrier()  # every rank leaves together: none tears its group down while a peer still gathers
         torch.distributed.destroy_process_group()
         if config["local_rank"] == 0 and queue is not None:
             queue.put(result)  # each node's first process reports to its launcher (RecBole)
     return result
 
 
+def _close_tensorboard(trainer):
+    """Flush and close the trainer's tensorboard writer (RecBole never closes it, so the events of
+    the last up to 120 s were only written if the writer happened to be collected before exit)."""
+    writer = getattr(trainer, "tensorboard", None)
+    if writer is not None and hasattr(writer, "close"):
+        try:
+            writer.close()
+        except Exception as exc:  # noqa: BLE001 - a log writer must not fail a finished run
+            getLogger().warning(f"could not close the tensorboard writer: {type(exc).__name__}: {exc}")
+
+
 def _spawn_worker(local_rank, model, dataset, config_file_list, kwargs):
-    """``mp.spawn`` target (RecBole's ``run_recboles``): one DDP process."""
+    """``mp.spawn`` target (RecBole's ``run_recboles``): one DDP process.
+
+    After a finished run the process ends with ``os._exit(0)`` once its logs are flushed, without
+    interpreter finalization: gloo's worker threads release their last collective's tensors
+    asynchronously, and one doing so while the interpreter finalizes needs the GIL and aborts the
+    process (``terminate called without an active exception``, SIGABRT; seen in about 1 run in 10
+    on 2 loaded cores, core dump: ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherWork`` ->
+    ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``; pytorch/pytorch PR 179291). Everything
+    the run keeps is already written: records and checkpoints atomically, its result on the queue.
+    A failing run raises as before (torch.multiprocessing reports its traceback)."""
     kwargs = dict(kwargs)
     kwargs["config_dict"] = dict(kwargs.get("config_dict") or {}, local_rank=local_rank)
     run_recbole_mm(model, dataset, config_file_list, **kwargs)
+    _exit_without_finalization()
+
+
+def _exit_without_finalization(code=0):
+    import gc
+
+    tensorboard = sys.modules.get("torch.utils.tensorboard")  # imported only if a writer was made
+    if tensorboard is not None:
+        for obj in gc.get_objects():  # nested trainers' writers (e.g. SICSRec's step 1)
+            if isinstance(obj, tensorboard.SummaryWriter):
+                with contextlib.suppress(Exception):
+                    obj.close()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def run(
