@@ -463,6 +463,63 @@ class FinetuneImageEncoder(nn.Module):
         out[has] = vec
         return out
 
+    # ------------------------------------------------------------------ side adapter taps
+    def n_rows(self):
+        return len(self.pixels.paths)
+
+    def has_content(self, rows):
+        """Items with a readable image (a file found unreadable since is dropped here)."""
+        bad = self.pixels.bad.to(rows.device)[rows]
+        if bad.any():
+            self.available[rows[bad].to(self.available.device)] = False
+        return self.available.to(rows.device)[rows]
+
+    def _need_split(self):
+        if self.split is None:
+            raise ValueError(f"encoder_peft: side needs the image network's stem / blocks / head "
+                             f"(ViT-like, ResNet-like or EfficientNet); {type(self.encoder).__name__} has none "
+                             "known: use encoder_peft: lora or ~")
+
+    @torch.no_grad()
+    def _tap_states(self, x):
+        h = self.split.stem(x)
+        inner = [h]
+        for i in range(self.n_blocks):
+            h = self.split.block(i, h)
+            if i < self.n_blocks - 1:
+                inner.append(h)
+        from .side import pool_tap
+
+        pool = "cls" if self.pooling in ("cls", "pooler") else "mean"
+        return [pool_tap(t, pool) for t in inner] + [self.split.head(h, self.pooling)]
+
+    def tap_dims(self):
+        """Widths of :meth:`taps`: the stem, every block but the last, then the output."""
+        self._need_split()
+        was = self.encoder.training
+        self.encoder.eval()
+        try:
+            states = self._tap_states(self.pixels.normalise(torch.zeros((1,) + tuple(self.pixels.size))).to(
+                self._device()))
+        finally:
+            self.encoder.train(was)
+        return [int(t.shape[-1]) for t in states]
+
+    @torch.no_grad()
+    def taps(self, rows):
+        """(len(rows), sum(tap_dims)) for :class:`~recbole_mm.encoders.side.SideAdapterEncoder`: the
+        frozen network's pooled states (stem, each block but the last) and its output, ``chunk_items``
+        images at a time."""
+        self._need_split()
+        was = self.encoder.training
+        self.encoder.eval()
+        try:
+            parts = [torch.cat(self._tap_states(self.pixels.normalise(self._load_pixels(rows[i:i + self.chunk_items]))),
+                               -1) for i in range(0, rows.numel(), self.chunk_items)]
+        finally:
+            self.encoder.train(was)
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
+
     def forward(self, item_ids):
         """``item_ids`` of any shape -> (*item_ids.shape, out_dim) item image vectors."""
         return encode_items(item_ids, self._encode_rows, self.unique_items)

@@ -155,6 +155,39 @@ class FinetuneTextEncoder(nn.Module):
             h = _layer_output(layer(h, ext))
         return _pool(h, mask, self.pooling, getattr(self.encoder, "pooler", None))
 
+    # ------------------------------------------------------------------ side adapter taps
+    def n_rows(self):
+        return self.input_ids.size(0)
+
+    def has_content(self, rows):
+        return torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+
+    def tap_dims(self):
+        """Widths of :meth:`taps`: the embeddings and every layer but the last, then the output."""
+        return [self.out_dim] * (max(self.n_layers, 1) + 1)
+
+    @torch.no_grad()
+    def taps(self, rows):
+        """(len(rows), sum(tap_dims)) for :class:`~recbole_mm.encoders.side.SideAdapterEncoder`: the
+        frozen encoder's pooled states (embeddings, each layer but the last) and its pooled output."""
+        device = next(self.encoder.parameters()).device
+        ids, mask = self.input_ids[rows.cpu()].to(device), self.attention_mask[rows.cpu()].to(device)
+        was = self.encoder.training
+        self.encoder.eval()
+        try:
+            if self.split_ok:
+                states = [self.encoder.embeddings(input_ids=ids)]
+                ext = self._extended_mask(mask, states[0].dtype)
+                for layer in self._layers():
+                    states.append(_layer_output(layer(states[-1], ext)))
+            else:
+                states = list(self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states)
+        finally:
+            self.encoder.train(was)
+        pool = "cls" if self.pooling in ("cls", "pooler") else "mean"
+        inner = [_pool(h, mask, pool) for h in states[:-1]]
+        return torch.cat(inner + [_pool(states[-1], mask, self.pooling, getattr(self.encoder, "pooler", None))], -1)
+
     def forward(self, item_ids):
         """``item_ids`` of any shape -> (*item_ids.shape, hidden) item text vectors."""
         return encode_items(item_ids, self._encode_rows, self.unique_items)

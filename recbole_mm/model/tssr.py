@@ -162,31 +162,40 @@ class TSSR(SequentialRecommender):
         from recbole_mm.encoders.lora import lora_settings
 
         peft = config["encoder_peft"]
-        if peft not in (None, "lora"):
-            raise ValueError(f"encoder_peft must be ~ (tune the top layers themselves) or lora, got {peft!r}")
+        if peft not in (None, "lora", "side"):
+            raise ValueError(f"encoder_peft must be ~ (tune the top layers themselves), lora or side, got {peft!r}")
         lora = lora_settings(config) if peft == "lora" else None
         shared = dict(unique_items=config["encoder_unique_items"], cache_lower=config["encoder_cache_lower"],
                       cache_mb=config["encoder_cache_mb"], cache_dtype=config["encoder_cache_dtype"],
                       lora=lora)
+        if peft == "side":  # a frozen backbone: the side adapter caches its states (encoders.side)
+            shared.update(cache_lower=False, cache_mb=0)
         encoders = {}
         for name in self.feature_names:
             spec = dataset.feature_spec(name)
             if spec.get("type") == "image":
-                encoders[name] = self._finetune_image_encoder(config, dataset, name, spec, masks, shared)
+                encoders[name] = self._finetune_image_encoder(config, dataset, name, spec, masks, shared,
+                                                              side=peft == "side")
             else:
                 from recbole_mm.encoders.text import FinetuneTextEncoder, load_text_encoder
 
                 encoder, tokenizer = load_text_encoder(config["content_encoder"] or spec.get("encoder") or "default")
                 ids, mask = dataset.text_inputs(name, tokenizer, config["encoder_max_length"])
                 encoders[name] = FinetuneTextEncoder(
-                    encoder, ids, mask, trainable_layers=config["encoder_trainable_layers"],
+                    encoder, ids, mask, trainable_layers=0 if peft == "side" else config["encoder_trainable_layers"],
                     pooling=config["encoder_pooling"] or spec.get("pooling", "mean"), **shared)
+            if peft == "side":
+                from recbole_mm.encoders.side import SideAdapterEncoder
+
+                encoders[name] = SideAdapterEncoder(
+                    encoders[name], bottleneck=config["side_bottleneck"], cache_mb=config["encoder_cache_mb"],
+                    cache_dtype=config["encoder_cache_dtype"], unique_items=config["encoder_unique_items"])
         missing = (MissingContent({n: masks[n] for n in encoders}, self.hidden_size, self.missing_modality)
                    if masks else None)
         return _FinetuneContent(encoders, self.hidden_size, missing)
 
     @staticmethod
-    def _finetune_image_encoder(config, dataset, name, spec, masks, shared):
+    def _finetune_image_encoder(config, dataset, name, spec, masks, shared, side=False):
         from recbole_mm.data.images import parse_background
         from recbole_mm.encoders.image import load_image_finetune
 
@@ -195,7 +204,8 @@ class TSSR(SequentialRecommender):
             config["image_encoder"] or spec.get("encoder"), dataset.image_paths(name), available,
             background=parse_background(spec.get("image_background"), f"mm_features.{name}.image_background"),
             pooling=config["image_pooling"] or spec.get("pooling") or "pooler",
-            trainable_layers=config["image_trainable_layers"], cache_pixels=config["image_cache_pixels"],
+            trainable_layers=0 if side else config["image_trainable_layers"],
+            cache_pixels=config["image_cache_pixels"] and not side,  # side: each image read once, for its taps
             pixel_cache_mb=config["image_pixel_cache_mb"], **shared)
 
     def _init_weights(self):
@@ -472,7 +482,10 @@ class _FinetuneContent(nn.Module):
         return next(e for e in self.encoders.values() if hasattr(e, "input_ids"))
 
     def encoder_modules(self):
-        return [m for e in self.encoders.values() for m in e.encoder.modules()]
+        """Modules that keep their own initialisation: the pretrained encoders (and a side adapter's
+        network, whose output layer starts at zero)."""
+        return [m for e in self.encoders.values()
+                for m in (e.owned_modules() if hasattr(e, "owned_modules") else e.encoder.modules())]
 
     def encoder_parameters(self):
         return [p for e in self.encoders.values() for p in e.encoder_parameters()]

@@ -961,7 +961,7 @@ BEHAVIOUR_KEEPING_DEFAULTS = (
     # encoder_peft: lora, neither of which existed before; the pixel cache's budget decides what is
     # decoded again, not the values
     "image_encoder", "image_trainable_layers", "image_pooling", "image_cache_pixels", "image_pixel_cache_mb",
-    "encoder_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target",
+    "encoder_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target", "side_bottleneck",
     "sft_peft", "sft_lora_r", "sft_lora_alpha", "sft_lora_dropout", "sft_lora_target",
 )
 BEHAVIOUR_KEEPING_FEATURE_KEYS = ("missing_values", "encode_items")  # encode_items: unused items are never aligned
