@@ -13,7 +13,9 @@ weights -- top ``--trainable`` blocks trainable):
 * ``+ pixel cache``: ... decoded once, kept as uint8;
 * ``+ lower cache`` (the default): ... and the frozen lower part run once per item;
 * ``+ LoRA``: the default with LoRA adapters (rank ``--lora_r``) on the top blocks instead of
-  tuning them.
+  tuning them;
+* ``side adapter``: the network wholly frozen, its per-depth pooled states cached once per item and
+  a side network (``--side_bottleneck``) trained on them (``encoder_peft: side``, IISAN-style).
 
 Each variant trains on the same ``--batches`` batches twice: the first pass fills the caches (what an
 epoch costs the first time), the second is the steady state (every later epoch). Times are medians
@@ -54,6 +56,8 @@ def build(dataset, overrides):
 
 def cache_mb(net):
     enc = net.content.encoders["image"]
+    if hasattr(enc, "base"):  # side adapter: its tap cache
+        return 0.0, enc.cache.nbytes() / 2 ** 20
     pix = enc.pixel_cache.nbytes() if enc.pixel_cache is not None else 0
     low = enc.lower_cache.nbytes() if enc.lower_cache is not None else 0
     return pix / 2 ** 20, low / 2 ** 20
@@ -68,6 +72,7 @@ def main():
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--trainable", type=int, default=1)
     ap.add_argument("--lora_r", type=int, default=8)
+    ap.add_argument("--side_bottleneck", type=int, default=64)
     ap.add_argument("--skip_faithful", action="store_true", help="leave out the slowest variant")
     args = ap.parse_args()
     common = {
@@ -83,6 +88,8 @@ def main():
         ("+ pixel cache", {"encoder_cache_lower": False}),
         ("+ lower cache (default)", {}),
         (f"+ LoRA r={args.lora_r} (instead of tuning the blocks)", {"encoder_peft": "lora", "lora_r": args.lora_r}),
+        (f"side adapter, bottleneck {args.side_bottleneck} (network frozen)",
+         {"encoder_peft": "side", "side_bottleneck": args.side_bottleneck}),
     ]
     if args.skip_faithful:
         variants = variants[1:]
@@ -116,17 +123,17 @@ def main():
                 (first if p == 0 else steady)[k].append(time.perf_counter() - t0)
     positions = batches[0]["item_id_list"].numel() + batches[0]["item_id"].numel()
     distinct = len(torch.unique(torch.cat([b["item_id_list"].reshape(-1) for b in batches[:1]])))
-    enc0 = nets[-1].content.encoders["image"]
+    enc0 = nets[-2].content.encoders["image"]
     print(f"\n## TSSR image finetune on {args.dataset}: {type(enc0.encoder).__name__} ({enc0.split.kind if enc0.split else 'no split'}, "
           f"{enc0.n_blocks} blocks, top {args.trainable} trainable), batch {args.batch_size} x {args.max_len} positions, "
           f"{args.batches} batches, hidden {args.hidden_size}, {torch.get_num_threads()} thread(s), "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}\n")
     print(f"first batch: {positions} positions (history + target), {distinct} distinct items in the history\n")
-    print("| variant | trainable encoder params | step, first pass (s) | step, steady (s) | speed-up vs original, steady | caches (pixels / lower, MiB) |")
+    print("| variant | trainable encoder params | step, first pass (s) | step, steady (s) | speed-up vs original, steady | caches (pixels / lower or taps, MiB) |")
     print("|---|---|---|---|---|---|")
     base = statistics.median(first[0]) if not args.skip_faithful else None
     for k, (name, over) in enumerate(variants):
-        n_params = sum(p.numel() for p in nets[k].content.encoder_parameters())
+        n_params = sum(p.numel() for p in nets[k].content.encoders["image"].parameters() if p.requires_grad)
         f = statistics.median(first[k])
         s = statistics.median(steady[k]) if steady[k] else f
         pix, low = cache_mb(nets[k])

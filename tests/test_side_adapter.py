@@ -141,3 +141,24 @@ def test_tssr_trains_with_side_adapters_on_both_encoders(tmp_path, tiny_vit):
     with torch.no_grad():
         scores = model.full_sort_predict(inter)
     assert scores.shape == (inter["item_id"].shape[0], dataset.item_num) and torch.isfinite(scores).all()
+
+
+def test_every_side_parameter_gets_a_gradient_even_with_two_taps():
+    """A one-layer encoder has two taps (embeddings, output): no gate then, so no parameter is left
+    without a gradient (DDP's reduction needs each one used)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    for layers in (1, 3):
+        bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                    intermediate_size=32))
+        ids = torch.randint(1, 50, (5, 6))
+        side = SideAdapterEncoder(FinetuneTextEncoder(bert, ids, torch.ones_like(ids), trainable_layers=0,
+                                                      cache_lower=False), bottleneck=4)
+        with torch.no_grad():
+            side.out.weight.normal_()  # past the zero start, so gradients reach the side stream
+        side.train()
+        side(torch.tensor([1, 2, 3])).pow(2).sum().backward()
+        trainable = [(n, p) for n, p in side.named_parameters() if p.requires_grad]
+        assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable), \
+            [n for n, p in trainable if p.grad is None or not p.grad.abs().sum()]

@@ -72,7 +72,8 @@ class SideAdapterEncoder(nn.Module):
         self.norm = nn.ModuleList(nn.LayerNorm(d) for _ in inner[1:])
         self.down = nn.ModuleList(nn.Linear(d, r) for _ in inner[1:])
         self.up = nn.ModuleList(nn.Linear(r, d) for _ in inner[1:])
-        self.gate = nn.Parameter(torch.zeros(max(len(inner) - 1, 1)))
+        # one gate per deeper tap (none with two taps: an unused parameter would break DDP's reduction)
+        self.gate = nn.Parameter(torch.zeros(len(inner) - 1)) if len(inner) > 1 else None
         self.out = nn.Linear(d, d)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
