@@ -45,14 +45,21 @@ def _photos():
     return [os.path.join(folder, "china.jpg"), os.path.join(folder, "flower.jpg")]
 
 
+def _installed(tmp_path, monkeypatch, name, source):
+    """``source`` importable as module ``name`` for this test (a fresh import)."""
+    import importlib
+
+    pkg = tmp_path / f"pkg_{name}"
+    pkg.mkdir()
+    (pkg / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return importlib.import_module(name)
+
+
 @pytest.fixture
 def tiny_module(tmp_path, monkeypatch):
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "tinyvision.py").write_text(TINY)
-    monkeypatch.syspath_prepend(str(pkg))
-    sys.modules.pop("tinyvision", None)
-    import tinyvision
+    tinyvision = _installed(tmp_path, monkeypatch, "tinyvision", TINY)
 
     torch.manual_seed(0)
     model = tinyvision.make(4)
@@ -163,12 +170,7 @@ def create_model(model_name, pretrained=False, num_classes=1000, pretrained_cfg_
 
 @pytest.fixture
 def stub_timm(tmp_path, monkeypatch):
-    pkg = tmp_path / "stubs"
-    pkg.mkdir()
-    (pkg / "timm.py").write_text(STUB_TIMM)
-    monkeypatch.syspath_prepend(str(pkg))
-    monkeypatch.delitem(sys.modules, "timm", raising=False)
-    import timm
+    timm = _installed(tmp_path, monkeypatch, "timm", STUB_TIMM)
 
     torch.manual_seed(1)
     trained = timm.Net(10)  # a checkpoint with its classifier, as timm's files have

@@ -246,6 +246,20 @@ def _build(root, specs, **overrides):
     return config, dataset, train
 
 
+def train_steps(model, groups, train, steps=2):
+    """``steps`` Adam steps of ``model`` on the first training batch (asserting a finite loss); the batch."""
+    model.train()
+    opt = torch.optim.Adam(groups, lr=1e-2)
+    inter = next(iter(train))
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = sum(model.calculate_loss(inter))
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    return inter
+
+
 @pytest.mark.parametrize("modality,peft", [("image", None), ("both", None), ("both", "lora")])
 def test_tssr_trains_with_images_in_the_graph(tmp_path, tiny_vit, modality, peft):
     from recbole_mm.model.tssr import TSSR
@@ -267,15 +281,7 @@ def test_tssr_trains_with_images_in_the_graph(tmp_path, tiny_vit, modality, peft
                    for n, p in e.encoder.named_parameters() if p.requires_grad)
     frozen = {k: v.clone() for k, v in image.encoder.state_dict().items()}
     trainable = {k for k, p in image.encoder.named_parameters() if p.requires_grad}
-    model.train()
-    opt = torch.optim.Adam(groups, lr=1e-2)
-    inter = next(iter(train))
-    for _ in range(2):
-        opt.zero_grad()
-        loss = sum(model.calculate_loss(inter))
-        loss.backward()
-        opt.step()
-    assert torch.isfinite(loss)
+    inter = train_steps(model, groups, train)
     after = image.encoder.state_dict()
     moved = {k for k in frozen if not torch.equal(frozen[k], after[k])}
     assert moved and moved <= trainable | {k for k in frozen if "running" in k}

@@ -9,7 +9,7 @@ from recbole_mm.encoders.image import FinetuneImageEncoder, PixelSource, load_im
 from recbole_mm.encoders.side import SideAdapterEncoder
 from recbole_mm.encoders.text import FinetuneTextEncoder
 from test_image_finetune import (NO_IMAGE, _available, _build, _efficientnet_spec, _frozen_features,  # noqa: F401
-                                 _image_dataset, image_paths, tiny_vit)
+                                 _image_dataset, image_paths, tiny_vit, train_steps)
 
 
 def _counting(base):
@@ -124,15 +124,7 @@ def test_tssr_trains_with_side_adapters_on_both_encoders(tmp_path, tiny_vit):
     groups = model.optimizer_param_groups()
     assert len(groups) == 1  # the side networks train at the model's learning rate; no backbone weight trains
     backbones = {n: {k: v.clone() for k, v in e.encoder.state_dict().items()} for n, e in encoders.items()}
-    model.train()
-    opt = torch.optim.Adam(groups, lr=1e-2)
-    inter = next(iter(train))
-    for _ in range(2):
-        opt.zero_grad()
-        loss = sum(model.calculate_loss(inter))
-        loss.backward()
-        opt.step()
-    assert torch.isfinite(loss)
+    inter = train_steps(model, groups, train)
     for n, e in encoders.items():
         after = e.encoder.state_dict()
         assert all(torch.equal(v, after[k]) for k, v in backbones[n].items()), n
