@@ -154,3 +154,16 @@ def test_every_side_parameter_gets_a_gradient_even_with_two_taps():
         trainable = [(n, p) for n, p in side.named_parameters() if p.requires_grad]
         assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable), \
             [n for n, p in trainable if p.grad is None or not p.grad.abs().sum()]
+
+
+def test_the_side_network_is_smaller_than_the_top_block_it_replaces(image_paths):
+    spec = _efficientnet_spec()
+    top = load_image_finetune(spec, image_paths, _available(image_paths), trainable_layers=1, cache_pixels=False)
+    base = load_image_finetune(spec, image_paths, _available(image_paths), trainable_layers=0, cache_pixels=False,
+                               cache_lower=False)
+    side = SideAdapterEncoder(base, bottleneck=64)
+    n_side = sum(p.numel() for p in side.parameters() if p.requires_grad)
+    r, dims = 64, side.dims
+    assert n_side == sum(k * r + r for k in dims[:-1]) + (len(dims) - 2) * (2 * r + 2 * (r * r + r)) \
+        + len(dims) - 2 + r * dims[-1] + dims[-1]
+    assert n_side < sum(p.numel() for p in top.encoder_parameters())

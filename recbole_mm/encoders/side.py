@@ -3,14 +3,18 @@
 The encoder stays wholly frozen. Its hidden states at every depth (the embeddings / stem, each
 layer / block, and its final pooled output: the "taps"), each pooled to one vector per item, are
 computed once per item under ``no_grad`` and cached (:class:`~recbole_mm.encoders.cache.BoundedRowCache`,
-``cache_mb``). A small side network trains on them: a stream ``s`` that starts from the first tap
-and, at each deeper tap, mixes in that tap through a learned gate and a bottleneck adapter::
+``cache_mb``). A small side network of width ``r`` (``side_bottleneck``) trains on them: each tap
+projected down to ``r`` (``P_l``), a stream ``s`` that starts from the first tap and, at each deeper
+tap, mixes it in through a learned gate and an adapter ``A_l`` (``r -> r -> r``, GELU), and a layer
+back up to the encoder's width::
 
     s_0 = P_0 t_0
     s_l = s_{l-1} + A_l(LN_l(g_l P_l t_l + (1 - g_l) s_{l-1})),  g_l = sigmoid(gate_l),  l = 1 .. L-1
     out = t_L + W_out s_{L-1}
 
-``t_L`` is the frozen encoder's own output (pooled as configured) and ``W_out`` starts at zero, so the
+so its size is ``r`` times the taps' widths plus ``2 r^2`` per depth plus ``r`` times the output width,
+well under the top block's. ``t_L`` is the frozen encoder's own output (pooled as configured) and
+``W_out`` starts at zero, so the
 model starts equal to the frozen encoder and a step never runs the encoder again for a cached item:
 no backward pass through the backbone, which is what makes side adapters cheap (Fu et al., IISAN,
 SIGIR 2024). Simplification: the taps are pooled vectors (IISAN adapts token-level states).
@@ -47,7 +51,7 @@ class SideAdapterEncoder(nn.Module):
 
     Args:
         base: the frozen encoder; it gives ``tap_dims()`` and ``taps(rows)`` -> (n, sum(tap_dims)).
-        bottleneck: the adapters' inner width.
+        bottleneck: the side network's width ``r``.
         cache_mb / cache_dtype: the tap cache's budget and storage type (items beyond the budget have
             their taps recomputed each time they occur).
         unique_items: each distinct item of a batch once.
@@ -68,13 +72,13 @@ class SideAdapterEncoder(nn.Module):
         d = self.out_dim = self.dims[-1]
         r = int(bottleneck)
         inner = self.dims[:-1]
-        self.proj = nn.ModuleList(nn.Identity() if k == d else nn.Linear(k, d) for k in inner)
-        self.norm = nn.ModuleList(nn.LayerNorm(d) for _ in inner[1:])
-        self.down = nn.ModuleList(nn.Linear(d, r) for _ in inner[1:])
-        self.up = nn.ModuleList(nn.Linear(r, d) for _ in inner[1:])
+        self.proj = nn.ModuleList(nn.Linear(k, r) for k in inner)
+        self.norm = nn.ModuleList(nn.LayerNorm(r) for _ in inner[1:])
+        self.down = nn.ModuleList(nn.Linear(r, r) for _ in inner[1:])
+        self.up = nn.ModuleList(nn.Linear(r, r) for _ in inner[1:])
         # one gate per deeper tap (none with two taps: an unused parameter would break DDP's reduction)
         self.gate = nn.Parameter(torch.zeros(len(inner) - 1)) if len(inner) > 1 else None
-        self.out = nn.Linear(d, d)
+        self.out = nn.Linear(r, d)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.unique_items = bool(unique_items)
