@@ -57,7 +57,7 @@ def build(dataset, overrides):
 def cache_mb(net):
     enc = net.content.encoders["image"]
     if hasattr(enc, "base"):  # side adapter: its tap cache
-        return 0.0, enc.cache.nbytes() / 2 ** 20
+        return 0.0, (enc.cache.nbytes() + enc.out_cache.nbytes()) / 2 ** 20
     pix = enc.pixel_cache.nbytes() if enc.pixel_cache is not None else 0
     low = enc.lower_cache.nbytes() if enc.lower_cache is not None else 0
     return pix / 2 ** 20, low / 2 ** 20

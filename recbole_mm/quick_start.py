@@ -541,9 +541,6 @@ def run_recbole_mm(
     result["model"] = config["model"]
     _close_tensorboard(trainer)
     if not config["single_spec"]:
-        from recbole_mm.trainer.ddp import barrier
-
-        barrier()  # every rank leaves together: none tears its group down while a peer still gathers
         torch.distributed.destroy_process_group()
         if config["local_rank"] == 0 and queue is not None:
             queue.put(result)  # each node's first process reports to its launcher (RecBole)
@@ -570,8 +567,9 @@ def _spawn_worker(local_rank, model, dataset, config_file_list, kwargs):
     process (``terminate called without an active exception``, SIGABRT; seen in about 1 run in 10
     on 2 loaded cores, core dump: ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherWork`` ->
     ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``; pytorch/pytorch PR 179291). Everything
-    the run keeps is already written: records and checkpoints atomically, its result on the queue.
-    A failing run raises as before (torch.multiprocessing reports its traceback)."""
+    the run keeps is already written: records and checkpoints atomically, its result on the queue;
+    logs are flushed, tensorboard writers closed and a wandb run finished first. A failing run raises
+    as before (torch.multiprocessing reports its traceback)."""
     kwargs = dict(kwargs)
     kwargs["config_dict"] = dict(kwargs.get("config_dict") or {}, local_rank=local_rank)
     run_recbole_mm(model, dataset, config_file_list, **kwargs)
@@ -587,6 +585,10 @@ def _exit_without_finalization(code=0):
             if isinstance(obj, tensorboard.SummaryWriter):
                 with contextlib.suppress(Exception):
                     obj.close()
+    wandb = sys.modules.get("wandb")  # RecBole's WandbLogger never finishes its run; atexit would have
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        with contextlib.suppress(Exception):
+            wandb.finish()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -223,6 +223,12 @@ def test_a_timm_model_without_a_file_and_what_is_refused(stub_timm, tmp_path):
         parse_image_encoder({"type": "timm", "name": "x", "factory": "a:b"})
     with pytest.raises(FileNotFoundError, match="timm weights file .*nope.pth not found"):
         parse_image_encoder({"type": "timm", "name": "x", "weights": str(tmp_path / "nope.pth")})
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    with pytest.raises(ValueError, match="loads from the hub; with a local weights file give"):
+        parse_image_encoder({"type": "timm", "name": "hf-hub:timm/resnet50.a1_in1k", "weights": str(weights)})
+    with pytest.raises(ValueError, match="pretrained: false with a weights file"):
+        parse_image_encoder({"type": "timm", "name": "x", "weights": str(weights), "pretrained": False})
     with pytest.raises(ValueError, match="encoder type must be module, timm or transformers, got 'keras'"):
         parse_image_encoder({"type": "keras", "name": "x"})
 

@@ -87,10 +87,18 @@ def test_text_side_adapter_starts_at_the_frozen_encoder(tmp_path):
     side.eval()
     with torch.no_grad():
         torch.testing.assert_close(side(rows), frozen(rows))
+        # again, from the caches: the inner taps in float16, the frozen output kept exact
+        assert side.cache.used == 3 and side.cache.store.dtype == torch.float16
+        torch.testing.assert_close(side(rows), frozen(rows))
         full = bert(input_ids=ids[rows], attention_mask=mask[rows], output_hidden_states=True).hidden_states
     taps = base.taps(rows)
     m = mask[rows].unsqueeze(-1).float()
     torch.testing.assert_close(taps[:, 16:32], (full[1] * m).sum(1) / m.sum(1), rtol=1e-5, atol=1e-5)
+    # the inner taps are masked means even under cls pooling (an embedding's first token is the same
+    # for every item); the output follows the pooling
+    cls = FinetuneTextEncoder(bert, ids, mask, trainable_layers=0, pooling="cls", cache_lower=False).taps(rows)
+    torch.testing.assert_close(cls[:, :32], taps[:, :32])
+    torch.testing.assert_close(cls[:, 32:], full[-1][:, 0], rtol=1e-5, atol=1e-5)
     _train_steps(side, rows)
     assert all(not p.requires_grad for p in bert.parameters())
     side.eval()
@@ -167,3 +175,22 @@ def test_the_side_network_is_smaller_than_the_top_block_it_replaces(image_paths)
     assert n_side == sum(k * r + r for k in dims[:-1]) + (len(dims) - 2) * (2 * r + 2 * (r * r + r)) \
         + len(dims) - 2 + r * dims[-1] + dims[-1]
     assert n_side < sum(p.numel() for p in top.encoder_parameters())
+
+
+def test_a_text_encoder_without_a_known_layer_list_gives_its_hidden_states():
+    """An encoder whose layers the split does not know (here a BERT with its layer list renamed) still
+    gets taps from its hidden_states, as many as it has."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=32))
+    ids = torch.randint(1, 50, (5, 6))
+    base = FinetuneTextEncoder(bert, ids, torch.ones_like(ids), trainable_layers=0, cache_lower=False)
+    base.split_ok = False  # as for an encoder without embeddings + a layer list
+    side = SideAdapterEncoder(base, bottleneck=4)
+    assert side.dims == [16, 16, 16]  # embeddings, layer 1, the output (as with the layer list)
+    side.eval()
+    with torch.no_grad():
+        ref = bert(input_ids=ids[[1, 3]], attention_mask=torch.ones(2, 6, dtype=torch.long)).last_hidden_state.mean(1)
+        torch.testing.assert_close(side(torch.tensor([1, 3])), ref, rtol=1e-5, atol=1e-5)

@@ -116,6 +116,11 @@ def _timm_as_module(spec, where):
     kwargs = {"num_classes": 0}
     weights = spec.get("weights")
     if weights is not None:
+        if name.startswith("hf-hub:"):  # timm would read the hub and ignore the file
+            raise ValueError(f"{where}: name {name!r} loads from the hub; with a local weights file give the "
+                             "architecture's timm name (e.g. resnet50.a1_in1k)")
+        if spec.get("pretrained") is False:
+            raise ValueError(f"{where}: pretrained: false with a weights file; drop one of them")
         weights = os.fspath(weights)
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{where}: timm weights file {weights} not found")
@@ -204,12 +209,15 @@ def _warn_preprocessing(model, spec, where):
     size = cfg.get("input_size")
     if isinstance(size, (tuple, list)) and len(size) == 3 and int(size[-1]) != spec["image_size"]:
         differs.append(f"image_size: {int(size[-1])}")
+    crop = cfg.get("crop_pct")
+    if crop and abs(round(spec["image_size"] / float(crop)) - spec["resize"]) > 1:
+        differs.append(f"resize: {round(spec['image_size'] / float(crop))} (crop_pct {crop})")
     if differs:
         from logging import getLogger
 
         getLogger().warning(f"{where}: the model was trained with {', '.join(differs)}; the encoder spec gives "
-                            f"mean {spec['mean']}, std {spec['std']}, image_size {spec['image_size']}. Set "
-                            "those keys in the encoder mapping to match its training")
+                            f"mean {spec['mean']}, std {spec['std']}, image_size {spec['image_size']}, "
+                            f"resize {spec['resize']}. Set those keys in the encoder mapping to match its training")
 
 
 def resize_crop_uint8(images, size, resize):

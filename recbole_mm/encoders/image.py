@@ -490,8 +490,8 @@ class FinetuneImageEncoder(nn.Module):
                 inner.append(h)
         from .side import pool_tap
 
-        pool = "cls" if self.pooling in ("cls", "pooler") else "mean"
-        return [pool_tap(t, pool) for t in inner] + [self.split.head(h, self.pooling)]
+        # the inner states by their mean (a ViT's first token is the same for every image before its blocks)
+        return [pool_tap(t, "mean") for t in inner] + [self.split.head(h, self.pooling)]
 
     def tap_dims(self):
         """Widths of :meth:`taps`: the stem, every block but the last, then the output."""

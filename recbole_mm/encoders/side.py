@@ -52,8 +52,9 @@ class SideAdapterEncoder(nn.Module):
     Args:
         base: the frozen encoder; it gives ``tap_dims()`` and ``taps(rows)`` -> (n, sum(tap_dims)).
         bottleneck: the side network's width ``r``.
-        cache_mb / cache_dtype: the tap cache's budget and storage type (items beyond the budget have
-            their taps recomputed each time they occur).
+        cache_mb / cache_dtype: the tap caches' budget and the inner taps' storage type (the frozen
+            output is kept in float32; items beyond the budget have their taps recomputed each time
+            they occur).
         unique_items: each distinct item of a batch once.
     """
 
@@ -83,8 +84,16 @@ class SideAdapterEncoder(nn.Module):
         nn.init.zeros_(self.out.bias)
         self.unique_items = bool(unique_items)
         n_items = base.n_rows()
-        self.cache = BoundedRowCache(n_items, (sum(self.dims),), budget_mb=cache_mb,
-                                     dtype=getattr(torch, cache_dtype), name="side adapter tap cache")
+        # the inner taps in cache_dtype; the frozen output in float32, so the model starts (and, with
+        # the output layer at zero, stays) exactly at the frozen encoder on cached items too. The budget
+        # is shared in proportion to the bytes per item.
+        inner_bytes = sum(inner) * (2 if cache_dtype == "float16" else 4)
+        share = inner_bytes / (inner_bytes + 4 * d)
+        mb = (lambda f: None if cache_mb is None else cache_mb * f)
+        self.cache = BoundedRowCache(n_items, (sum(inner),), budget_mb=mb(share), dtype=getattr(torch, cache_dtype),
+                                     name="side adapter tap cache")
+        self.out_cache = BoundedRowCache(n_items, (d,), budget_mb=mb(1 - share), dtype=torch.float32,
+                                         name="side adapter output cache")
 
     @property
     def encoder(self):  # the frozen backbone (TSSR keeps its weights out of its own init)
@@ -103,14 +112,31 @@ class SideAdapterEncoder(nn.Module):
         self.base.eval()  # the backbone is frozen: its dropout off, its statistics fixed
         return self
 
-    def _side(self, taps):
-        parts = torch.split(taps, self.dims, dim=-1)
+    def _side(self, inner, final):
+        parts = torch.split(inner, self.dims[:-1], dim=-1)
         s = self.proj[0](parts[0])
-        for i in range(1, len(parts) - 1):
+        for i in range(1, len(parts)):
             g = torch.sigmoid(self.gate[i - 1])
             x = g * self.proj[i](parts[i]) + (1 - g) * s
             s = s + self.up[i - 1](torch.nn.functional.gelu(self.down[i - 1](self.norm[i - 1](x))))
-        return parts[-1] + self.out(s)
+        return final + self.out(s)
+
+    def _taps(self, rows):
+        """(inner taps, frozen output) of ``rows`` from the caches; the backbone runs once for the
+        rows neither cache holds (both caches fill from that one run)."""
+        width = sum(self.dims[:-1])
+        ran = {}
+
+        def compute(todo):
+            ran["rows"], ran["taps"] = todo, self.base.taps(todo)
+            return ran["taps"][:, :width]
+
+        def compute_out(todo):
+            if "rows" in ran and torch.equal(ran["rows"], todo):
+                return ran["taps"][:, width:]
+            return self.base.taps(todo)[:, width:]  # the two caches' budgets ran out at different rows
+
+        return self.cache.get(rows, compute).float(), self.out_cache.get(rows, compute_out).float()
 
     def _encode_rows(self, rows):
         device = next(self.parameters()).device
@@ -122,8 +148,7 @@ class SideAdapterEncoder(nn.Module):
                 out = out + sum(p.view(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
             return out
         todo = rows[has]
-        taps = self.cache.get(todo, self.base.taps)
-        vec = self._side(taps.float())
+        vec = self._side(*self._taps(todo))
         gone = ~self.base.has_content(todo)  # a file found unreadable while computing its taps
         if gone.any():
             vec = vec.masked_fill(gone[:, None], 0.0)

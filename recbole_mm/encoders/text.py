@@ -163,8 +163,11 @@ class FinetuneTextEncoder(nn.Module):
         return torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
 
     def tap_dims(self):
-        """Widths of :meth:`taps`: the embeddings and every layer but the last, then the output."""
-        return [self.out_dim] * (max(self.n_layers, 1) + 1)
+        """Widths of :meth:`taps`: the embeddings and every layer but the last, then the output (an
+        encoder whose layer list is not known: as many as its ``hidden_states``, probed on one item)."""
+        if self.split_ok:
+            return [self.out_dim] * (self.n_layers + 1)
+        return [self.out_dim] * (self.taps(torch.zeros(1, dtype=torch.long)).shape[-1] // self.out_dim)
 
     @torch.no_grad()
     def taps(self, rows):
@@ -181,11 +184,16 @@ class FinetuneTextEncoder(nn.Module):
                 for layer in self._layers():
                     states.append(_layer_output(layer(states[-1], ext)))
             else:
-                states = list(self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states)
+                hidden = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+                if not hidden or hidden[-1].shape[-1] != self.out_dim:
+                    raise ValueError(f"encoder_peft: side needs the text encoder's hidden states at every depth; "
+                                     f"{type(self.encoder).__name__} gives none of its hidden size: use encoder_peft: "
+                                     "lora or ~")
+                states = list(hidden)
         finally:
             self.encoder.train(was)
-        pool = "cls" if self.pooling in ("cls", "pooler") else "mean"
-        inner = [_pool(h, mask, pool) for h in states[:-1]]
+        # the inner states by their (masked) mean: their first token is the same for every item
+        inner = [_pool(h, mask, "mean") for h in states[:-1]]
         return torch.cat(inner + [_pool(states[-1], mask, self.pooling, getattr(self.encoder, "pooler", None))], -1)
 
     def forward(self, item_ids):

@@ -479,7 +479,7 @@ class _FinetuneContent(nn.Module):
 
     @property
     def text(self):  # the text encoder (older code and tests read content.text)
-        return next(e for e in self.encoders.values() if hasattr(e, "input_ids"))
+        return next(getattr(e, "base", e) for e in self.encoders.values() if hasattr(getattr(e, "base", e), "input_ids"))
 
     def encoder_modules(self):
         """Modules that keep their own initialisation: the pretrained encoders (and a side adapter's
