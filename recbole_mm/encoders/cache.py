@@ -89,3 +89,12 @@ def encode_items(item_ids, encode_rows, unique=True):
     else:
         vec = encode_rows(flat)
     return vec.view(*item_ids.shape, -1)
+
+
+def zeros_in_graph(out, params, training):
+    """``out`` (zeros for a batch none of whose items has this content) with the trainable ``params``
+    taking part in the graph at zero gradient when training: DDP's reduction expects every rank to use
+    every parameter."""
+    if training and torch.is_grad_enabled():
+        out = out + sum(p.view(-1)[0] * 0.0 for p in params)
+    return out

@@ -28,12 +28,13 @@ Frozen parts are really frozen: their BatchNorm layers stay in eval mode in trai
 statistics unchanged), and their dropout off, so the cache stays valid.
 """
 
+import contextlib
 import logging
 
 import torch
 import torch.nn as nn
 
-from .cache import BoundedRowCache, encode_items
+from .cache import BoundedRowCache, encode_items, zeros_in_graph
 from .text import _layer_output
 
 logger = logging.getLogger(__name__)
@@ -369,21 +370,32 @@ class FinetuneImageEncoder(nn.Module):
     def _device(self):
         return next(self.encoder.parameters()).device
 
-    @torch.no_grad()
-    def _probe_dim(self, cache_mb, cache_dtype):
+    @contextlib.contextmanager
+    def _frozen_run(self):
+        """The network in eval mode under no_grad, its mode restored after."""
         was = self.encoder.training
         self.encoder.eval()
-        x = self.pixels.normalise(torch.zeros((1,) + tuple(self.pixels.size)))
-        if self.split is None:
-            out = self.forward_fn(x, self.pooling)
-        else:
-            h = self._run_lower(x)
-            if self.cache_lower:
-                self.lower_cache = BoundedRowCache(len(self.pixels.paths), tuple(h.shape[1:]), budget_mb=cache_mb,
-                                                   dtype=getattr(torch, cache_dtype),
-                                                   name="image lower-part cache")
-            out = self._run_upper(h)
-        self.encoder.train(was)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.encoder.train(was)
+
+    def _probe_input(self):
+        return self.pixels.normalise(torch.zeros((1,) + tuple(self.pixels.size))).to(self._device())
+
+    def _probe_dim(self, cache_mb, cache_dtype):
+        with self._frozen_run():
+            x = self._probe_input()
+            if self.split is None:
+                out = self.forward_fn(x, self.pooling)
+            else:
+                h = self._run_lower(x)
+                if self.cache_lower:
+                    self.lower_cache = BoundedRowCache(len(self.pixels.paths), tuple(h.shape[1:]),
+                                                       budget_mb=cache_mb, dtype=getattr(torch, cache_dtype),
+                                                       name="image lower-part cache")
+                out = self._run_upper(h)
         return int(out.shape[-1])
 
     def train(self, mode=True):
@@ -407,10 +419,17 @@ class FinetuneImageEncoder(nn.Module):
         return [p for p in self.encoder.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ forward
-    def _run_lower(self, x):
+    def _states(self, x, n_blocks):
+        """The stem's output, then each of the first ``n_blocks`` blocks' outputs, one at a time."""
         h = self.split.stem(x)
-        for i in range(self.n_blocks - self.trainable_layers):
+        yield h
+        for i in range(n_blocks):
             h = self.split.block(i, h)
+            yield h
+
+    def _run_lower(self, x):
+        for h in self._states(x, self.n_blocks - self.trainable_layers):
+            pass
         return h
 
     def _run_upper(self, h):
@@ -437,14 +456,10 @@ class FinetuneImageEncoder(nn.Module):
         """(len(rows), out_dim): rows with an image through the network, zeros for the others."""
         device = self._device()
         rows = rows.to(device)
-        has = self.available.to(device)[rows]
+        has = self.has_content(rows)
         out = torch.zeros(rows.size(0), self.out_dim, device=device)
         if not has.any():
-            if torch.is_grad_enabled() and self.training:
-                # no image in this batch: the trainable parameters still take part in the graph
-                # (with zero gradient), as DDP's reduction expects every rank to use them
-                out = out + sum(p.view(-1)[0] * 0.0 for p in self.encoder_parameters())
-            return out
+            return zeros_in_graph(out, self.encoder_parameters(), self.training)
         todo = rows[has]
         if self.split is None:
             vec = torch.cat([self.forward_fn(self.pixels.normalise(self._load_pixels(todo[i:i + self.chunk_items])),
@@ -455,10 +470,9 @@ class FinetuneImageEncoder(nn.Module):
             else:
                 h = self._lower(todo)
             vec = self._run_upper(h)
-        bad = self.pixels.bad[todo.cpu()].to(device)
-        if bad.any():  # a file that failed to open while loading: the item has no image from now on
-            self.available[todo[bad].to(self.available.device)] = False
-            vec = vec.masked_fill(bad[:, None], 0.0)
+        gone = ~self.has_content(todo)  # a file that failed to open while loading: no image from now on
+        if gone.any():
+            vec = vec.masked_fill(gone[:, None], 0.0)
         out = out.to(vec.dtype)
         out[has] = vec
         return out
@@ -480,44 +494,31 @@ class FinetuneImageEncoder(nn.Module):
                              f"(ViT-like, ResNet-like or EfficientNet); {type(self.encoder).__name__} has none "
                              "known: use encoder_peft: lora or ~")
 
-    @torch.no_grad()
     def _tap_states(self, x):
-        h = self.split.stem(x)
-        inner = [h]
-        for i in range(self.n_blocks):
-            h = self.split.block(i, h)
-            if i < self.n_blocks - 1:
-                inner.append(h)
+        """Pooled as they come (a full-resolution state is large): the stem's and every block's but
+        the last by their mean (a ViT's first token is the same for every image before its blocks),
+        then the network's output."""
         from .side import pool_tap
 
-        # the inner states by their mean (a ViT's first token is the same for every image before its blocks)
-        return [pool_tap(t, "mean") for t in inner] + [self.split.head(h, self.pooling)]
+        pooled = []
+        for h in self._states(x, self.n_blocks):
+            pooled.append(pool_tap(h, "mean"))
+        return pooled[:-1] + [self.split.head(h, self.pooling)]
 
     def tap_dims(self):
         """Widths of :meth:`taps`: the stem, every block but the last, then the output."""
         self._need_split()
-        was = self.encoder.training
-        self.encoder.eval()
-        try:
-            states = self._tap_states(self.pixels.normalise(torch.zeros((1,) + tuple(self.pixels.size))).to(
-                self._device()))
-        finally:
-            self.encoder.train(was)
-        return [int(t.shape[-1]) for t in states]
+        with self._frozen_run():
+            return [int(t.shape[-1]) for t in self._tap_states(self._probe_input())]
 
-    @torch.no_grad()
     def taps(self, rows):
         """(len(rows), sum(tap_dims)) for :class:`~recbole_mm.encoders.side.SideAdapterEncoder`: the
         frozen network's pooled states (stem, each block but the last) and its output, ``chunk_items``
         images at a time."""
         self._need_split()
-        was = self.encoder.training
-        self.encoder.eval()
-        try:
+        with self._frozen_run():
             parts = [torch.cat(self._tap_states(self.pixels.normalise(self._load_pixels(rows[i:i + self.chunk_items]))),
                                -1) for i in range(0, rows.numel(), self.chunk_items)]
-        finally:
-            self.encoder.train(was)
         return torch.cat(parts) if len(parts) != 1 else parts[0]
 
     def forward(self, item_ids):

@@ -26,7 +26,7 @@ Items without an image get a zero vector, as the other image encoders give them 
 import torch
 import torch.nn as nn
 
-from .cache import BoundedRowCache, encode_items
+from .cache import BoundedRowCache, encode_items, zeros_in_graph
 
 
 def pool_tap(h, pooling="mean", mask=None):
@@ -144,9 +144,7 @@ class SideAdapterEncoder(nn.Module):
         has = self.base.has_content(rows)
         out = torch.zeros(rows.size(0), self.out_dim, device=device)
         if not has.any():
-            if torch.is_grad_enabled() and self.training:  # every parameter in the graph (DDP)
-                out = out + sum(p.view(-1)[0] * 0.0 for p in self.parameters() if p.requires_grad)
-            return out
+            return zeros_in_graph(out, [p for p in self.parameters() if p.requires_grad], self.training)
         todo = rows[has]
         vec = self._side(*self._taps(todo))
         gone = ~self.base.has_content(todo)  # a file found unreadable while computing its taps

@@ -125,18 +125,24 @@ class FinetuneTextEncoder(nn.Module):
     def _extended_mask(self, mask, dtype):
         return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
-    def _lower(self, ids, mask):
-        """Frozen part: embeddings + the lower ``n - k`` layers, under no_grad."""
-        n_frozen = self.n_layers - self.trainable_layers
+    def _frozen_states(self, ids, mask, n_layers):
+        """The embeddings' output and each of the first ``n_layers`` layers' outputs, in eval mode
+        under no_grad (the frozen part's computation)."""
         with torch.no_grad():
             was_training = self.encoder.training
             self.encoder.eval()
-            h = self.encoder.embeddings(input_ids=ids)
-            ext = self._extended_mask(mask, h.dtype)
-            for layer in self._layers()[:n_frozen]:
-                h = _layer_output(layer(h, ext))
-            self.encoder.train(was_training)
-        return h
+            try:
+                states = [self.encoder.embeddings(input_ids=ids)]
+                ext = self._extended_mask(mask, states[0].dtype)
+                for layer in self._layers()[:n_layers]:
+                    states.append(_layer_output(layer(states[-1], ext)))
+            finally:
+                self.encoder.train(was_training)
+        return states
+
+    def _lower(self, ids, mask):
+        """Frozen part: embeddings + the lower ``n - k`` layers, under no_grad."""
+        return self._frozen_states(ids, mask, self.n_layers - self.trainable_layers)[-1]
 
     def _encode_rows(self, rows):
         device = next(self.encoder.parameters()).device
@@ -175,23 +181,20 @@ class FinetuneTextEncoder(nn.Module):
         frozen encoder's pooled states (embeddings, each layer but the last) and its pooled output."""
         device = next(self.encoder.parameters()).device
         ids, mask = self.input_ids[rows.cpu()].to(device), self.attention_mask[rows.cpu()].to(device)
-        was = self.encoder.training
-        self.encoder.eval()
-        try:
-            if self.split_ok:
-                states = [self.encoder.embeddings(input_ids=ids)]
-                ext = self._extended_mask(mask, states[0].dtype)
-                for layer in self._layers():
-                    states.append(_layer_output(layer(states[-1], ext)))
-            else:
+        if self.split_ok:
+            states = self._frozen_states(ids, mask, self.n_layers)
+        else:
+            was = self.encoder.training
+            self.encoder.eval()
+            try:
                 hidden = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-                if not hidden or hidden[-1].shape[-1] != self.out_dim:
-                    raise ValueError(f"encoder_peft: side needs the text encoder's hidden states at every depth; "
-                                     f"{type(self.encoder).__name__} gives none of its hidden size: use encoder_peft: "
-                                     "lora or ~")
-                states = list(hidden)
-        finally:
-            self.encoder.train(was)
+            finally:
+                self.encoder.train(was)
+            if not hidden or hidden[-1].shape[-1] != self.out_dim:
+                raise ValueError(f"encoder_peft: side needs the text encoder's hidden states at every depth; "
+                                 f"{type(self.encoder).__name__} gives none of its hidden size: use encoder_peft: "
+                                 "lora or ~")
+            states = list(hidden)
         # the inner states by their (masked) mean: their first token is the same for every item
         inner = [_pool(h, mask, "mean") for h in states[:-1]]
         return torch.cat(inner + [_pool(states[-1], mask, self.pooling, getattr(self.encoder, "pooler", None))], -1)
